@@ -1,0 +1,169 @@
+"""Batches -> one forward pass -> the requested layers, on CPU or GPU.
+
+The network is traced once (torchvision's feature extraction) so that one pass returns every
+requested layer and stops at the deepest of them. Images are decoded and cropped to uint8 in
+DataLoader workers; normalisation runs on the device.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from featx.data import ImageSet, load_image
+from featx.errors import FeatxError
+from featx.models import Layer, LoadedModel, Preprocess
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise FeatxError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FeatxError(f"device {device} asked for, but no CUDA GPU is available")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 on a GPU that supports it (else fp16) and fp32 on a CPU."""
+    if precision not in PRECISIONS:
+        raise FeatxError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+class LayerExtractor:
+    """One traced forward pass that returns the requested layers as float32 host tensors."""
+
+    def __init__(self, model: LoadedModel, layers: Sequence[Layer], device: str = "auto",
+                 precision: str = "auto", channels_last: bool = True) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.channels_last = channels_last
+        module = _without_inplace(model.module)
+        nodes = {layer.node: layer.name for layer in self.layers}
+        with warnings.catch_warnings():  # its train/eval node note does not apply: eval only
+            warnings.simplefilter("ignore", UserWarning)
+            graph = create_feature_extractor(module, return_nodes=nodes)
+        self.graph = graph.eval().to(self.device)
+        if channels_last:
+            self.graph = self.graph.to(memory_format=torch.channels_last)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.model.preprocess
+
+    def _autocast(self):
+        dtype = _DTYPES[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 images (N, 3, H, W) -> {layer name: float32 (N, dim) on the host}."""
+        x = images.to(self.device, non_blocking=True)
+        x = self.preprocess.normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self.graph(x)
+        result = {}
+        for layer in self.layers:
+            value = out[layer.name]
+            if layer.pooled:
+                value = F.adaptive_avg_pool2d(value, 1)
+            result[layer.name] = value.flatten(1).float().to("cpu", non_blocking=False)
+        return result
+
+
+def _without_inplace(module: nn.Module) -> nn.Module:
+    """Turn off in-place activations, so a cached layer is never changed by a later one."""
+    for sub in module.modules():
+        if getattr(sub, "inplace", False) is True:
+            sub.inplace = False
+    return module
+
+
+class ImageFiles(Dataset):
+    """Decode and crop images to uint8; a file that cannot be read yields zeros and its error."""
+
+    def __init__(self, images: ImageSet, preprocess: Preprocess) -> None:
+        self.images = images
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+        try:
+            pixels = self.preprocess.prepare(load_image(self.images.root / self.images.paths[index]))
+            return index, pixels, ""
+        except Exception as exc:  # corrupt, truncated, empty or not an image at all
+            blank = torch.zeros(3, self.preprocess.crop, self.preprocess.crop, dtype=torch.uint8)
+            return index, blank, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def image_batches(images: ImageSet, preprocess: Preprocess, batches: list[list[int]],
+                  workers: int | None = None, pin_memory: bool = False,
+                  ) -> Iterator[tuple[np.ndarray, torch.Tensor, list[str]]]:
+    """Yield (indices, uint8 images, errors) for each batch of image indices, in order."""
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(ImageFiles(images, preprocess), batch_sampler=batches, num_workers=workers,
+                        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
+    for indices, pixels, errors in loader:
+        yield indices.numpy(), pixels, list(errors)
+
+
+@dataclass
+class ExtractedBatch:
+    """Features of the readable images of one batch, and the files that could not be read."""
+
+    indices: np.ndarray
+    features: dict[str, np.ndarray]
+    skipped: dict[int, str]
+
+
+def extract_batches(extractor: LayerExtractor, images: ImageSet, batches: list[list[int]],
+                    workers: int | None = None) -> Iterator[ExtractedBatch]:
+    """Run the extractor over batches of image indices, dropping unreadable images."""
+    pin = extractor.device.type == "cuda"
+    for indices, pixels, errors in image_batches(images, extractor.preprocess, batches, workers, pin):
+        ok = np.array([not e for e in errors], dtype=bool)
+        skipped = {int(i): e for i, e in zip(indices, errors) if e}
+        if ok.any():
+            features = extractor(pixels[torch.from_numpy(ok)] if not ok.all() else pixels)
+            arrays = {name: value.numpy() for name, value in features.items()}
+        else:
+            arrays = {layer.name: np.zeros((0, layer.dim), np.float32) for layer in extractor.layers}
+        yield ExtractedBatch(indices[ok], arrays, skipped)
+
+
+def batches_of(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    if batch_size < 1:
+        raise FeatxError("--batch-size must be at least 1")
+    return [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]

@@ -1,0 +1,221 @@
+"""The study, top to bottom: find images -> load a model -> extract once to the cache ->
+a linear SVM per layer -> the layer-comparison table. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import joblib
+import numpy as np
+import sklearn
+import torch
+import torchvision
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+from featx import __version__
+from featx.data import ImageSet, find_images, read_split_file, seeded_split
+from featx.errors import FeatxError
+from featx.extract import LayerExtractor
+from featx.models import get_backbone, load_model
+from featx.report import write_table
+from featx.store import FeatureStore, default_cache_root, extract_to_cache
+from featx.svm import DEFAULT_SCALING, LayerResult, split_rows, train_layer
+
+console = Console(stderr=True)
+
+
+@dataclass
+class ExtractOptions:
+    """How to run the network: device, precision, batching and the cache's dtype."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    shard_size: int = 512
+    dtype: str = "float32"
+    channels_last: bool = True
+
+
+@dataclass
+class SvmOptions:
+    """How to train and test: C, scaling and the split."""
+
+    C: float | str = "auto"
+    scaling: str = DEFAULT_SCALING
+    train_per_class: int = 100
+    seed: int = 0
+    split_file: str | None = None
+
+
+class _Rate(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} images/s" if speed else "", style="cyan")
+
+
+def check_split(images: ImageSet, svm: SvmOptions) -> None:
+    """Fail before the long extraction when the split cannot work."""
+    if svm.split_file:
+        mapping = read_split_file(svm.split_file)
+        if not set(mapping) & set(images.paths):
+            raise FeatxError(f"no path of split file {svm.split_file} is an image of {images.root}")
+    elif images.fixed_split is None:
+        seeded_split(images.labels, images.classes, svm.train_per_class, svm.seed)
+
+
+def extract(dataset: str | Path, model: str = "vgg16", layers: list[str] | None = None,
+            weights: str = "imagenet", cache: str | Path | None = None, seed: int = 0,
+            options: ExtractOptions | None = None, progress: bool = True) -> FeatureStore:
+    """Cache the requested layers (default: the model's standard ones) for every image of
+    `dataset` in one forward pass, resuming where an earlier run stopped."""
+    options = options or ExtractOptions()
+    images = find_images(dataset)
+    return extract_images(images, model, layers, weights, cache, seed, options, progress)
+
+
+def extract_images(images: ImageSet, model: str, layers: list[str] | None, weights: str,
+                   cache: str | Path | None, seed: int, options: ExtractOptions,
+                   progress: bool) -> FeatureStore:
+    loaded = load_model(model, weights, seed)
+    requested = loaded.backbone.resolve_layers(layers)
+    if loaded.random:
+        console.print(f"[yellow]note:[/] {model} with RANDOM weights ({loaded.weights_id}); "
+                      "features are a baseline, not pretrained")
+    extractor = LayerExtractor(loaded, requested, options.device, options.precision,
+                               options.channels_last)
+    store = FeatureStore.open_for(Path(cache) if cache else default_cache_root(), images,
+                                  extractor, options.dtype)
+    todo = {layer.name for layer in requested if store.missing_shards(layer.name)
+            or layer.name not in store.manifest["layers"]}
+    names = ", ".join(layer.name for layer in requested)
+    if not todo:
+        console.print(f"{store.label}: {names} already cached")
+        return store
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  _Rate(), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                  disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"{images.name} {model} [{names}] on {extractor.device} "
+                            f"{extractor.precision}", total=None)
+
+        def advance(n: int, total: int) -> None:
+            bar.update(task, total=total, advance=n)
+
+        summary = extract_to_cache(store, extractor, images, options.batch_size,
+                                   options.shard_size, options.workers, advance)
+    for path, reason in summary["skipped"].items():
+        console.print(f"[yellow]warning:[/] skipped unreadable image {path} ({reason})")
+    if summary["skipped"]:
+        console.print(f"[yellow]warning:[/] {len(summary['skipped'])} images skipped; "
+                      f"listed in {store.manifest_path}")
+    console.print(f"{store.label}: {summary['images']} images, {names} in "
+                  f"{summary['seconds']:.1f} s -> {store.folder}")
+    return store
+
+
+def find_store(cache: str | Path | None = None, dataset: str | None = None,
+               model: str | None = None, weights: str | None = None) -> FeatureStore:
+    """The one cached dataset/model matching the filters; a clear error when none or several."""
+    root = Path(cache) if cache else default_cache_root()
+    folders = sorted(p.parent for p in root.glob("*/*/manifest.json"))
+    if not folders:
+        raise FeatxError(f"no features cached under {root}; run featx extract DATASET first "
+                         "(or pass --cache)")
+    matching = [f for f in folders
+                if (dataset is None or f.parent.name == Path(dataset).name)
+                and (model is None or f.name.split("-")[0] == model.lower())
+                and (weights is None or f.name.split("-", 1)[1].startswith(_weights_tag(weights)))]
+    listing = ", ".join(f"{f.parent.name}/{f.name}" for f in folders)
+    if not matching:
+        wanted = " ".join(f"{k} {v}" for k, v in
+                          (("dataset", dataset), ("model", model), ("weights", weights)) if v)
+        raise FeatxError(f"the cache {root} holds no features for {wanted}; it holds: {listing}")
+    if len(matching) > 1:
+        raise FeatxError(f"the cache {root} holds several: "
+                         + ", ".join(f"{f.parent.name}/{f.name}" for f in matching)
+                         + "; choose one with --dataset, --model or --weights")
+    return FeatureStore(matching[0])
+
+
+def _weights_tag(weights: str) -> str:
+    return "file-" if Path(weights).expanduser().is_file() else weights.split(":")[0]
+
+
+def default_out_dir(store: FeatureStore) -> Path:
+    return Path("featx-results") / store.manifest["dataset"] / store.folder.name
+
+
+def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptions | None = None,
+             out_dir: str | Path | None = None,
+             on_layer: Callable[[LayerResult], None] | None = None) -> dict:
+    """Train and test an SVM on each cached layer; save each model with joblib; return the
+    report (also written as JSON per layer in `out_dir`)."""
+    svm = svm or SvmOptions()
+    names = layers or store.complete_layers()
+    if not names:
+        raise FeatxError(f"no complete layer in the cache {store.label}; run featx extract first")
+    out = Path(out_dir) if out_dir else default_out_dir(store)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    split = None
+    for name in names:
+        data = store.read_layer(name)
+        split = split_rows(store, data.index, svm.train_per_class, svm.seed, svm.split_file)
+        paths = [store.manifest["paths"][i] for i in data.index]
+        result, model = train_layer(data, split, svm.C, svm.scaling, svm.seed, paths)
+        seconds, shared = store.feature_time(name)
+        entry = {**asdict(result), "model": store.manifest["model"], "feature_seconds": seconds,
+                 "feature_shared_with": shared}
+        entries.append(entry)
+        joblib.dump(model, out / f"{name}.joblib")
+        (out / f"{name}.json").write_text(json.dumps(entry, indent=1))
+        if on_layer:
+            on_layer(result)
+    return build_report(store, entries, svm, split.description if split else "")
+
+
+def build_report(store: FeatureStore, entries: list[dict], svm: SvmOptions, split: str) -> dict:
+    m = store.manifest
+    weights = "random weights" if m["weights_random"] else m["weights_id"]
+    return {
+        "title": f"{m['model']} on {m['dataset']} ({weights})",
+        "featx_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": m["dataset"], "dataset_root": m["dataset_root"], "classes": m["classes"],
+        "model": m["model"], "weights_id": m["weights_id"], "weights_random": m["weights_random"],
+        "weights_checksum": m["weights_checksum"], "preprocess": m["preprocess"],
+        "cache": str(store.folder), "extraction_runs": m["runs"],
+        "split": split, "seed": svm.seed, "train_per_class": svm.train_per_class,
+        "split_file": svm.split_file, "scaling": svm.scaling, "C_option": str(svm.C),
+        "skipped": m["skipped"],
+        "versions": {"featx": __version__, "python": platform.python_version(),
+                     "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "scikit-learn": sklearn.__version__, "numpy": np.__version__},
+        "layers": entries,
+    }
+
+
+def run_table(dataset: str | Path, model: str = "vgg16", layers: list[str] | None = None,
+              weights: str = "imagenet", cache: str | Path | None = None,
+              out_dir: str | Path | None = None, extract_options: ExtractOptions | None = None,
+              svm: SvmOptions | None = None, progress: bool = True,
+              on_layer: Callable[[LayerResult], None] | None = None) -> tuple[dict, dict[str, Path]]:
+    """The whole study: extract every requested layer in one pass (or reuse the cache), an SVM
+    per layer, and the table written as Markdown, CSV and JSON."""
+    svm = svm or SvmOptions()
+    images = find_images(dataset)
+    check_split(images, svm)
+    store = extract_images(images, model, layers, weights, cache, svm.seed,
+                           extract_options or ExtractOptions(), progress)
+    names = [layer.name for layer in get_backbone(model).resolve_layers(layers)]
+    out = Path(out_dir) if out_dir else default_out_dir(store)
+    report = evaluate(store, names, svm, out, on_layer)
+    return report, write_table(report, out)

@@ -1,0 +1,177 @@
+"""Linear SVM per layer on cached features: split, scaling, C, timing.
+
+When a layer has more dimensions than training images (pool4: 100352 vs 1500), the SVM is
+trained in kernel form: the linear Gram matrix of the training images is computed once and
+factored, K = U diag(s) U^T, and every image is mapped to the n-dimensional coordinates
+z = x X_train^T U diag(s)^-1/2. A linear SVM on z is the same optimisation problem as on x (the
+weight vector lies in the span of the training images), so it gives the same classifier while
+each fit, and each C tried in cross-validation, costs n x n instead of n x d.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+from sklearn.svm import LinearSVC
+
+from featx.data import Split, fixed_split, read_split_file, seeded_split
+from featx.errors import FeatxError
+from featx.store import FeatureStore, LayerFeatures
+
+SCALINGS = ("l2", "standardize", "none")
+DEFAULT_SCALING = "l2"
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+CV_FOLDS = 3
+
+
+@dataclass
+class LayerResult:
+    """What one layer's SVM scored, on which split, with which settings, in how long."""
+
+    layer: str
+    dim: int
+    accuracy: float
+    C: float
+    scaling: str
+    svm_seconds: float
+    kernel_form: bool
+    n_train: int
+    n_test: int
+    converged: bool
+    cv_scores: dict[str, float] = field(default_factory=dict)
+    test_paths: list[str] = field(default_factory=list)
+    y_true: list[int] = field(default_factory=list)
+    y_pred: list[int] = field(default_factory=list)
+
+
+def split_rows(store: FeatureStore, index: np.ndarray, train_per_class: int = 100, seed: int = 0,
+               split_file: str | None = None) -> Split:
+    """Train/test rows (positions in `index`) for the cached images: from a split file, the
+    dataset's own train/ and test/ folders, or the seeded per-class protocol."""
+    paths = [store.manifest["paths"][i] for i in index]
+    if split_file:
+        mapping = read_split_file(split_file)
+        names = [mapping.get(p, "") for p in paths]
+        unknown = len(set(mapping) - set(paths))
+        if not any(names):
+            raise FeatxError(f"no path of split file {split_file} is among the cached images of "
+                             f"{store.label} (paths must be relative to the dataset folder)")
+        note = f"; {unknown} listed images not in the cache" if unknown else ""
+        return fixed_split(names, f"split file {split_file}{note}")
+    if store.manifest.get("fixed_split"):
+        names = [store.manifest["fixed_split"][i] for i in index]
+        return fixed_split(names, "the dataset's own train/ and test/ folders")
+    return seeded_split(store.labels[index], store.classes, train_per_class, seed)
+
+
+def scale(features: np.ndarray, train: np.ndarray, scaling: str):
+    """Scale features in place (chunked) and return the fitted scaling step for the saved model."""
+    if scaling not in SCALINGS:
+        raise FeatxError(f"unknown scaling {scaling!r}; use one of {', '.join(SCALINGS)}")
+    step = 1 << 12
+    if scaling == "l2":
+        for s in range(0, len(features), step):
+            block = features[s:s + step]
+            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+        return Normalizer()
+    if scaling == "standardize":
+        scaler = StandardScaler().fit(features[train])
+        for s in range(0, len(features), step):
+            features[s:s + step] -= scaler.mean_.astype(np.float32)
+            features[s:s + step] /= scaler.scale_.astype(np.float32)
+        return scaler
+    return FunctionTransformer()
+
+
+class KernelProjection:
+    """Map features to coordinates in the span of the training rows (see the module docstring)."""
+
+    def __init__(self, device: str | None = None, tolerance: float = 1e-10) -> None:
+        self.device = device
+        self.tolerance = tolerance
+
+    def fit_transform(self, features: np.ndarray, train: np.ndarray) -> np.ndarray:
+        """Coordinates of every row of `features`, computed from the Gram block against train."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        x_train = torch.from_numpy(np.ascontiguousarray(features[train])).to(device)
+        gram = torch.zeros((len(features), len(train)), dtype=torch.float64)
+        step = 2048
+        for s in range(0, len(features), step):
+            block = torch.from_numpy(np.ascontiguousarray(features[s:s + step])).to(device)
+            gram[s:s + step] = (block @ x_train.T).double().cpu()
+        eigval, eigvec = torch.linalg.eigh(gram[torch.from_numpy(train)])
+        keep = eigval > eigval.max() * self.tolerance
+        self.basis_ = (eigvec[:, keep] / eigval[keep].sqrt()).numpy()  # U diag(s)^-1/2
+        self.x_train_ = features[train]
+        return (gram.numpy() @ self.basis_).astype(np.float32)
+
+    def to_feature_space(self, coef: np.ndarray) -> np.ndarray:
+        """Weights on the coordinates -> the equivalent weights on the original features."""
+        return ((coef @ self.basis_.T) @ self.x_train_.astype(np.float64)).astype(np.float32)
+
+
+def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int) -> tuple[LinearSVC, bool]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf = LinearSVC(C=C, dual="auto", max_iter=5000, random_state=seed).fit(x, y)
+    return clf, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def choose_C(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, dict[str, float]]:
+    """The C of C_GRID with the best mean accuracy over stratified folds of the training rows."""
+    folds = min(CV_FOLDS, int(np.bincount(y).min()))
+    if folds < 2:
+        raise FeatxError("--C auto needs at least 2 training images per class; pass --C VALUE")
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    scores = {}
+    for C in C_GRID:
+        acc = [(_fit(x[a], y[a], C, seed)[0].predict(x[b]) == y[b]).mean() for a, b in cv.split(x, y)]
+        scores[f"{C:g}"] = float(np.mean(acc))
+    best = max(C_GRID, key=lambda C: (scores[f"{C:g}"], -C))
+    return best, scores
+
+
+def train_layer(data: LayerFeatures, split: Split, C: float | str = "auto",
+                scaling: str = DEFAULT_SCALING, seed: int = 0, paths: list[str] | None = None,
+                ) -> tuple[LayerResult, Pipeline]:
+    """Train and test a linear SVM on one layer; returns the result and the fitted model, which
+    applies to raw features of that layer."""
+    started = time.perf_counter()
+    features = data.features if data.features.flags.writeable else data.features.copy()
+    y = data.labels
+    scaler = scale(features, split.train, scaling)
+    kernel_form = len(split.train) < features.shape[1]
+    projection = KernelProjection() if kernel_form else None
+    x = projection.fit_transform(features, split.train) if projection else features
+    x_train, y_train = x[split.train], y[split.train]
+    if isinstance(C, str):
+        if C != "auto":
+            raise FeatxError(f"--C must be a positive number or auto, not {C!r}")
+        C_value, cv_scores = choose_C(x_train, y_train, seed)
+    else:
+        if C <= 0:
+            raise FeatxError("--C must be positive")
+        C_value, cv_scores = float(C), {}
+    clf, converged = _fit(x_train, y_train, C_value, seed)
+    y_pred = clf.predict(x[split.test])
+    seconds = time.perf_counter() - started
+    if projection:
+        clf.coef_ = projection.to_feature_space(clf.coef_)
+        clf.n_features_in_ = features.shape[1]
+    model = Pipeline([("scale", scaler), ("svm", clf)])
+    y_true = y[split.test]
+    result = LayerResult(
+        layer=data.name, dim=data.dim, accuracy=float((y_pred == y_true).mean()), C=C_value,
+        scaling=scaling, svm_seconds=seconds, kernel_form=kernel_form, n_train=len(split.train),
+        n_test=len(split.test), converged=converged, cv_scores=cv_scores,
+        test_paths=[paths[i] for i in split.test] if paths else [],
+        y_true=y_true.tolist(), y_pred=y_pred.tolist())
+    return result, model
