@@ -90,6 +90,7 @@ class FeatureStore:
             "dtype": dtype,
             "images_fingerprint": images.fingerprint(),
         }
+        key = json.loads(json.dumps(key))  # compare as stored: tuples become lists
         if (folder / "manifest.json").is_file():
             store = cls(folder)
             for field in KEY_FIELDS:
@@ -185,6 +186,9 @@ class FeatureStore:
         tmp = path.with_name(path.name + ".tmp")
         dtype = self.manifest["dtype"]
         rows, dim = features.shape
+        if dtype == "float16" and rows and np.abs(features).max() > np.finfo(np.float16).max:
+            raise FeatxError(f"layer {layer} has values beyond the float16 range; "
+                             "cache it with --dtype float32")
         with h5py.File(tmp, "w") as f:
             chunk_rows = max(1, min(rows, (1 << 20) // max(1, dim * 4))) if rows else None
             f.create_dataset("features", data=features.astype(dtype, copy=False),

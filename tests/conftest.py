@@ -1,0 +1,63 @@
+"""Shared fixtures: the embedded demo set, small temporary datasets and the real 15-Scene copy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+SHARED_DATA = Path(os.environ.get("FEATX_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    assert DEMO.is_dir(), "data/demo is missing: run python data/make_demo.py"
+    return DEMO
+
+
+def write_images(folder: Path, classes: dict[str, int], size: int = 64, seed: int = 0) -> Path:
+    """A small dataset of random-noise JPEGs: {class name: image count}."""
+    rng = np.random.default_rng(seed)
+    for cls, count in classes.items():
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / cls / f"img_{i:03d}.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    return write_images(tmp_path / "tiny", {"a": 5, "b": 5, "c": 4})
+
+
+@pytest.fixture
+def demo_copy(tmp_path: Path, demo_dir: Path) -> Path:
+    target = tmp_path / "demo"
+    shutil.copytree(demo_dir, target)
+    return target
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `featx ARGS` in a fresh process, as a user would."""
+    full_env = {**os.environ, "FEATX_CACHE": str(cwd / "featx-cache"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "featx.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Non-zero exit, one 'featx: error:' line, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("featx: error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]

@@ -1,0 +1,184 @@
+"""The HDF5 shard cache: round trip, atomic shards, resume after interruption, stale caches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from featx.data import find_images
+from featx.errors import FeatxError
+from featx.extract import LayerExtractor, batches_of, extract_batches
+from featx.models import load_model
+from featx.store import FeatureStore, ShardWriter, extract_to_cache
+
+LAYERS = ["stage6_pool", "pool", "logits"]
+
+
+def _extractor(seed: int = 0, layers=LAYERS) -> LayerExtractor:
+    model = load_model("efficientnet_lite0", "random", seed=seed)
+    return LayerExtractor(model, model.backbone.resolve_layers(layers), "cpu", "fp32")
+
+
+def _cache(root, images, extractor=None, **kwargs) -> FeatureStore:
+    extractor = extractor or _extractor()
+    store = FeatureStore.open_for(root, images, extractor)
+    extract_to_cache(store, extractor, images, workers=0, **kwargs)
+    return store
+
+
+def test_cache_round_trip_equals_direct_extraction(tmp_path, demo_dir) -> None:
+    images = find_images(demo_dir)
+    extractor = _extractor()
+    store = _cache(tmp_path / "cache", images, extractor, batch_size=16, shard_size=32)
+    direct = {name: [] for name in LAYERS}
+    for out in extract_batches(extractor, images, batches_of(range(len(images)), 16), workers=0):
+        for name in LAYERS:
+            direct[name].append(out.features[name])
+    for name in LAYERS:
+        cached = store.read_layer(name)
+        assert cached.index.tolist() == list(range(len(images)))  # the writer lost no row
+        assert np.array_equal(cached.features, np.concatenate(direct[name]))
+        assert np.array_equal(cached.labels, images.labels)
+    assert len(list((store.folder / "pool").glob("shard-*.h5"))) == 3
+    with h5py.File(store.shard_path("pool", 1)) as f:
+        assert f["paths"][0].decode() == images.paths[32]
+        assert f.attrs["layer"] == "pool" and f["features"].shape == (32, 1280)
+    manifest = json.loads((store.folder / "manifest.json").read_text())
+    for key in ("featx_version", "model", "weights_id", "weights_checksum", "preprocess",
+                "dataset_root", "images_fingerprint", "dtype", "runs", "skipped"):
+        assert key in manifest, key
+    assert manifest["layers"]["pool"]["dim"] == 1280
+    assert manifest["runs"][0]["layers"] == LAYERS
+
+
+def _pretrained(layers=("pool",)) -> LayerExtractor:
+    model = load_model("efficientnet_lite0", "imagenet")
+    return LayerExtractor(model, model.backbone.resolve_layers(list(layers)), "cpu", "fp32")
+
+
+def test_float16_cache_is_kept_apart_and_close(tmp_path, tiny_dataset) -> None:
+    images = find_images(tiny_dataset)
+    extractor = _pretrained()
+    full = _cache(tmp_path / "cache", images, extractor)
+    half = FeatureStore.open_for(tmp_path / "cache", images, extractor, dtype="float16")
+    extract_to_cache(half, extractor, images, workers=0)
+    assert half.folder != full.folder and half.folder.name.endswith("-float16")
+    with h5py.File(half.shard_path("pool", 0)) as f:
+        assert f["features"].dtype == np.float16
+    a, b = full.read_layer("pool").features, half.read_layer("pool").features
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * np.abs(a).max())
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_exception_mid_shard_gives_identical_features(tmp_path, demo_dir) -> None:
+    images = find_images(demo_dir)
+    reference = _cache(tmp_path / "whole", images, batch_size=8, shard_size=16)
+
+    calls = []
+
+    def stop_mid_shard(n: int, total: int) -> None:
+        calls.append(n)
+        if len(calls) == 5:  # 40 images: shards 0 and 1 complete, shard 2 half done
+            raise Interrupt
+
+    extractor = _extractor()
+    store = FeatureStore.open_for(tmp_path / "resumed", images, extractor)
+    with pytest.raises(Interrupt):
+        extract_to_cache(store, extractor, images, batch_size=8, shard_size=16, workers=0,
+                         on_batch=stop_mid_shard)
+    assert sorted(p.name for p in (store.folder / "pool").iterdir()) == [
+        "shard-00000.h5", "shard-00001.h5"]
+    assert store.missing_shards("pool") == [2, 3, 4, 5]
+    with pytest.raises(FeatxError, match="incomplete"):
+        store.read_layer("pool")
+
+    summary = extract_to_cache(store, extractor, images, batch_size=8, shard_size=16, workers=0)
+    assert summary["images"] == len(images) - 32  # resumed from the first missing shard
+    for name in LAYERS:
+        assert np.array_equal(store.read_layer(name).features, reference.read_layer(name).features)
+
+
+def test_resume_after_the_process_is_killed(tmp_path, demo_dir) -> None:
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "featx.cli", "extract", str(demo_dir), "--model",
+            "efficientnet_lite0", "--weights", "random", "--layer", "pool", "--cache", str(cache),
+            "--batch-size", "8", "--shard-size", "8", "--workers", "0"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    layer_dir = cache / "demo" / "efficientnet_lite0-random" / "pool"
+    deadline = time.time() + 300
+    while not (layer_dir / "shard-00002.h5").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = sorted(layer_dir.glob("shard-*.h5"))
+    assert 3 <= len(done) < 12, "the kill should land mid-run"
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert not list(layer_dir.glob("*.tmp"))
+    store = FeatureStore(layer_dir.parent)
+    whole = _cache(tmp_path / "whole", find_images(demo_dir), _extractor(layers=["pool"]),
+                   batch_size=8, shard_size=8)
+    assert np.array_equal(store.read_layer("pool").features, whole.read_layer("pool").features)
+
+
+def test_a_cache_made_with_other_weights_or_images_is_refused(tmp_path, tiny_dataset) -> None:
+    images = find_images(tiny_dataset)
+    _cache(tmp_path / "cache", images, _extractor(seed=0))
+    with pytest.raises(FeatxError, match="another weights id"):
+        FeatureStore.open_for(tmp_path / "cache", images, _extractor(seed=1))
+    (tiny_dataset / "a" / "img_000.jpg").rename(tiny_dataset / "a" / "renamed.jpg")
+    with pytest.raises(FeatxError, match="another images fingerprint"):
+        FeatureStore.open_for(tmp_path / "cache", find_images(tiny_dataset), _extractor(seed=0))
+
+
+def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, demo_copy) -> None:
+    (demo_copy / "disks" / "empty.jpg").write_bytes(b"")
+    (demo_copy / "stripes" / "text.png").write_text("hello")
+    good = (demo_copy / "gradient" / "img_000.jpg").read_bytes()
+    (demo_copy / "gradient" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    images = find_images(demo_copy)
+    store = _cache(tmp_path / "cache", images, batch_size=16, shard_size=32)
+    assert set(store.manifest["skipped"]) == {"disks/empty.jpg", "stripes/text.png",
+                                              "gradient/truncated.jpg"}
+    data = store.read_layer("pool")
+    assert len(data.index) == len(images) - 3
+    skipped_rows = {images.paths.index(p) for p in store.manifest["skipped"]}
+    assert not skipped_rows & set(data.index.tolist())
+
+
+def test_shard_writer_writes_every_submitted_shard(tmp_path, tiny_dataset) -> None:
+    images = find_images(tiny_dataset)
+    extractor = _extractor(layers=["pool"])
+    store = FeatureStore.open_for(tmp_path / "cache", images, extractor)
+    store.plan_layers(extractor.layers, batch_size=1, shard_size=1)
+    writer = ShardWriter(store, depth=1)
+    for k in range(len(images)):
+        writer.submit("pool", k, np.array([k]), np.full((1, 1280), k, np.float32), {})
+    writer.close()
+    data = store.read_layer("pool")
+    assert data.index.tolist() == list(range(len(images)))
+    assert np.array_equal(data.features[:, 0], np.arange(len(images), dtype=np.float32))
+
+
+def test_bf16_features_are_close_to_fp32(tiny_dataset) -> None:
+    model = load_model("efficientnet_lite0", "imagenet")
+    layers = model.backbone.resolve_layers(["pool"])
+    images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
+    fp32 = LayerExtractor(model, layers, "cpu", "fp32")(images)["pool"]
+    bf16 = LayerExtractor(model, layers, "cpu", "bf16")(images)["pool"]
+    assert bf16.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(fp32, bf16).min()
+    assert cosine > 0.99
