@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,25 +16,29 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 # --- shared options ---------------------------------------------------------------------------
 Model = Annotated[str, typer.Option("--model", "-m", help="vgg16, resnet50 or efficientnet_lite0.")]
-Layers = Annotated[Optional[list[str]], typer.Option(
+Layers = Annotated[list[str] | None, typer.Option(
     "--layer", "-l", help="Layer name; repeat or comma-separate. Default: the model's standard layers.")]
 Weights = Annotated[str, typer.Option(
     help="imagenet (torchvision download, cached), random (seeded baseline), a torchvision "
          "variant such as IMAGENET1K_V2, or PATH to a state dict.")]
-Cache = Annotated[Optional[Path], typer.Option(
+Cache = Annotated[Path | None, typer.Option(
     help="Cache folder. Default: $FEATX_CACHE or ./featx-cache.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Precision = Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16/fp16 on GPU, fp32 on CPU).")]
+Precision = Annotated[str, typer.Option(
+    help="auto, fp32, bf16 or fp16 (auto: bf16/fp16 on GPU, fp32 on CPU).")]
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
-Workers = Annotated[Optional[int], typer.Option(help="Image-decoding worker processes. Default: cores - 1.")]
+Workers = Annotated[int | None, typer.Option(help="Image-decoding worker processes. Default: cores - 1.")]
 ShardSize = Annotated[int, typer.Option(help="Images per HDF5 shard (at most; large layers get fewer).")]
 Dtype = Annotated[str, typer.Option(help="Cached feature type: float32 or float16.")]
 Seed = Annotated[int, typer.Option(help="Seed of the split, of CV folds and of random weights.")]
 CValue = Annotated[str, typer.Option("--C", help="SVM C, or auto: cross-validated on the training part.")]
 Scaling = Annotated[str, typer.Option(help="Feature scaling: l2, standardize or none.")]
 TrainPerClass = Annotated[int, typer.Option(help="Training images per class for the seeded split.")]
-SplitFile = Annotated[Optional[Path], typer.Option("--split", help="CSV with path,label,split (train/test).")]
-OutDir = Annotated[Optional[Path], typer.Option("--out", help="Results folder. Default: featx-results/<dataset>/<model>-<weights>.")]
+SplitFile = Annotated[Path | None, typer.Option("--split", help="CSV with path,label,split (train/test).")]
+Splits = Annotated[int, typer.Option(
+    help="Random splits to train and test on (mean +/- std); 1 with a fixed split.")]
+OutDir = Annotated[Path | None, typer.Option(
+    "--out", help="Results folder. Default: featx-results/<dataset>/<model>-<weights>.")]
 
 
 def _extract_options(device, precision, batch_size, workers, shard_size, dtype):
@@ -44,7 +48,7 @@ def _extract_options(device, precision, batch_size, workers, shard_size, dtype):
                           workers=workers, shard_size=shard_size, dtype=dtype)
 
 
-def _svm_options(C, scaling, train_per_class, seed, split):
+def _svm_options(C, scaling, train_per_class, seed, split, splits=1):
     from featx.study import SvmOptions
 
     try:
@@ -52,7 +56,22 @@ def _svm_options(C, scaling, train_per_class, seed, split):
     except ValueError:
         raise FeatxError(f"--C must be a positive number or auto, not {C!r}") from None
     return SvmOptions(C=c_value, scaling=scaling, train_per_class=train_per_class, seed=seed,
-                      split_file=str(split) if split else None)
+                      split_file=str(split) if split else None, splits=splits)
+
+
+def _write_figures(report: dict, out_dir: Path, html: Path | None) -> None:
+    """Plots beside the table (when matplotlib is installed) and the optional HTML page."""
+    try:
+        from featx.plots import write_plots
+    except FeatxError as exc:
+        typer.echo(f"note: no plots ({exc})", err=True)
+        return
+    plots = write_plots(report, out_dir)
+    typer.echo(f"plots: {len(plots)} figures (PNG and SVG) in {out_dir}", err=True)
+    if html:
+        from featx.html import write_html
+
+        typer.echo(f"report: {write_html(report, html, plots)}", err=True)
 
 
 def _print_layer(result) -> None:
@@ -85,12 +104,15 @@ def extract(
 
 @app.command()
 def svm(
-    layer: Layers = None, dataset: Annotated[Optional[str], typer.Option(
+    layer: Layers = None, dataset: Annotated[str | None, typer.Option(
         help="Dataset name in the cache, when it holds several.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model in the cache, when it holds several.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Weights in the cache (imagenet, random, ...), when several.")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Model in the cache, when it holds several.")] = None,
+    weights: Annotated[str | None, typer.Option(
+        help="Weights in the cache (imagenet, random, ...), when several.")] = None,
     cache: Cache = None, C: CValue = "auto", scaling: Scaling = "l2",
-    train_per_class: TrainPerClass = 100, seed: Seed = 0, split: SplitFile = None, out: OutDir = None,
+    train_per_class: TrainPerClass = 100, seed: Seed = 0, split: SplitFile = None,
+    splits: Splits = 1, out: OutDir = None,
 ) -> None:
     """Train a LinearSVC per layer on cached features; print accuracy, dim, C and time.
 
@@ -104,7 +126,7 @@ def svm(
     store = find_store(cache, dataset, model, weights)
     layers = [n.strip() for item in layer or [] for n in item.split(",") if n.strip()] or None
     out_dir = out or default_out_dir(store)
-    report = evaluate(store, layers, _svm_options(C, scaling, train_per_class, seed, split),
+    report = evaluate(store, layers, _svm_options(C, scaling, train_per_class, seed, split, splits),
                       out_dir, _print_layer)
     paths = write_table(report, out_dir, stem="svm")
     typer.echo(render_markdown(report))
@@ -114,9 +136,13 @@ def svm(
 @app.command()
 def table(
     dataset: Annotated[Path, typer.Argument(help="Folder of class subfolders, or with train/ and test/.")],
-    model: Model = "vgg16", layer: Layers = None, weights: Weights = "imagenet", cache: Cache = None,
+    model: Annotated[list[str], typer.Option(
+        "--model", "-m", help="Model; repeat for one table comparing several.")] = ["vgg16"],  # noqa: B006
+    layer: Layers = None, weights: Weights = "imagenet", cache: Cache = None,
     C: CValue = "auto", scaling: Scaling = "l2", train_per_class: TrainPerClass = 100,
-    seed: Seed = 0, split: SplitFile = None, out: OutDir = None, device: Device = "auto",
+    seed: Seed = 0, split: SplitFile = None, splits: Splits = 1, out: OutDir = None,
+    html: Annotated[Path | None, typer.Option(help="Also write the one-page HTML report here.")] = None,
+    device: Device = "auto",
     precision: Precision = "auto", batch_size: BatchSize = 32, workers: Workers = None,
     shard_size: ShardSize = 512, dtype: Dtype = "float32",
 ) -> None:
@@ -125,7 +151,8 @@ def table(
 
     Examples: `featx table 15scene/ --model vgg16` ; `featx table data/demo --model
     efficientnet_lite0 --train-per-class 12` ; `featx table 15scene/ --model efficientnet_lite0
-    --split 15scene-split.csv`.
+    --split 15scene-split.csv` ; `featx table 15scene/ --model vgg16 --model resnet50 --splits 5
+    --html report.html`.
     """
     from featx.report import render_markdown
     from featx.study import run_table
@@ -133,9 +160,10 @@ def table(
     report, paths = run_table(
         dataset, model, layer, weights, cache, out,
         _extract_options(device, precision, batch_size, workers, shard_size, dtype),
-        _svm_options(C, scaling, train_per_class, seed, split), on_layer=_print_layer)
+        _svm_options(C, scaling, train_per_class, seed, split, splits), on_layer=_print_layer)
     typer.echo(render_markdown(report))
     typer.echo(f"written: {paths['md']}, {paths['csv']}, {paths['json']}", err=True)
+    _write_figures(report, paths["json"].parent, html)
 
 
 @app.command()
@@ -170,6 +198,105 @@ def predict(
         typer.echo(f"{path}:")
         for name, probability in ranked:
             typer.echo(f"  {name} {probability * 100:.2f}%")
+
+
+def _report_path(path: Path) -> Path:
+    path = path / "table.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FeatxError(f"no report JSON at {path} (featx table writes table.json)")
+    return path
+
+
+def _read_report(path: Path) -> dict:
+    from featx.report import load_report
+
+    try:
+        report = load_report(_report_path(path))
+    except ValueError as exc:
+        raise FeatxError(f"{path} is not a featx report JSON: {exc}") from None
+    if not isinstance(report, dict) or "layers" not in report:
+        raise FeatxError(f"{path} is not a featx report JSON (no layers)")
+    return report
+
+
+ReportArg = Annotated[Path, typer.Argument(help="A table.json written by featx table, or its folder.")]
+
+
+@app.command()
+def plot(report: ReportArg, out: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for the figures. Default: beside the JSON.")] = None) -> None:
+    """Redraw the plots (accuracy per layer, confusion matrices, per-class accuracy) from a
+    saved report, without touching the model.
+
+    Example: `featx plot featx-results/15scene/vgg16-imagenet/table.json`.
+    """
+    from featx.plots import write_plots
+
+    data = _read_report(report)
+    folder = out or _report_path(report).parent
+    plots = write_plots(data, folder)
+    typer.echo(f"{len(plots)} figures (PNG and SVG) in {folder}")
+
+
+@app.command("report")
+def html_report(report: ReportArg, html: Annotated[Path | None, typer.Option(
+        help="Output file. Default: report.html beside the JSON.")] = None) -> None:
+    """Write ONE self-contained HTML page (table, plots, confusion matrices, settings, skipped
+    images) from a saved report; it opens in a browser as it is.
+
+    Example: `featx report featx-results/15scene/vgg16-imagenet --html vgg16.html`.
+    """
+    from featx.html import write_html
+
+    data = _read_report(report)
+    typer.echo(f"report: {write_html(data, html or _report_path(report).parent / 'report.html')}")
+
+
+@app.command()
+def info(cache: Annotated[Path | None, typer.Argument(
+        help="Cache folder. Default: $FEATX_CACHE or ./featx-cache.")] = None) -> None:
+    """List cached datasets and models: images, layers, shards, size on disk, skipped files.
+
+    Example: `featx info` ; `featx info /data/featx-cache`.
+    """
+    from featx.store import default_cache_root, list_stores
+
+    root = cache or default_cache_root()
+    stores = list_stores(root)
+    if not stores:
+        raise FeatxError(f"no featx cache under {root}")
+    for store in stores:
+        s = store.summary()
+        typer.echo(f"{s['cache']}: {s['images']} images, {s['classes']} classes, weights "
+                   f"{s['weights_id']}, {s['dtype']}, made {s['created']}, "
+                   f"{len(s['skipped'])} skipped")
+        for name, layer in s["layers"].items():
+            typer.echo(f"  {name:<12} dim {layer['dim']:>7}  shards {layer['shards']}/"
+                       f"{layer['shards_total']}  {layer['bytes'] / 2**20:8.1f} MiB")
+        for run in s["runs"]:
+            typer.echo(f"  run {run['when']}: {run['images']} images in {run['seconds']:.1f} s "
+                       f"on {run['device']} {run['precision']} ({', '.join(run['layers'])})")
+        for path, reason in s["skipped"].items():
+            typer.echo(f"  skipped {path}: {reason}")
+
+
+@app.command()
+def activations(
+    image: Annotated[Path, typer.Argument(help="An image file.")], model: Model = "vgg16",
+    layer: Annotated[str, typer.Option("--layer", "-l", help="A convolutional layer.")] = "conv1_1",
+    channels: Annotated[int, typer.Option(help="How many feature maps (the most active).")] = 16,
+    weights: Weights = "imagenet", device: Device = "auto",
+    out: Annotated[Path | None, typer.Option(
+        help="PNG or SVG file. Default: <image>_<model>_<layer>.png")] = None,
+) -> None:
+    """Draw a layer's feature maps for one image as a grid, with the input beside it.
+
+    Example: `featx activations cat.jpg --model vgg16 --layer conv1_1 --channels 16`.
+    """
+    from featx.activations import write_activation_grid
+
+    target = out or Path(f"{image.stem}_{model}_{layer}.png")
+    typer.echo(str(write_activation_grid(image, target, model, layer, channels, weights, device)))
 
 
 def main() -> None:

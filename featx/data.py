@@ -153,9 +153,9 @@ def load_image(path: str | Path) -> Image.Image:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        with Image.open(path) as opened:
+            opened.load()
+            img = ImageOps.exif_transpose(opened)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0

@@ -118,7 +118,7 @@ class ImageFiles(Dataset):
         try:
             pixels = self.preprocess.prepare(load_image(self.images.root / self.images.paths[index]))
             return index, pixels, ""
-        except Exception as exc:  # corrupt, truncated, empty or not an image at all
+        except Exception as exc:  # noqa: BLE001 - corrupt, truncated, empty or not an image
             blank = torch.zeros(3, self.preprocess.crop, self.preprocess.crop, dtype=torch.uint8)
             return index, blank, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 

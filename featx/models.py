@@ -162,7 +162,7 @@ def _torchvision_weights(enum_name: str) -> Callable[[str], tuple[dict, str, str
             try:
                 torch.hub.load_state_dict_from_url(weights.url, model_dir=str(cache_dir),
                                                    progress=True, check_hash=True)
-            except Exception as exc:  # no network, proxy, bad hash: all end the same way
+            except Exception as exc:  # noqa: BLE001 - no network, proxy, bad hash: one message
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise FeatxError(
                     f"{name} weights are not in the torch hub cache and could not be downloaded "
@@ -307,7 +307,7 @@ def load_model(name: str, weights: str = "imagenet", seed: int = 0) -> LoadedMod
 def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - unpickling refused, not a torch file, ...
         raise FeatxError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -48,8 +48,12 @@ def notes(report: dict) -> list[str]:
               if len(layer["feature_shared_with"]) > 1}
     for group in sorted(shared):
         lines.append(f"* Feature Time is one extraction pass shared by {', '.join(group)}.")
-    lines.append(f"Split: {report['split']}. Scaling: {report['scaling']}. "
-                 f"C: {'chosen by cross-validation on the training part' if report['C_option'] == 'auto' else 'fixed'}.")
+    splits = max((len(layer.get("split_accuracies", [])) for layer in report["layers"]), default=0)
+    if splits > 1:
+        lines.append(f"Accuracy: mean +/- standard deviation over {splits} splits; "
+                     "SVM Train Time: mean per split.")
+    how_c = "chosen by cross-validation on the training part" if report["C_option"] == "auto" else "fixed"
+    lines.append(f"Split: {report['split']}. Scaling: {report['scaling']}. C: {how_c}.")
     if report.get("skipped"):
         lines.append(f"Skipped {len(report['skipped'])} unreadable images: "
                      + ", ".join(sorted(report["skipped"])[:10])
@@ -73,6 +77,23 @@ def render_csv(report: dict) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report for several models on the same dataset: a Model column, each model's
+    weights, preprocessing, cache and extraction runs kept under "models"."""
+    per_model = ("model", "weights_id", "weights_random", "weights_checksum", "preprocess",
+                 "cache", "extraction_runs")
+    merged = dict(reports[0])
+    names = [r["model"] for r in reports]
+    merged.update(
+        multi_model=True, title=f"{', '.join(names)} on {merged['dataset']}",
+        model=", ".join(names), weights_id="; ".join(r["weights_id"] for r in reports),
+        weights_random=any(r["weights_random"] for r in reports),
+        models=[{key: r[key] for key in per_model} for r in reports],
+        skipped={path: why for r in reports for path, why in r["skipped"].items()},
+        layers=[entry for r in reports for entry in r["layers"]])
+    return merged
 
 
 def write_table(report: dict, out_dir: Path, stem: str = "table") -> dict[str, Path]:

@@ -162,6 +162,19 @@ class FeatureStore:
         order = list(self.manifest["layers"])
         return seconds, sorted(shared, key=order.index)
 
+    def summary(self) -> dict:
+        """What `featx info` shows: images, layers with shards and bytes on disk, skips, runs."""
+        layers = {}
+        for name, meta in self.manifest["layers"].items():
+            files = sorted((self.folder / name).glob("shard-*.h5"))
+            layers[name] = {"dim": meta["dim"], "shards": len(files),
+                            "shards_total": len(self.shard_ranges(name)),
+                            "bytes": sum(f.stat().st_size for f in files)}
+        return {"cache": self.label, "folder": str(self.folder), "images": self.n_images,
+                "classes": len(self.classes), "weights_id": self.manifest["weights_id"],
+                "dtype": self.manifest["dtype"], "created": self.manifest["created"],
+                "skipped": self.manifest["skipped"], "layers": layers, "runs": self.manifest["runs"]}
+
     # --- writing -----------------------------------------------------------------------------
     def plan_layers(self, layers: list[Layer], batch_size: int, shard_size: int) -> None:
         """Record new layers (dim, shard size) before their first shard is written."""
@@ -238,6 +251,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def list_stores(root: str | Path) -> list[FeatureStore]:
+    """Every dataset/model cache under a cache root."""
+    return [FeatureStore(p.parent) for p in sorted(Path(root).glob("*/*/manifest.json"))]
+
+
 class ShardWriter:
     """A background thread that writes finished shards while the next batches are computed."""
 
@@ -254,7 +272,7 @@ class ShardWriter:
             if self.error is None:
                 try:
                     self.written.append(self.store.write_shard(*job))
-                except BaseException as exc:  # re-raised in the caller's thread
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                     self.error = exc
 
     def submit(self, *job) -> None:

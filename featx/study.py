@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,8 +16,15 @@ import sklearn
 import torch
 import torchvision
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
-from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from featx import __version__
@@ -25,8 +32,8 @@ from featx.data import ImageSet, find_images, read_split_file, seeded_split
 from featx.errors import FeatxError
 from featx.extract import LayerExtractor
 from featx.models import get_backbone, load_model
-from featx.report import write_table
-from featx.store import FeatureStore, default_cache_root, extract_to_cache
+from featx.report import merge_reports, write_table
+from featx.store import FeatureStore, default_cache_root, extract_to_cache, list_stores
 from featx.svm import DEFAULT_SCALING, LayerResult, split_rows, train_layer
 
 console = Console(stderr=True)
@@ -54,6 +61,7 @@ class SvmOptions:
     train_per_class: int = 100
     seed: int = 0
     split_file: str | None = None
+    splits: int = 1
 
 
 class _Rate(ProgressColumn):
@@ -85,8 +93,8 @@ def extract(dataset: str | Path, model: str = "vgg16", layers: list[str] | None 
 def extract_images(images: ImageSet, model: str, layers: list[str] | None, weights: str,
                    cache: str | Path | None, seed: int, options: ExtractOptions,
                    progress: bool) -> FeatureStore:
+    requested = get_backbone(model).resolve_layers(layers)  # bad names fail before any download
     loaded = load_model(model, weights, seed)
-    requested = loaded.backbone.resolve_layers(layers)
     if loaded.random:
         console.print(f"[yellow]note:[/] {model} with RANDOM weights ({loaded.weights_id}); "
                       "features are a baseline, not pretrained")
@@ -125,7 +133,7 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
                model: str | None = None, weights: str | None = None) -> FeatureStore:
     """The one cached dataset/model matching the filters; a clear error when none or several."""
     root = Path(cache) if cache else default_cache_root()
-    folders = sorted(p.parent for p in root.glob("*/*/manifest.json"))
+    folders = [store.folder for store in list_stores(root)]
     if not folders:
         raise FeatxError(f"no features cached under {root}; run featx extract DATASET first "
                          "(or pass --cache)")
@@ -156,35 +164,59 @@ def default_out_dir(store: FeatureStore) -> Path:
 def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptions | None = None,
              out_dir: str | Path | None = None,
              on_layer: Callable[[LayerResult], None] | None = None) -> dict:
-    """Train and test an SVM on each cached layer; save each model with joblib; return the
-    report (also written as JSON per layer in `out_dir`)."""
+    """Train and test an SVM on each cached layer (on each split when several); save each
+    layer's model (first split) with joblib beside its JSON in `out_dir`; return the report."""
     svm = svm or SvmOptions()
     names = layers or store.complete_layers()
     if not names:
         raise FeatxError(f"no complete layer in the cache {store.label}; run featx extract first")
     out = Path(out_dir) if out_dir else default_out_dir(store)
     out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    split = None
+    entries, description = [], ""
     for name in names:
         data = store.read_layer(name)
-        split = split_rows(store, data.index, svm.train_per_class, svm.seed, svm.split_file)
+        splits = split_rows(store, data.index, svm.train_per_class, svm.seed, svm.split_file,
+                            svm.splits)
+        description = splits[0].description
         paths = [store.manifest["paths"][i] for i in data.index]
-        result, model = train_layer(data, split, svm.C, svm.scaling, svm.seed, paths)
+        results = []
+        for k, split in enumerate(splits):
+            # scaling works in place: every split but the last gets its own copy
+            part = data if k == len(splits) - 1 else replace(data, features=data.features.copy())
+            result, model = train_layer(part, split, svm.C, svm.scaling, svm.seed, paths)
+            results.append(result)
+            if k == 0:
+                joblib.dump(model, out / f"{name}.joblib")
+            if on_layer:
+                on_layer(result)
         seconds, shared = store.feature_time(name)
-        entry = {**asdict(result), "model": store.manifest["model"], "feature_seconds": seconds,
+        entry = {**_combine(results), "model": store.manifest["model"],
+                 "weights_id": store.manifest["weights_id"], "feature_seconds": seconds,
                  "feature_shared_with": shared}
         entries.append(entry)
-        joblib.dump(model, out / f"{name}.joblib")
         (out / f"{name}.json").write_text(json.dumps(entry, indent=1))
-        if on_layer:
-            on_layer(result)
-    return build_report(store, entries, svm, split.description if split else "")
+    return build_report(store, entries, svm, description)
+
+
+def _combine(results: list[LayerResult]) -> dict:
+    """One entry for a layer: the mean (and spread) over splits, predictions of all splits."""
+    entry = asdict(results[0])
+    if len(results) > 1:
+        accuracies = [r.accuracy for r in results]
+        entry.update(
+            accuracy=float(np.mean(accuracies)), accuracy_std=float(np.std(accuracies)),
+            split_accuracies=accuracies, svm_seconds=float(np.mean([r.svm_seconds for r in results])),
+            C_per_split=[r.C for r in results], converged=all(r.converged for r in results),
+            test_paths=[p for r in results for p in r.test_paths],
+            y_true=[y for r in results for y in r.y_true],
+            y_pred=[y for r in results for y in r.y_pred])
+    return entry
 
 
 def build_report(store: FeatureStore, entries: list[dict], svm: SvmOptions, split: str) -> dict:
+    """Everything the table is made of: settings, versions, split and per-layer predictions."""
     m = store.manifest
-    weights = "random weights" if m["weights_random"] else m["weights_id"]
+    weights = "RANDOM weights" if m["weights_random"] else m["weights_id"]
     return {
         "title": f"{m['model']} on {m['dataset']} ({weights})",
         "featx_version": __version__,
@@ -194,8 +226,8 @@ def build_report(store: FeatureStore, entries: list[dict], svm: SvmOptions, spli
         "weights_checksum": m["weights_checksum"], "preprocess": m["preprocess"],
         "cache": str(store.folder), "extraction_runs": m["runs"],
         "split": split, "seed": svm.seed, "train_per_class": svm.train_per_class,
-        "split_file": svm.split_file, "scaling": svm.scaling, "C_option": str(svm.C),
-        "skipped": m["skipped"],
+        "split_file": svm.split_file, "splits": svm.splits, "scaling": svm.scaling,
+        "C_option": str(svm.C), "skipped": m["skipped"],
         "versions": {"featx": __version__, "python": platform.python_version(),
                      "torch": torch.__version__, "torchvision": torchvision.__version__,
                      "scikit-learn": sklearn.__version__, "numpy": np.__version__},
@@ -203,19 +235,33 @@ def build_report(store: FeatureStore, entries: list[dict], svm: SvmOptions, spli
     }
 
 
-def run_table(dataset: str | Path, model: str = "vgg16", layers: list[str] | None = None,
-              weights: str = "imagenet", cache: str | Path | None = None,
-              out_dir: str | Path | None = None, extract_options: ExtractOptions | None = None,
-              svm: SvmOptions | None = None, progress: bool = True,
-              on_layer: Callable[[LayerResult], None] | None = None) -> tuple[dict, dict[str, Path]]:
-    """The whole study: extract every requested layer in one pass (or reuse the cache), an SVM
-    per layer, and the table written as Markdown, CSV and JSON."""
+def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
+              layers: list[str] | None = None, weights: str = "imagenet",
+              cache: str | Path | None = None, out_dir: str | Path | None = None,
+              extract_options: ExtractOptions | None = None, svm: SvmOptions | None = None,
+              progress: bool = True, on_layer: Callable[[LayerResult], None] | None = None,
+              ) -> tuple[dict, dict[str, Path]]:
+    """The whole study: for each model, extract every requested layer in one pass (or reuse
+    the cache) and train an SVM per layer; one table written as Markdown, CSV and JSON."""
     svm = svm or SvmOptions()
+    models = [model] if isinstance(model, str) else list(dict.fromkeys(model))
     images = find_images(dataset)
     check_split(images, svm)
-    store = extract_images(images, model, layers, weights, cache, svm.seed,
-                           extract_options or ExtractOptions(), progress)
-    names = [layer.name for layer in get_backbone(model).resolve_layers(layers)]
-    out = Path(out_dir) if out_dir else default_out_dir(store)
-    report = evaluate(store, names, svm, out, on_layer)
+    backbones = [get_backbone(name) for name in models]  # unknown names fail before any work
+    for backbone in backbones:
+        backbone.resolve_layers(layers)
+    reports = []
+    for backbone in backbones:
+        store = extract_images(images, backbone.name, layers, weights, cache, svm.seed,
+                               extract_options or ExtractOptions(), progress)
+        names = [layer.name for layer in backbone.resolve_layers(layers)]
+        if len(models) == 1:
+            out = Path(out_dir) if out_dir else default_out_dir(store)
+            model_dir = out
+        else:
+            out = Path(out_dir) if out_dir else (default_out_dir(store).parent /
+                                                 f"{'+'.join(models)}-{store.folder.name.split('-', 1)[1]}")
+            model_dir = out / backbone.name
+        reports.append(evaluate(store, names, svm, model_dir, on_layer))
+    report = reports[0] if len(reports) == 1 else merge_reports(reports)
     return report, write_table(report, out)

@@ -53,9 +53,12 @@ class LayerResult:
 
 
 def split_rows(store: FeatureStore, index: np.ndarray, train_per_class: int = 100, seed: int = 0,
-               split_file: str | None = None) -> Split:
-    """Train/test rows (positions in `index`) for the cached images: from a split file, the
-    dataset's own train/ and test/ folders, or the seeded per-class protocol."""
+               split_file: str | None = None, splits: int = 1) -> list[Split]:
+    """Train/test rows (positions in `index`) for the cached images: one split from a split file
+    or the dataset's own train/ and test/ folders, else `splits` seeded per-class splits."""
+    if splits < 1:
+        raise FeatxError("--splits must be at least 1")
+    once = "; one fixed split, so --splits is ignored" if splits > 1 else ""
     paths = [store.manifest["paths"][i] for i in index]
     if split_file:
         mapping = read_split_file(split_file)
@@ -65,11 +68,17 @@ def split_rows(store: FeatureStore, index: np.ndarray, train_per_class: int = 10
             raise FeatxError(f"no path of split file {split_file} is among the cached images of "
                              f"{store.label} (paths must be relative to the dataset folder)")
         note = f"; {unknown} listed images not in the cache" if unknown else ""
-        return fixed_split(names, f"split file {split_file}{note}")
+        return [fixed_split(names, f"split file {split_file}{note}{once}")]
     if store.manifest.get("fixed_split"):
         names = [store.manifest["fixed_split"][i] for i in index]
-        return fixed_split(names, "the dataset's own train/ and test/ folders")
-    return seeded_split(store.labels[index], store.classes, train_per_class, seed)
+        return [fixed_split(names, f"the dataset's own train/ and test/ folders{once}")]
+    labels = store.labels[index]
+    if splits == 1:
+        return [seeded_split(labels, store.classes, train_per_class, seed)]
+    parts = [seeded_split(labels, store.classes, train_per_class, seed + k) for k in range(splits)]
+    description = (f"{splits} random splits (seeds {seed}..{seed + splits - 1}) of "
+                   f"{train_per_class} training images per class, the rest for test")
+    return [Split(p.train, p.test, description) for p in parts]
 
 
 def scale(features: np.ndarray, train: np.ndarray, scaling: str):
@@ -81,14 +90,14 @@ def scale(features: np.ndarray, train: np.ndarray, scaling: str):
         for s in range(0, len(features), step):
             block = features[s:s + step]
             block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
-        return Normalizer()
+        return Normalizer().fit(features[:1])
     if scaling == "standardize":
         scaler = StandardScaler().fit(features[train])
         for s in range(0, len(features), step):
             features[s:s + step] -= scaler.mean_.astype(np.float32)
             features[s:s + step] /= scaler.scale_.astype(np.float32)
         return scaler
-    return FunctionTransformer()
+    return FunctionTransformer().fit(features[:1])
 
 
 class KernelProjection:

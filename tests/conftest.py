@@ -50,7 +50,7 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
     """Run `featx ARGS` in a fresh process, as a user would."""
     full_env = {**os.environ, "FEATX_CACHE": str(cwd / "featx-cache"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "featx.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=900)
+                          check=False, capture_output=True, text=True, timeout=900)
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:

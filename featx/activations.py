@@ -1,0 +1,73 @@
+"""Feature maps of one image at one convolutional layer, drawn as a grid beside the input."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from featx.data import load_image
+from featx.errors import FeatxError
+from featx.extract import LayerExtractor
+from featx.models import load_model
+
+
+def layer_maps(image: str | Path, model: str = "vgg16", layer: str = "conv1_1",
+               weights: str = "imagenet", device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """The cropped input (H, W, 3 uint8) and the layer's maps (C, h, w) for one image."""
+    loaded = load_model(model, weights)
+    spec = loaded.backbone.layer(layer)
+    if spec.pooled or len(spec.shape) != 3:
+        raise FeatxError(f"layer {layer} of {model} has no spatial maps; choose a convolutional "
+                         "layer (featx layers --model " + model + ")")
+    try:
+        pixels = loaded.preprocess.prepare(load_image(image))
+    except (OSError, ValueError) as exc:
+        raise FeatxError(f"cannot read image {image}: {exc}") from None
+    flat = LayerExtractor(loaded, [spec], device, "fp32")(pixels.unsqueeze(0))[layer][0]
+    return pixels.permute(1, 2, 0).numpy(), flat.reshape(spec.shape).numpy()
+
+
+def strongest_channels(maps: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` channels with the largest mean absolute response, in order."""
+    if count < 1:
+        raise FeatxError("--channels must be at least 1")
+    energy = np.abs(maps).reshape(len(maps), -1).mean(axis=1)
+    return np.sort(np.argsort(-energy, kind="stable")[:count])
+
+
+def write_activation_grid(image: str | Path, out: str | Path, model: str = "vgg16",
+                          layer: str = "conv1_1", channels: int = 16, weights: str = "imagenet",
+                          device: str = "auto") -> Path:
+    """Write a PNG (or SVG, by suffix) with the input image and a grid of `channels` feature
+    maps (the most active ones), each scaled to its own range."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise FeatxError("activation maps need matplotlib: pip install 'featx[plot]'") from None
+    picture, maps = layer_maps(image, model, layer, weights, device)
+    chosen = strongest_channels(maps, min(channels, len(maps)))
+    cols = math.ceil(math.sqrt(len(chosen)))
+    rows = math.ceil(len(chosen) / cols)
+    fig = Figure(figsize=(3.2 + 1.6 * cols, max(3.4, 1.6 * rows + 0.6)), layout="constrained")
+    FigureCanvasAgg(fig)
+    outer = fig.add_gridspec(1, 2, width_ratios=[2, cols])
+    ax = fig.add_subplot(outer[0])
+    ax.imshow(picture)
+    ax.set_title(f"input ({picture.shape[1]}x{picture.shape[0]} crop)", fontsize=9)
+    ax.axis("off")
+    grid = outer[1].subgridspec(rows, cols)
+    for n, channel in enumerate(chosen):
+        cell = fig.add_subplot(grid[n // cols, n % cols])
+        cell.imshow(maps[channel], cmap="viridis")
+        cell.set_title(f"channel {channel}", fontsize=7)
+        cell.axis("off")
+    fig.suptitle(f"{model} {layer}: {len(chosen)} of {len(maps)} feature maps "
+                 f"({maps.shape[1]}x{maps.shape[2]}), weights {weights}", fontsize=10)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+

@@ -1,0 +1,236 @@
+"""Figures of a study report: accuracy, feature dimension and times per layer, and per layer a
+confusion matrix and per-class accuracy, as PNG and SVG.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing global changes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from featx.errors import FeatxError
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+except ImportError:  # matplotlib is the optional "plot" extra
+    raise FeatxError("plots need matplotlib: pip install 'featx[plot]'") from None
+
+FORMATS = ("png", "svg")
+DPI = 120
+ANNOTATE_MAX_CLASSES = 20
+
+
+def confusion_matrix(report_layer: dict, n_classes: int) -> np.ndarray:
+    """Counts (n_classes, n_classes) of one layer's test predictions: rows true, columns
+    predicted."""
+    y_true = np.asarray(report_layer["y_true"], dtype=np.int64)
+    y_pred = np.asarray(report_layer["y_pred"], dtype=np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"layer {report_layer['layer']}: {y_true.size} true labels but "
+                         f"{y_pred.size} predictions")
+    for name, labels in (("y_true", y_true), ("y_pred", y_pred)):
+        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+            raise ValueError(f"layer {report_layer['layer']}: {name} has labels outside "
+                             f"0..{n_classes - 1}")
+    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(counts, (y_true, y_pred), 1)
+    return counts
+
+
+def per_class_accuracy(report_layer: dict, n_classes: int) -> np.ndarray:
+    """Share of each class's test images predicted correctly; NaN for a class without any."""
+    counts = confusion_matrix(report_layer, n_classes)
+    totals = counts.sum(axis=1)
+    return np.divide(np.diag(counts), totals, out=np.full(n_classes, np.nan), where=totals > 0)
+
+
+def plot_stem(kind: str, report_layer: dict) -> str:
+    """File stem of a per-layer figure: `<kind>_<model>_<layer>`, safe as a file name."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{report_layer['model']}_{report_layer['layer']}")
+    return f"{kind}_{safe}"
+
+
+def write_plots(report: dict, out_dir: Path) -> dict[str, list[Path]]:
+    """Write accuracy.{png,svg} and, per layer, confusion_<model>_<layer> and
+    per_class_<model>_<layer>; return {stem: [png path, svg path]} (empty without layers)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not report["layers"]:
+        return {}
+    written = {"accuracy": _save(_accuracy_figure(report), out_dir, "accuracy")}
+    for entry in report["layers"]:
+        for kind, draw in (("confusion", _confusion_figure), ("per_class", _per_class_figure)):
+            stem = plot_stem(kind, entry)
+            written[stem] = _save(draw(report, entry), out_dir, stem)
+    return written
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+    paths = [out_dir / f"{stem}.{ext}" for ext in FORMATS]
+    for path in paths:
+        fig.savefig(path, dpi=DPI, metadata={"Date": None} if path.suffix == ".svg" else None)
+    return paths
+
+
+def _models(report: dict) -> list[str]:
+    return list(dict.fromkeys(entry["model"] for entry in report["layers"]))
+
+
+def _weights(report: dict) -> str:
+    return "RANDOM weights" if report.get("weights_random") else f"weights {report['weights_id']}"
+
+
+def _accuracy_text(entry: dict) -> str:
+    text = f"accuracy {100 * entry['accuracy']:.1f}%"
+    if entry.get("accuracy_std") is not None:
+        splits = len(entry.get("split_accuracies") or [])
+        text += f" \u00b1 {100 * entry['accuracy_std']:.1f}%"
+        text += f" (mean of {splits} splits)" if splits else ""
+    return text
+
+
+def _label_width(names: list[str], fontsize: float) -> float:
+    """Inches taken by the longest of `names` at `fontsize` (a generous estimate)."""
+    return max(len(name) for name in names) * fontsize * 0.62 / 72
+
+
+def _accuracy_figure(report: dict) -> Figure:
+    models = _models(report)
+    entries = sorted(report["layers"], key=lambda e: models.index(e["model"]))
+    x = np.arange(len(entries)) + 0.6 * np.array([models.index(e["model"]) for e in entries])
+    colors = [f"C{models.index(e['model']) % 10}" for e in entries]
+    names = [e["layer"] for e in entries]
+    fig = _figure(max(7.0, 0.75 * len(entries) + 2.5),
+                  8.5 + 0.5 * _label_width(names, 9) + 0.3 * (len(models) > 1))
+    acc_ax, dim_ax, time_ax = fig.subplots(3, 1, sharex=True, height_ratios=[1.5, 1, 1])
+
+    acc = np.array([100 * e["accuracy"] for e in entries])
+    std = [e.get("accuracy_std") for e in entries]
+    bars = acc_ax.bar(x, acc, color=colors)
+    with_std = [i for i, s in enumerate(std) if s is not None]
+    if with_std:
+        acc_ax.errorbar(x[with_std], acc[with_std], [100 * std[i] for i in with_std],
+                        fmt="none", ecolor="black", capsize=4, label="\u00b11 std over splits")
+    labels = [f"{a:.1f}" + (f"\n\u00b1{100 * s:.1f}" if s is not None else "")
+              for a, s in zip(acc, std)]
+    acc_ax.bar_label(bars, labels, label_type="center", fontsize=8, color="white",
+                     fontweight="bold")
+    chance = 100 / len(report["classes"])
+    acc_ax.axhline(chance, color="0.3", linestyle="--", linewidth=1,
+                   label=f"chance ({chance:.1f}%)")
+    acc_ax.set_ylim(0, 100)
+    acc_ax.set_ylabel("Test accuracy (%)")
+    handles = [Patch(color=f"C{i % 10}", label=m) for i, m in enumerate(models)]
+    handles += acc_ax.get_legend_handles_labels()[0]
+    acc_ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.01),
+                  ncols=min(len(handles), 5), fontsize=8, frameon=False, borderaxespad=0)
+
+    dims = [e["dim"] for e in entries]
+    bars = dim_ax.bar(x, dims, color=colors)
+    dim_ax.set_yscale("log")
+    dim_ax.set_ylim(min(dims) / 2, max(dims) * 4)
+    plain = FuncFormatter(lambda value, _: f"{value:,.0f}")
+    dim_ax.yaxis.set_major_formatter(plain)
+    few_decades = max(dims) / min(dims) < 100
+    if few_decades:  # label 2x and 5x too
+        dim_ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+    dim_ax.yaxis.set_minor_formatter(plain if few_decades else NullFormatter())
+    dim_ax.bar_label(bars, [f"{d:,}" for d in dims], fontsize=7, padding=2)
+    dim_ax.set_ylabel("Feature dimension\n(values per image, log scale)")
+
+    feature = np.array([e["feature_seconds"] for e in entries], dtype=float)
+    svm = np.array([e["svm_seconds"] for e in entries], dtype=float)
+    shared = [len(e.get("feature_shared_with") or []) > 1 for e in entries]
+    feat_bars = time_ax.bar(x - 0.2, feature, 0.4, color="0.55", label="feature extraction"
+                            + (" (hatched: one pass shared by several layers)" if any(shared)
+                               else ""))
+    for bar, is_shared in zip(feat_bars, shared):
+        bar.set_hatch("//" if is_shared else None)
+    svm_bars = time_ax.bar(x + 0.2, svm, 0.4, color="0.2", label="SVM training")
+    for group in (feat_bars, svm_bars):
+        time_ax.bar_label(group, [f"{v:.3g}" for v in group.datavalues], fontsize=7,
+                          padding=2, rotation=90)
+    positive = np.concatenate([feature, svm])
+    positive = positive[positive > 0]
+    if positive.size and positive.max() / positive.min() > 50:
+        time_ax.set_yscale("log")
+        time_ax.set_ylim(positive.min() / 2, positive.max() * 30)
+        time_ax.set_ylabel("Time (s, log scale)")
+    else:
+        time_ax.set_ylim(0, max(positive.max() if positive.size else 1, 1e-3) * 1.35)
+        time_ax.set_ylabel("Time (s)")
+    time_ax.legend(fontsize=8, loc="upper left", ncols=2)
+    time_ax.set_xticks(x, names, rotation=30, ha="right", rotation_mode="anchor")
+    time_ax.set_xlabel("Layer" + (" (colour: model)" if len(models) > 1 else ""))
+    for ax in (acc_ax, dim_ax, time_ax):
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    title = (f"Linear SVM per layer: {', '.join(models)} on {report['dataset']} "
+             f"({_weights(report)}, {len(report['classes'])} classes)")
+    fig.suptitle(title, color="darkred" if report.get("weights_random") else "black")
+    return fig
+
+
+def _confusion_figure(report: dict, entry: dict) -> Figure:
+    classes = report["classes"]
+    n = len(classes)
+    counts = confusion_matrix(entry, n)
+    share = 100 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = max(4.0, 0.45 * n) if n <= ANNOTATE_MAX_CLASSES else min(0.3 * n, 24.0)
+    fontsize = min(9.0, 0.6 * 72 * side / n)
+    labels = _label_width(classes, fontsize)
+    fig = _figure(side + labels + 2.2, side + 0.75 * labels + 1.2)
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", rotation_mode="anchor",
+                  fontsize=fontsize)
+    ax.set_yticks(range(n), classes, fontsize=fontsize)
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("True class")
+    if n <= ANNOTATE_MAX_CLASSES:
+        for (i, j), value in np.ndenumerate(share):
+            if counts[i, j]:
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center",
+                        fontsize=8 if n <= 12 else 7, color="white" if value > 55 else "black")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="Share of the true class's test images (%)")
+    ax.set_title(f"{entry['model']} {entry['layer']}: {_accuracy_text(entry)}\n"
+                 f"rows normalised, {counts.sum()} test images", fontsize=10)
+    return fig
+
+
+def _per_class_figure(report: dict, entry: dict) -> Figure:
+    classes = report["classes"]
+    n = len(classes)
+    share = 100 * per_class_accuracy(entry, n)
+    totals = confusion_matrix(entry, n).sum(axis=1)
+    fontsize = 9 if n <= 40 else max(4.0, 360 / n)
+    fig = _figure(6.5 + _label_width(classes, fontsize), 1.8 + n * fontsize * 2.4 / 72)
+    ax = fig.subplots()
+    y = np.arange(n)
+    bars = ax.barh(y, np.nan_to_num(share), color="C0")
+    ax.bar_label(bars, [f"{s:.1f}% of {t}" if t else "no test images"
+                        for s, t in zip(share, totals)], fontsize=7, padding=3,
+                 bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+    ax.axvline(100 * entry["accuracy"], color="darkred", linestyle="--", linewidth=1, zorder=1)
+    ax.set_yticks(y, classes, fontsize=fontsize)
+    ax.set_ylim(n - 0.4, -0.6)
+    ax.set_xlim(0, 125)
+    ax.set_xticks(range(0, 101, 20))
+    ax.set_xlabel("Test accuracy of the class (%)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.set_title(f"Per-class accuracy: {entry['model']} {entry['layer']}\n"
+                 f"dashed line: overall {_accuracy_text(entry)}", fontsize=10)
+    return fig

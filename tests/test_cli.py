@@ -1,0 +1,160 @@
+"""The featx command end to end, as a user types it, on the embedded demo data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from conftest import assert_clean_error, run_cli, write_images
+
+from featx.store import FeatureStore
+
+LITE = ["--model", "efficientnet_lite0"]
+
+
+@pytest.fixture(scope="module")
+def demo_workdir(tmp_path_factory, demo_dir):
+    """A working folder where `featx extract` of the demo data has run once."""
+    work = tmp_path_factory.mktemp("work")
+    result = run_cli("extract", str(demo_dir), *LITE, "--layer", "stage7_pool,pool", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert "96 images" in result.stderr
+    return work
+
+
+def test_layers_lists_names_and_dims(tmp_path) -> None:
+    result = run_cli("layers", "--model", "vgg16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[1]: line.split()[2] for line in result.stdout.splitlines()[1:]}
+    assert rows["pool4"] == "100352" and rows["pool5"] == "25088"
+    assert rows["relu6"] == "4096" and rows["relu7"] == "4096"
+
+
+def test_svm_after_extract_finds_the_cache_with_no_other_argument(demo_workdir) -> None:
+    result = run_cli("svm", "--layer", "pool", "--train-per-class", "12", cwd=demo_workdir)
+    assert result.returncode == 0, result.stderr
+    assert "| pool |" in result.stdout and "Feature Dim" in result.stdout
+    out = demo_workdir / "featx-results" / "demo" / "efficientnet_lite0-imagenet"
+    report = json.loads((out / "pool.json").read_text())
+    assert report["accuracy"] >= 0.9 and report["dim"] == 1280 and report["n_train"] == 48
+    model = joblib.load(out / "pool.joblib")
+    data = FeatureStore(demo_workdir / "featx-cache" / "demo" / "efficientnet_lite0-imagenet"
+                        ).read_layer("pool")
+    predictions = model.predict(data.features)
+    assert (predictions == data.labels).mean() >= 0.9
+
+
+def test_table_on_the_demo_data_writes_md_csv_json(demo_workdir, demo_dir) -> None:
+    result = run_cli("table", str(demo_dir), *LITE, "--train-per-class", "12", cwd=demo_workdir)
+    assert result.returncode == 0, result.stderr
+    assert "already cached" not in result.stderr  # stage6_pool and logits were new
+    out = demo_workdir / "featx-results" / "demo" / "efficientnet_lite0-imagenet"
+    table = (out / "table.md").read_text()
+    for name in ("stage6_pool", "stage7_pool", "pool", "logits"):
+        assert f"| {name} |" in table and f"| {name} |" in result.stdout
+    assert (out / "table.csv").read_text().startswith("Layer,Accuracy,Feature Dim")
+    report = json.loads((out / "table.json").read_text())
+    for layer in report["layers"]:  # the JSON recomputes the table
+        assert np.mean(np.equal(layer["y_true"], layer["y_pred"])) == pytest.approx(layer["accuracy"])
+        assert layer["accuracy"] >= 0.9
+    assert report["weights_random"] is False and report["split"].startswith("12 training images")
+
+
+def test_random_weights_say_so_everywhere(tmp_path, demo_dir) -> None:
+    result = run_cli("table", str(demo_dir), *LITE, "--weights", "random", "--layer", "pool",
+                     "--train-per-class", "12", "--C", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM" in result.stderr and "RANDOM" in result.stdout
+    out = tmp_path / "featx-results" / "demo" / "efficientnet_lite0-random"
+    assert "RANDOM" in (out / "table.md").read_text()
+    assert json.loads((out / "table.json").read_text())["weights_random"] is True
+
+
+def test_svm_asks_which_when_the_cache_holds_several(demo_workdir, demo_dir, tmp_path) -> None:
+    shutil.copytree(demo_workdir / "featx-cache", tmp_path / "featx-cache")
+    other = run_cli("extract", str(demo_dir), *LITE, "--weights", "random", "--layer", "pool",
+                    cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    result = run_cli("svm", "--layer", "pool", cwd=tmp_path)
+    assert_clean_error(result, "holds several", "efficientnet_lite0-imagenet",
+                       "efficientnet_lite0-random", "--weights")
+    chosen = run_cli("svm", "--layer", "pool", "--weights", "random", "--train-per-class", "12",
+                     cwd=tmp_path)
+    assert chosen.returncode == 0, chosen.stderr
+    assert "RANDOM" in chosen.stdout
+
+
+def test_predict_names_the_cat_and_the_coffee(tmp_path) -> None:
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    Image.fromarray(data.chelsea()).save(tmp_path / "cat.jpg")
+    Image.fromarray(data.coffee()).save(tmp_path / "coffee.jpg")
+    result = run_cli("predict", str(tmp_path / "cat.jpg"), str(tmp_path / "coffee.jpg"),
+                     "--top", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    cat, coffee = lines[1:4], lines[5:8]
+    assert any(word in line for line in cat for word in ("cat", "tabby"))
+    assert any(word in line for line in coffee for word in ("cup", "espresso", "coffee"))
+    assert all(line.strip().endswith("%") for line in cat + coffee)
+
+
+def test_unreadable_images_are_warned_about_and_reported(tmp_path, demo_copy) -> None:
+    (demo_copy / "disks" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    result = run_cli("table", str(demo_copy), *LITE, "--layer", "pool", "--train-per-class", "12",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "skipped unreadable image disks/broken.jpg" in result.stderr
+    report = json.loads((tmp_path / "featx-results" / "demo" / "efficientnet_lite0-imagenet"
+                         / "table.json").read_text())
+    assert list(report["skipped"]) == ["disks/broken.jpg"]
+    assert "disks/broken.jpg" in (tmp_path / "featx-results" / "demo" /
+                                  "efficientnet_lite0-imagenet" / "table.md").read_text()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["extract", "no/such/folder"], ["dataset folder not found"]),
+    (["table", "{empty}"], ["no class folders"]),
+    (["table", "{noimages}"], ["class folder b", "has no images"]),
+    (["extract", "{tiny}", "--model", "vgg19"], ["unknown model 'vgg19'"]),
+    (["extract", "{tiny}", "--layer", "pool9"], ["unknown layer 'pool9'"]),
+    (["table", "{tiny}", "--train-per-class", "100", "--weights", "random"],
+     ["--train-per-class 100 leaves none for testing"]),
+    (["svm", "--layer", "pool"], ["no features cached"]),
+    (["svm", "--model", "resnet50", "--cache", "{cache}"], ["holds no features for model resnet50",
+                                                           "efficientnet_lite0-imagenet"]),
+    (["svm", "--cache", "{cache}", "--layer", "relu7"], ["layer 'relu7' is not in the cache"]),
+    (["table", "{tiny}", "--weights", "random", "--C", "abc"], ["--C must be a positive number"]),
+    (["table", "{tiny}", "--weights", "missing.pth", "--train-per-class", "2"],
+     ["weights file not found"]),
+    (["table", "{tiny}", "--weights", "random", "--split", "nosplit.csv"], ["split file not found"]),
+    (["predict", "nothing.jpg"], ["cannot read image nothing.jpg"]),
+])
+def test_bad_input_gets_one_clear_line_and_nonzero_exit(tmp_path, demo_workdir, args, needles) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noimages" / "b").mkdir(parents=True)
+    write_images(tmp_path / "noimages", {"a": 2})
+    write_images(tmp_path / "tiny", {"a": 3, "b": 3})
+    places = {"empty": tmp_path / "empty", "noimages": tmp_path / "noimages",
+              "tiny": tmp_path / "tiny", "cache": demo_workdir / "featx-cache"}
+    filled = [a.format(**places) for a in args]
+    assert_clean_error(run_cli(*filled, cwd=tmp_path), *needles)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path) -> None:
+    write_images(tmp_path / "tiny", {"a": 3, "b": 3})
+    result = run_cli("extract", str(tmp_path / "tiny"), "--weights", "random", "--device", "cuda",
+                     cwd=tmp_path)
+    assert_clean_error(result, "no CUDA GPU")
+
+
+def test_every_command_has_help_with_examples(tmp_path) -> None:
+    for command in ("extract", "svm", "table", "layers", "predict"):
+        result = run_cli(command, "--help", cwd=tmp_path)
+        assert result.returncode == 0 and "Example" in result.stdout, command

@@ -1,0 +1,78 @@
+"""The SVM stage: kernel form equals LinearSVC, C selection, scaling, the saved model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler, normalize
+from sklearn.svm import LinearSVC
+
+from featx.data import seeded_split
+from featx.errors import FeatxError
+from featx.store import LayerFeatures
+from featx.svm import KernelProjection, choose_C, train_layer
+
+
+def _problem(n_per_class: int = 30, dim: int = 400, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (classes, dim))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    features = (centres[labels] * 0.4 + rng.normal(0, 1, (len(labels), dim))).astype(np.float32)
+    split = seeded_split(labels, tuple(f"c{i}" for i in range(classes)), n_per_class // 2, seed)
+    return LayerFeatures("layer", features, np.arange(len(labels)), labels), split
+
+
+def test_kernel_form_predicts_as_linear_svc_on_the_raw_features() -> None:
+    data, split = _problem()
+    assert len(split.train) < data.dim  # the kernel form is used
+    result, model = train_layer(LayerFeatures("layer", data.features.copy(), data.index, data.labels),
+                                split, C=0.5, scaling="l2")
+    assert result.kernel_form
+    x = normalize(data.features)
+    reference = LinearSVC(C=0.5, max_iter=20000, tol=1e-6).fit(x[split.train], data.labels[split.train])
+    expected = reference.predict(x[split.test])
+    assert np.array_equal(np.asarray(result.y_pred), expected)
+    assert result.accuracy == pytest.approx((expected == data.labels[split.test]).mean())
+    # the saved model applies to raw features and agrees with the kernel-form predictions
+    assert np.array_equal(model.predict(data.features[split.test]), expected)
+    np.testing.assert_allclose(model.named_steps["svm"].coef_, reference.coef_, atol=2e-3)
+
+
+def test_kernel_projection_preserves_inner_products_with_the_training_rows() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(20, 50)).astype(np.float32)
+    train = np.arange(8)
+    z = KernelProjection().fit_transform(x, train)
+    np.testing.assert_allclose(z @ z[train].T, x @ x[train].T, rtol=1e-3, atol=1e-3)
+
+
+def test_primal_form_is_used_when_there_are_more_images_than_dimensions() -> None:
+    data, split = _problem(n_per_class=40, dim=10)
+    raw = data.features.copy()
+    result, model = train_layer(data, split, C=1.0, scaling="standardize")
+    assert not result.kernel_form
+    assert result.n_train == 60 and result.n_test == 60 and result.dim == 10
+    reference = make_pipeline(StandardScaler(), LinearSVC(C=1.0)).fit(raw[split.train],
+                                                                     data.labels[split.train])
+    assert np.array_equal(np.asarray(result.y_pred), reference.predict(raw[split.test]))
+    assert np.array_equal(model.predict(raw[split.test]), reference.predict(raw[split.test]))
+
+
+def test_C_auto_picks_the_best_cross_validated_value() -> None:
+    data, split = _problem()
+    x, y = normalize(data.features)[split.train], data.labels[split.train]
+    best, scores = choose_C(x, y, seed=0)
+    assert scores[f"{best:g}"] == max(scores.values()) and len(scores) == 5
+    result, _ = train_layer(data, split, C="auto", scaling="l2")
+    assert result.C == best and result.cv_scores == scores
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"C": -1.0}, "--C must be positive"), ({"C": "big"}, "--C must be a positive number"),
+    ({"scaling": "minmax"}, "unknown scaling"),
+])
+def test_bad_svm_options_are_clear_errors(kwargs, message) -> None:
+    data, split = _problem()
+    with pytest.raises(FeatxError, match=message):
+        train_layer(data, split, **kwargs)
