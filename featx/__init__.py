@@ -1,3 +1,37 @@
-"""featx: pretrained CNN layer features, cached in HDF5 shards, compared with a linear SVM."""
+"""featx: pretrained CNN layer features, cached in HDF5 shards, compared with a linear SVM.
+
+The Python API (imported lazily, so `featx --help` stays quick):
+
+- `extract(dataset, model, layers, ...)` -> FeatureStore: cache layers in one forward pass
+- `open_cache(cache, dataset, model, weights)` -> FeatureStore; `.read_layer(name)` reads it
+- `evaluate(store, layers, SvmOptions(...))` -> report dict: a linear SVM per cached layer
+- `run_table(dataset, model, ...)` -> (report, written paths): the whole study
+- `FeatureExtractor(model, layer)`: a scikit-learn transformer over image paths
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_API = {
+    "extract": ("featx.study", "extract"),
+    "open_cache": ("featx.study", "find_store"),
+    "evaluate": ("featx.study", "evaluate"),
+    "run_table": ("featx.study", "run_table"),
+    "ExtractOptions": ("featx.study", "ExtractOptions"),
+    "SvmOptions": ("featx.study", "SvmOptions"),
+    "FeatureStore": ("featx.store", "FeatureStore"),
+    "FeatureExtractor": ("featx.transformer", "FeatureExtractor"),
+    "load_model": ("featx.models", "load_model"),
+    "FeatxError": ("featx.errors", "FeatxError"),
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        module, attribute = _API[name]
+        return getattr(importlib.import_module(module), attribute)
+    raise AttributeError(f"module 'featx' has no attribute {name!r}")

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,15 +41,25 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is bf16 on a GPU that supports it (else fp16) and fp32 on a CPU."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); otherwise bf16 is slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = False) -> str:
+    """`auto` is bf16 on a GPU that supports it (else fp16); on a CPU it is bf16 only for a
+    backbone measured to gain from it (`cpu_bf16`) on a CPU with native bf16, else fp32."""
     if precision not in PRECISIONS:
         raise FeatxError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if cpu_bf16 and cpu_has_native_bf16() else "fp32"
 
 
 class LayerExtractor:
@@ -59,7 +70,7 @@ class LayerExtractor:
         self.model = model
         self.layers = list(layers)
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, model.backbone.cpu_bf16)
         self.channels_last = channels_last
         module = _without_inplace(model.module)
         nodes = {layer.node: layer.name for layer in self.layers}
@@ -74,7 +85,8 @@ class LayerExtractor:
     def preprocess(self) -> Preprocess:
         return self.model.preprocess
 
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context of the chosen precision (none for fp32)."""
         dtype = _DTYPES[self.precision]
         return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
@@ -85,7 +97,7 @@ class LayerExtractor:
         x = self.preprocess.normalize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
+        with self.autocast():
             out = self.graph(x)
         result = {}
         for layer in self.layers:

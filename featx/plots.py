@@ -7,6 +7,7 @@ Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing gl
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +180,9 @@ def _accuracy_figure(report: dict) -> Figure:
         ax.set_axisbelow(True)
     title = (f"Linear SVM per layer: {', '.join(models)} on {report['dataset']} "
              f"({_weights(report)}, {len(report['classes'])} classes)")
-    fig.suptitle(title, color="darkred" if report.get("weights_random") else "black")
+    width_chars = int(fig.get_figwidth() * 9)  # about 9 characters per inch at this font size
+    fig.suptitle(textwrap.fill(title, width_chars),
+                 color="darkred" if report.get("weights_random") else "black")
     return fig
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SHARED_DATA
 
 from featx.study import SvmOptions, run_table
+
+from conftest import SHARED_DATA
 
 SCENE = SHARED_DATA / "15scene"
 SPLIT = SHARED_DATA / "15scene-split.csv"

@@ -9,9 +9,10 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_error, run_cli, write_images
 
 from featx.store import FeatureStore
+
+from conftest import assert_clean_error, run_cli, write_images
 
 LITE = ["--model", "efficientnet_lite0"]
 

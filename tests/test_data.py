@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import write_images
 from PIL import Image
 
 from featx.data import find_images, load_image, read_split_file, seeded_split
 from featx.errors import FeatxError
+
+from conftest import write_images
 
 
 def test_class_folders_are_found_case_insensitively_without_hidden_files(tmp_path) -> None:

@@ -1,0 +1,205 @@
+"""Extraction speed: featx against the reference way of working, measured in one run.
+
+featx: one traced forward pass for all layers (stopping at the deepest), channels_last, the
+`auto` precision, DataLoader workers decoding in parallel, shards written to HDF5 by a
+background thread.
+
+Baseline, written the way the reference study worked: for each layer, one full forward pass with a
+forward hook, float32, images decoded with PIL in the main process, batch 32, features kept in
+memory.
+
+With --table, both sides also train a linear SVM per layer on a seeded split (featx: its defaults;
+baseline: sklearn's LinearSVC() on the raw features), which gives the end-to-end ratio of the whole
+layer-comparison table and both sides' accuracies.
+
+    python benchmarks/extract.py --dataset ../shared/data/15scene --images 300 --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from sklearn.svm import LinearSVC
+
+from featx.data import ImageSet, find_images, load_image, seeded_split
+from featx.extract import LayerExtractor, batches_of, image_batches
+from featx.models import load_model
+from featx.store import FeatureStore, LayerFeatures, extract_to_cache
+from featx.svm import train_layer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def subset(images: ImageSet, count: int) -> ImageSet:
+    """`count` images spread evenly over the dataset (the same for both sides)."""
+    rows = np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int)
+    return ImageSet(images.root, tuple(images.paths[i] for i in rows), images.labels[rows],
+                    images.classes)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_featx(images: ImageSet, args, cache: Path) -> tuple[dict[str, np.ndarray], dict]:
+    model = load_model(args.model, args.weights)
+    extractor = LayerExtractor(model, model.backbone.resolve_layers(args.layers), args.device,
+                               args.precision)
+    started = time.perf_counter()
+    store = FeatureStore.open_for(cache, images, extractor)
+    extract_to_cache(store, extractor, images, args.batch_size, workers=args.workers)
+    seconds = time.perf_counter() - started
+    features = {layer.name: store.read_layer(layer.name).features for layer in extractor.layers}
+    return features, {"seconds": seconds, "precision": extractor.precision,
+                      "device": str(extractor.device), "peak_rss_mib": peak_rss_mib(),
+                      "breakdown": breakdown(images, extractor, args, store)}
+
+
+def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureStore) -> dict:
+    """Each stage of featx timed alone over the same images: decode (workers), forward, copy to
+    host, HDF5 write. In the real run they overlap."""
+    batches = batches_of(range(len(images)), args.batch_size)
+    started = time.perf_counter()
+    decoded = [pixels for _, pixels, _ in
+               image_batches(images, extractor.preprocess, batches, args.workers)]
+    decode = time.perf_counter() - started
+    forward = copy = 0.0
+    outputs = []
+    sync = torch.cuda.synchronize if extractor.device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        for pixels in decoded:
+            t0 = time.perf_counter()
+            x = extractor.preprocess.normalize(pixels.to(extractor.device))
+            x = x.contiguous(memory_format=torch.channels_last)
+            with extractor.autocast():
+                out = extractor.graph(x)
+            sync()
+            t1 = time.perf_counter()
+            outputs.append({k: v.flatten(1).float().cpu().numpy() for k, v in out.items()})
+            copy += time.perf_counter() - t1
+            forward += t1 - t0
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = FeatureStore.open_for(Path(tmp), images, extractor)
+        probe.plan_layers(extractor.layers, args.batch_size, 10**9)
+        for name in outputs[0]:
+            rows = np.concatenate([o[name] for o in outputs])
+            probe.write_shard(name, 0, np.arange(len(rows)), rows, {})
+    write = time.perf_counter() - started
+    return {"decode_s": decode, "forward_s": forward, "copy_to_host_s": copy, "write_s": write}
+
+
+def run_baseline(images: ImageSet, args) -> tuple[dict[str, np.ndarray], float]:
+    """One full forward pass per layer with a hook, fp32, PIL in the main process, batch 32."""
+    model = load_model(args.model, args.weights)
+    module, preprocess = model.module.eval(), model.preprocess
+    started = time.perf_counter()
+    features = {}
+    for layer in model.backbone.resolve_layers(args.layers):
+        target = dict(module.named_modules())[layer.node]
+        captured: list[np.ndarray] = []
+
+        def hook(_module, _inputs, output, pooled=layer.pooled, captured=captured):
+            value = output.mean(dim=(2, 3)) if pooled else output
+            captured.append(value.flatten(1).clone().numpy())
+
+        handle = target.register_forward_hook(hook)
+        try:
+            for start in range(0, len(images), 32):
+                paths = images.paths[start:start + 32]
+                batch = torch.stack([preprocess.prepare(load_image(images.root / p)) for p in paths])
+                with torch.no_grad():
+                    module(preprocess.normalize(batch))
+        finally:
+            handle.remove()
+        features[layer.name] = np.concatenate(captured)
+    return features, time.perf_counter() - started
+
+
+def svm_both(images: ImageSet, featx_features: dict, baseline_features: dict, per_class: int,
+             seed: int) -> dict:
+    """A linear SVM per layer on both sides' features, on one seeded split."""
+    split = seeded_split(images.labels, images.classes, per_class, seed)
+    rows = {}
+    for name, x in featx_features.items():
+        data = LayerFeatures(name, x.copy(), np.arange(len(x)), images.labels)
+        result, _ = train_layer(data, split, seed=seed)
+        xb, y = baseline_features[name], images.labels
+        started = time.perf_counter()
+        reference = LinearSVC().fit(xb[split.train], y[split.train])
+        baseline_s = time.perf_counter() - started
+        rows[name] = {"featx_s": result.svm_seconds, "featx_accuracy": result.accuracy,
+                      "baseline_s": baseline_s,
+                      "baseline_accuracy": float((reference.predict(xb[split.test]) == y[split.test]).mean())}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="data/demo")
+    parser.add_argument("--model", default="vgg16")
+    parser.add_argument("--layers", nargs="*", default=None, help="default: the model's standard layers")
+    parser.add_argument("--weights", default="random", help="speed does not depend on the weights")
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--no-baseline", action="store_true", help="featx alone (e.g. for memory)")
+    parser.add_argument("--table", action="store_true", help="also train an SVM per layer on both sides")
+    parser.add_argument("--train-per-class", type=int, default=10)
+    args = parser.parse_args()
+
+    images = subset(find_images(args.dataset), args.images)
+    n = len(images)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, info = run_featx(images, args, Path(tmp))
+    record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device_name": torch.cuda.get_device_name() if info["device"].startswith("cuda")
+              else platform.processor() or platform.machine(),
+              "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+              "torchvision": torchvision.__version__, "model": args.model, "weights": args.weights,
+              "layers": list(ours), "images": n, "batch_size": args.batch_size,
+              "workers": args.workers, "featx": info}
+    print(f"{args.model} [{', '.join(ours)}] on {n} images, {info['device']} {info['precision']}")
+    print(f"featx:    {info['seconds']:8.1f} s  {n / info['seconds']:8.1f} images/s  "
+          f"(peak RSS {info['peak_rss_mib']:.0f} MiB)")
+    b = info["breakdown"]
+    print("  where the time goes (each stage alone): " + ", ".join(
+        f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in b.items()))
+    if not args.no_baseline:
+        theirs, baseline_s = run_baseline(images, args)
+        record["baseline"] = {"seconds": baseline_s}
+        print(f"baseline: {baseline_s:8.1f} s  {n / baseline_s:8.1f} images/s")
+        print(f"extraction ratio: {baseline_s / info['seconds']:.1f}x")
+        if args.table:
+            rows = svm_both(images, ours, theirs, args.train_per_class, 0)
+            record["svm"] = rows
+            for name, row in rows.items():
+                print(f"  {name:<12} svm featx {row['featx_s']:6.2f} s acc {row['featx_accuracy']:.4f} | "
+                      f"LinearSVC() {row['baseline_s']:6.2f} s acc {row['baseline_accuracy']:.4f}")
+            featx_total = info["seconds"] + sum(r["featx_s"] for r in rows.values())
+            baseline_total = baseline_s + sum(r["baseline_s"] for r in rows.values())
+            record["table"] = {"featx_s": featx_total, "baseline_s": baseline_total}
+            print(f"whole table: featx {featx_total:.1f} s, baseline {baseline_total:.1f} s, "
+                  f"ratio {baseline_total / featx_total:.1f}x")
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "extract.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"record appended to {RESULTS / 'extract.jsonl'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Seeing results: repeated splits, several models in one table, plots, the HTML page, cache
+inspection, activation maps and the Python API (including the README's examples)."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.svm import LinearSVC
+
+from featx.transformer import FeatureExtractor
+
+from conftest import REPO, assert_clean_error, run_cli
+
+LITE = ["--model", "efficientnet_lite0"]
+
+
+@pytest.fixture(scope="module")
+def splits_run(tmp_path_factory, demo_dir):
+    """`featx table` on the demo with 3 random splits and the HTML page."""
+    work = tmp_path_factory.mktemp("splits")
+    result = run_cli("table", str(demo_dir), *LITE, "--layer", "stage7_pool,pool",
+                     "--train-per-class", "12", "--splits", "3", "--html", "page.html", cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work, result, work / "featx-results" / "demo" / "efficientnet_lite0-imagenet"
+
+
+def test_repeated_splits_report_mean_and_std_in_every_format(splits_run) -> None:
+    work, result, out = splits_run
+    report = json.loads((out / "table.json").read_text())
+    for layer in report["layers"]:
+        accuracies = layer["split_accuracies"]
+        assert len(accuracies) == 3
+        assert layer["accuracy"] == pytest.approx(np.mean(accuracies))
+        assert layer["accuracy_std"] == pytest.approx(np.std(accuracies))
+        assert len(layer["y_true"]) == 3 * layer["n_test"]
+    assert report["split"].startswith("3 random splits")
+    row = re.search(r"\| pool \| (\S+ \+/- \S+) \|", (out / "table.md").read_text())
+    assert row, (out / "table.md").read_text()
+    assert "+/-" in (out / "table.csv").read_text()
+    assert "mean +/- standard deviation over 3 splits" in result.stdout
+
+
+def test_a_fixed_split_is_one_split_and_says_so(tmp_path, demo_dir) -> None:
+    split = tmp_path / "split.csv"
+    rows = [f"{p.parent.name}/{p.name},{p.parent.name},{'train' if i % 2 else 'test'}"
+            for i, p in enumerate(sorted(demo_dir.glob("*/*.jpg")))]
+    split.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    result = run_cli("table", str(demo_dir), *LITE, "--layer", "pool", "--split", str(split),
+                     "--splits", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "featx-results" / "demo" / "efficientnet_lite0-imagenet" /
+                         "table.json").read_text())
+    assert "accuracy_std" not in report["layers"][0]
+    assert "one fixed split, so --splits is ignored" in report["split"]
+    assert report["layers"][0]["n_train"] == 48
+
+
+def test_plots_are_written_beside_the_table_and_redrawn_from_json(splits_run, tmp_path) -> None:
+    work, _, out = splits_run
+    for stem in ("accuracy", "confusion_efficientnet_lite0_pool", "per_class_efficientnet_lite0_pool"):
+        with Image.open(out / f"{stem}.png") as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+        ET.parse(out / f"{stem}.svg")
+    redrawn = run_cli("plot", str(out / "table.json"), "--out", str(tmp_path / "again"), cwd=work)
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert (tmp_path / "again" / "accuracy.png").is_file()
+    assert (tmp_path / "again" / "confusion_efficientnet_lite0_stage7_pool.svg").is_file()
+
+
+def test_html_report_is_one_self_contained_file(splits_run) -> None:
+    work, _, out = splits_run
+    for page in (work / "page.html", _report_page(work, out)):
+        text = page.read_text()
+        assert "<table" in text and "stage7_pool" in text and "+/-" in text
+        images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+        assert len(images) >= 3
+        assert not re.search(r'(src|href)="https?://', text)
+        assert "efficientnet-lite0-57934424" in text and "checkerboard" in text
+
+
+def _report_page(work, out):
+    result = run_cli("report", str(out), "--html", "again.html", cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work / "again.html"
+
+
+def test_several_models_in_one_table(tmp_path, demo_dir) -> None:
+    result = run_cli("table", str(demo_dir), "--model", "efficientnet_lite0", "--model", "resnet50",
+                     "--weights", "random", "--layer", "pool", "--train-per-class", "12", "--C", "1",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("| Model"))
+    assert header.startswith("| Model | Layer | Accuracy")
+    out = tmp_path / "featx-results" / "demo" / "efficientnet_lite0+resnet50-random"
+    report = json.loads((out / "table.json").read_text())
+    assert report["multi_model"] and [e["model"] for e in report["layers"]] == [
+        "efficientnet_lite0", "resnet50"]
+    assert {m["model"] for m in report["models"]} == {"efficientnet_lite0", "resnet50"}
+    assert (out / "resnet50" / "pool.joblib").is_file()
+    cache = tmp_path / "featx-cache" / "demo"
+    assert (cache / "efficientnet_lite0-random").is_dir() and (cache / "resnet50-random").is_dir()
+
+
+def test_info_lists_datasets_models_layers_and_sizes(splits_run) -> None:
+    work, _, _ = splits_run
+    result = run_cli("info", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert "demo/efficientnet_lite0-imagenet: 96 images, 4 classes" in result.stdout
+    assert re.search(r"pool\s+dim\s+1280\s+shards 1/1\s+[0-9.]+ MiB", result.stdout)
+    assert_clean_error(run_cli("info", "nowhere", cwd=work), "no featx cache under nowhere")
+
+
+def test_activation_grid_shows_the_input_and_feature_maps(tmp_path, demo_dir) -> None:
+    image = demo_dir / "stripes" / "img_000.jpg"
+    out = tmp_path / "maps.png"
+    result = run_cli("activations", str(image), *LITE, "--layer", "stem", "--channels", "9",
+                     "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as grid:
+        assert grid.size[0] > 500
+        pixels = np.asarray(grid.convert("L"), dtype=float)
+    assert pixels.std() > 10  # not a blank canvas
+    assert_clean_error(run_cli("activations", str(image), *LITE, "--layer", "pool", cwd=tmp_path),
+                       "has no spatial maps")
+
+
+def test_feature_extractor_works_in_a_pipeline_with_grid_search(demo_dir) -> None:
+    paths = sorted(str(p) for p in demo_dir.glob("*/*.jpg"))[::4]
+    labels = [p.split("/")[-2] for p in paths]
+    extractor = FeatureExtractor("efficientnet_lite0", layer="pool")
+    assert not hasattr(extractor, "extractor_")  # no work in __init__
+    assert extractor.get_params()["layer"] == "pool"
+    pipeline = Pipeline([("features", extractor), ("svm", LinearSVC())])
+    search = GridSearchCV(pipeline, {"svm__C": [0.1, 1.0]}, cv=2).fit(paths, labels)
+    assert search.best_score_ > 0.8
+    assert search.predict(paths[:3]).tolist() == labels[:3]
+    features = FeatureExtractor("efficientnet_lite0", layer="stage6_pool").fit(paths).transform(paths)
+    assert features.shape == (len(paths), 192) and features.dtype == np.float32
+
+
+def test_readme_api_examples_run(tmp_path, monkeypatch) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks, "the README's Python API section has no example"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(REPO / "data")
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
