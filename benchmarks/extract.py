@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import tempfile
@@ -38,7 +37,10 @@ from featx.models import load_model
 from featx.store import FeatureStore, LayerFeatures, extract_to_cache
 from featx.svm import train_layer
 
+from machine import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
 
 
 def subset(images: ImageSet, count: int) -> ImageSet:
@@ -168,7 +170,7 @@ def main() -> None:
         ours, info = run_featx(images, args, Path(tmp))
     record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device_name": torch.cuda.get_device_name() if info["device"].startswith("cuda")
-              else platform.processor() or platform.machine(),
+              else cpu_name(),
               "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
               "torchvision": torchvision.__version__, "model": args.model, "weights": args.weights,
               "layers": list(ours), "images": n, "batch_size": args.batch_size,

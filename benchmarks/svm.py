@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -23,7 +22,10 @@ from sklearn.svm import LinearSVC
 from featx.study import find_store
 from featx.svm import split_rows, train_layer
 
+from machine import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
 
 
 def main() -> None:
@@ -61,7 +63,7 @@ def main() -> None:
               f"{baseline_s:7.2f} s acc {baseline_acc:.4f}  |  {row['ratio']:.1f}x")
     RESULTS.mkdir(exist_ok=True)
     record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": platform.processor() or platform.machine(), "cache": store.label,
+              "machine": cpu_name(), "cache": store.label,
               "weights_id": store.manifest["weights_id"], "split": args.split, "layers": rows}
     with open(RESULTS / "svm.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -2,7 +2,7 @@
 
 The Python API (imported lazily, so `featx --help` stays quick):
 
-- `extract(dataset, model, layers, ...)` -> FeatureStore: cache layers in one forward pass
+- `extract_features(dataset, model, layers, ...)` -> FeatureStore: cache layers in one forward pass
 - `open_cache(cache, dataset, model, weights)` -> FeatureStore; `.read_layer(name)` reads it
 - `evaluate(store, layers, SvmOptions(...))` -> report dict: a linear SVM per cached layer
 - `run_table(dataset, model, ...)` -> (report, written paths): the whole study
@@ -16,7 +16,7 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "extract": ("featx.study", "extract"),
+    "extract_features": ("featx.study", "extract"),
     "open_cache": ("featx.study", "find_store"),
     "evaluate": ("featx.study", "evaluate"),
     "run_table": ("featx.study", "run_table"),

@@ -320,8 +320,7 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
     """
     layers = [layer.name for layer in extractor.layers]
     store.plan_layers(extractor.layers, batch_size, shard_size)
-    if store.manifest["layers"][layers[0]]["batch_size"] != batch_size:
-        batch_size = store.manifest["layers"][layers[0]]["batch_size"]  # same batches as before
+    batch_size = store.manifest["layers"][layers[0]]["batch_size"]  # a resumed run batches as before
     todo = {name: set(store.missing_shards(name)) for name in layers}
     needed = sorted({i for name in layers for k in todo[name]
                      for i in range(*store.shard_ranges(name)[k])})
@@ -356,7 +355,7 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
                     if buf.complete:
                         del buffers[(name, k)]
                         feats = (np.concatenate(buf.features) if buf.features
-                                 else np.zeros((0, extractor.layers[0].dim), np.float32))
+                                 else np.zeros((0, store.manifest["layers"][name]["dim"]), np.float32))
                         writer.submit(name, int(k), np.concatenate(buf.index), feats, buf.skipped)
             if on_batch:
                 on_batch(len(batch), len(needed))

@@ -47,11 +47,16 @@ def test_every_layer_has_its_listed_dimension(name: str) -> None:
         assert out["pool"].shape[1] == 2048
 
 
-def test_vgg16_layers_equal_torchvision_computation() -> None:
-    model = load_model("vgg16", "random", seed=3)
-    reference = torchvision.models.vgg16(weights=None)
+def _with_reference(name: str, seed: int):
+    """featx's model and an untouched torchvision model holding the same random weights."""
+    model = load_model(name, "random", seed=seed)
+    reference = getattr(torchvision.models, name)(weights=None)
     reference.load_state_dict(model.module.state_dict())
-    reference.eval()
+    return model, reference.eval()
+
+
+def test_vgg16_layers_equal_torchvision_computation() -> None:
+    model, reference = _with_reference("vgg16", seed=3)
     images = _images(2)
     names = ["conv1_1", "pool1", "pool3", "pool4", "pool5", "fc6", "relu6", "fc7", "relu7", "logits"]
     ours = LayerExtractor(model, model.backbone.resolve_layers(names), "cpu", "fp32")(images)
@@ -78,10 +83,7 @@ def test_vgg16_layers_equal_torchvision_computation() -> None:
 
 
 def test_resnet50_layers_equal_torchvision_computation() -> None:
-    model = load_model("resnet50", "random", seed=4)
-    reference = torchvision.models.resnet50(weights=None)
-    reference.load_state_dict(model.module.state_dict())
-    reference.eval()
+    model, reference = _with_reference("resnet50", seed=4)
     images = _images(2)
     ours = LayerExtractor(model, model.backbone.resolve_layers(["layer3", "layer4", "pool", "logits"]),
                           "cpu", "fp32")(images)
