@@ -57,7 +57,7 @@ def peak_rss_mib() -> float:
 def run_featx(images: ImageSet, args, cache: Path) -> tuple[dict[str, np.ndarray], dict]:
     model = load_model(args.model, args.weights)
     extractor = LayerExtractor(model, model.backbone.resolve_layers(args.layers), args.device,
-                               args.precision)
+                               args.precision, channels_last=not args.no_channels_last)
     started = time.perf_counter()
     store = FeatureStore.open_for(cache, images, extractor)
     extract_to_cache(store, extractor, images, args.batch_size, workers=args.workers)
@@ -65,7 +65,8 @@ def run_featx(images: ImageSet, args, cache: Path) -> tuple[dict[str, np.ndarray
     features = {layer.name: store.read_layer(layer.name).features for layer in extractor.layers}
     return features, {"seconds": seconds, "precision": extractor.precision,
                       "device": str(extractor.device), "peak_rss_mib": peak_rss_mib(),
-                      "breakdown": breakdown(images, extractor, args, store)}
+                      "channels_last": extractor.channels_last,
+                      "breakdown": None if args.no_breakdown else breakdown(images, extractor, args, store)}
 
 
 def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureStore) -> dict:
@@ -83,7 +84,8 @@ def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureS
         for pixels in decoded:
             t0 = time.perf_counter()
             x = extractor.preprocess.normalize(pixels.to(extractor.device))
-            x = x.contiguous(memory_format=torch.channels_last)
+            if extractor.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with extractor.autocast():
                 out = extractor.graph(x)
             sync()
@@ -160,6 +162,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--no-baseline", action="store_true", help="featx alone (e.g. for memory)")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip timing each stage alone")
+    parser.add_argument("--no-channels-last", action="store_true", help="featx in the default layout")
     parser.add_argument("--table", action="store_true", help="also train an SVM per layer on both sides")
     parser.add_argument("--train-per-class", type=int, default=10)
     args = parser.parse_args()
@@ -175,12 +179,14 @@ def main() -> None:
               "torchvision": torchvision.__version__, "model": args.model, "weights": args.weights,
               "layers": list(ours), "images": n, "batch_size": args.batch_size,
               "workers": args.workers, "featx": info}
-    print(f"{args.model} [{', '.join(ours)}] on {n} images, {info['device']} {info['precision']}")
+    layout = "channels_last" if info["channels_last"] else "default layout"
+    print(f"{args.model} [{', '.join(ours)}] on {n} images, {info['device']} {info['precision']}, "
+          f"{layout}")
     print(f"featx:    {info['seconds']:8.1f} s  {n / info['seconds']:8.1f} images/s  "
           f"(peak RSS {info['peak_rss_mib']:.0f} MiB)")
-    b = info["breakdown"]
-    print("  where the time goes (each stage alone): " + ", ".join(
-        f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in b.items()))
+    if info["breakdown"]:
+        print("  where the time goes (each stage alone): " + ", ".join(
+            f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in info["breakdown"].items()))
     if not args.no_baseline:
         theirs, baseline_s = run_baseline(images, args)
         record["baseline"] = {"seconds": baseline_s}
