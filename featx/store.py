@@ -34,7 +34,8 @@ from featx.models import Layer
 
 DTYPES = ("float32", "float16")
 SHARD_BYTES = 256 << 20  # bound on one layer's shard in memory and on disk
-KEY_FIELDS = ("model", "weights_id", "weights_checksum", "preprocess", "dtype", "images_fingerprint")
+KEY_FIELDS = ("model", "weights_id", "weights_checksum", "preprocess", "precision", "dtype",
+              "images_fingerprint")
 
 
 def default_cache_root() -> Path:
@@ -87,6 +88,7 @@ class FeatureStore:
             "weights_id": model.weights_id,
             "weights_checksum": model.checksum,
             "preprocess": model.preprocess.to_dict(),
+            "precision": extractor.precision,
             "dtype": dtype,
             "images_fingerprint": images.fingerprint(),
         }

@@ -114,7 +114,7 @@ def test_resume_after_the_process_is_killed(tmp_path, demo_dir) -> None:
     cache = tmp_path / "cache"
     args = [sys.executable, "-m", "featx.cli", "extract", str(demo_dir), "--model",
             "efficientnet_lite0", "--weights", "random", "--layer", "pool", "--cache", str(cache),
-            "--batch-size", "8", "--shard-size", "8", "--workers", "0"]
+            "--batch-size", "8", "--shard-size", "8", "--workers", "0", "--precision", "fp32"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     layer_dir = cache / "demo" / "efficientnet_lite0-random" / "pool"
     deadline = time.time() + 300
@@ -139,6 +139,10 @@ def test_a_cache_made_with_other_weights_or_images_is_refused(tmp_path, tiny_dat
     _cache(tmp_path / "cache", images, _extractor(seed=0))
     with pytest.raises(FeatxError, match="another weights id"):
         FeatureStore.open_for(tmp_path / "cache", images, _extractor(seed=1))
+    model = load_model("efficientnet_lite0", "random", seed=0)
+    bf16 = LayerExtractor(model, model.backbone.resolve_layers(LAYERS), "cpu", "bf16")
+    with pytest.raises(FeatxError, match=r"another precision \(fp32 there, bf16 now\)"):
+        FeatureStore.open_for(tmp_path / "cache", images, bf16)
     (tiny_dataset / "a" / "img_000.jpg").rename(tiny_dataset / "a" / "renamed.jpg")
     with pytest.raises(FeatxError, match="another images fingerprint"):
         FeatureStore.open_for(tmp_path / "cache", find_images(tiny_dataset), _extractor(seed=0))
