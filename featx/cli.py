@@ -175,7 +175,8 @@ def layers(model: Model = "vgg16") -> None:
     from featx.models import get_backbone
 
     backbone = get_backbone(model)
-    typer.echo(f"{backbone.name} (default layers: {', '.join(backbone.default_layers)})")
+    typer.echo(f"{backbone.name}: imagenet weights from {backbone.weights_note}; "
+               f"default layers: {', '.join(backbone.default_layers)}")
     for item in backbone.layers:
         shape = "x".join(map(str, item.shape)) + (" -> avg pool" if item.pooled else "")
         mark = "*" if item.name in backbone.default_layers else " "
