@@ -83,14 +83,10 @@ def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureS
     with torch.inference_mode():
         for pixels in decoded:
             t0 = time.perf_counter()
-            x = extractor.preprocess.normalize(pixels.to(extractor.device))
-            if extractor.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with extractor.autocast():
-                out = extractor.graph(x)
+            out = extractor.forward(pixels)
             sync()
             t1 = time.perf_counter()
-            outputs.append({k: v.flatten(1).float().cpu().numpy() for k, v in out.items()})
+            outputs.append({k: v.float().cpu().numpy() for k, v in out.items()})
             copy += time.perf_counter() - t1
             forward += t1 - t0
     started = time.perf_counter()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.data import load_image
 from featx.errors import FeatxError
 from featx.extract import LayerExtractor
 from featx.models import load_model
@@ -21,10 +20,7 @@ def layer_maps(image: str | Path, model: str = "vgg16", layer: str = "conv1_1",
     if spec.pooled or len(spec.shape) != 3:
         raise FeatxError(f"layer {layer} of {model} has no spatial maps; choose a convolutional "
                          "layer (featx layers --model " + model + ")")
-    try:
-        pixels = loaded.preprocess.prepare(load_image(image))
-    except (OSError, ValueError) as exc:
-        raise FeatxError(f"cannot read image {image}: {exc}") from None
+    pixels = loaded.preprocess.load(image)
     flat = LayerExtractor(loaded, [spec], device, "fp32")(pixels.unsqueeze(0))[layer][0]
     return pixels.permute(1, 2, 0).numpy(), flat.reshape(spec.shape).numpy()
 

@@ -91,21 +91,20 @@ class LayerExtractor:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 images (N, 3, H, W) -> {layer name: float32 (N, dim) on the host}."""
-        x = images.to(self.device, non_blocking=True)
-        x = self.preprocess.normalize(x)
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 images (N, 3, H, W) -> {layer name: (N, dim)} on the device, in the compute
+        precision; pooled layers are global-average-pooled."""
+        x = self.preprocess.normalize(images.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             out = self.graph(x)
-        result = {}
-        for layer in self.layers:
-            value = out[layer.name]
-            if layer.pooled:
-                value = F.adaptive_avg_pool2d(value, 1)
-            result[layer.name] = value.flatten(1).float().to("cpu", non_blocking=False)
-        return result
+        return {layer.name: (F.adaptive_avg_pool2d(out[layer.name], 1) if layer.pooled
+                             else out[layer.name]).flatten(1) for layer in self.layers}
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 images (N, 3, H, W) -> {layer name: float32 (N, dim) on the host}."""
+        return {name: value.float().cpu() for name, value in self.forward(images).items()}
 
 
 def _without_inplace(module: nn.Module) -> nn.Module:

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from featx.data import load_image
 from featx.errors import FeatxError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,6 +43,13 @@ class Preprocess:
         image = TF.resize(image, [self.resize], interpolation=mode, antialias=True)
         image = TF.center_crop(image, [self.crop])
         return TF.pil_to_tensor(image)
+
+    def load(self, path: str | Path) -> torch.Tensor:
+        """Read one image file and prepare it; an unreadable file is a FeatxError naming it."""
+        try:
+            return self.prepare(load_image(path))
+        except (OSError, ValueError) as exc:
+            raise FeatxError(f"cannot read image {path}: {exc}") from None
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> float32 normalised, on the batch's device."""

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from featx.data import load_image
 from featx.errors import FeatxError
 from featx.extract import LayerExtractor
 from featx.models import load_model
@@ -22,11 +21,7 @@ def predict_images(paths: list[Path], model: str = "efficientnet_lite0", weights
     loaded = load_model(model, weights)
     extractor = LayerExtractor(loaded, [loaded.backbone.layer("logits")], device, "fp32")
     for path in paths:
-        try:
-            pixels = loaded.preprocess.prepare(load_image(path))
-        except (OSError, ValueError) as exc:
-            raise FeatxError(f"cannot read image {path}: {exc}") from None
-        logits = extractor(pixels.unsqueeze(0))["logits"][0]
+        logits = extractor(loaded.preprocess.load(path).unsqueeze(0))["logits"][0]
         probabilities = torch.softmax(logits, dim=0)
         values, indices = probabilities.topk(min(top, len(probabilities)))
         yield path, [(loaded.categories[i], float(v)) for v, i in zip(values, indices.tolist())]
