@@ -29,7 +29,6 @@ from machine import cpu_name
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-
 def _fit_baseline(x: np.ndarray, y: np.ndarray, split, results) -> None:
     started = time.perf_counter()
     reference = LinearSVC().fit(x[split.train], y[split.train])
@@ -53,6 +52,27 @@ def timed_baseline(x: np.ndarray, y: np.ndarray, split, timeout: float,
     return results.get()
 
 
+def compare_layer(store, name: str, args: argparse.Namespace) -> dict:
+    """Time featx's SVM stage and LinearSVC() on one cached layer; print and return the figures."""
+    data = store.read_layer(name)
+    split = split_rows(store, data.index, args.train_per_class, args.seed, args.split)[0]
+    raw = data.features.copy()  # featx scales its copy in place
+    ours, _ = train_layer(replace(data, features=data.features), split, seed=args.seed)
+    print(f"{name:<12} dim {data.dim:>7}  featx {ours.svm_seconds:7.2f} s acc {ours.accuracy:.4f} "
+          f"(C {ours.C:g}, {'kernel form' if ours.kernel_form else 'primal'})", flush=True)
+    baseline_s, baseline_acc = timed_baseline(raw, data.labels, split, args.baseline_timeout)
+    if baseline_acc is None:
+        print(f"{'':<12} LinearSVC() did not finish in {args.baseline_timeout:.0f} s: featx is more "
+              f"than {args.baseline_timeout / ours.svm_seconds:.1f}x faster", flush=True)
+    else:
+        print(f"{'':<12} LinearSVC() {baseline_s:7.2f} s acc {baseline_acc:.4f}  |  "
+              f"{baseline_s / ours.svm_seconds:.1f}x", flush=True)
+    return {"layer": name, "dim": data.dim, "n_train": len(split.train),
+            "featx_s": ours.svm_seconds, "featx_accuracy": ours.accuracy, "featx_C": ours.C,
+            "kernel_form": ours.kernel_form, "baseline_s": baseline_s,
+            "baseline_accuracy": baseline_acc, "baseline_timeout_s": args.baseline_timeout}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,31 +91,16 @@ def main() -> None:
     store = find_store(args.cache, args.dataset, args.model, args.weights)
     rows = []
     print(f"{store.label}: featx SVM stage vs LinearSVC() on the same features and split")
-    for name in args.layers or store.complete_layers():
-        data = store.read_layer(name)
-        split = split_rows(store, data.index, args.train_per_class, args.seed, args.split)[0]
-        raw = data.features.copy()  # featx scales its copy in place
-        ours, _ = train_layer(replace(data, features=data.features), split, seed=args.seed)
-        print(f"{name:<12} dim {data.dim:>7}  featx {ours.svm_seconds:7.2f} s acc {ours.accuracy:.4f} "
-              f"(C {ours.C:g}, {'kernel form' if ours.kernel_form else 'primal'})", flush=True)
-        baseline_s, baseline_acc = timed_baseline(raw, data.labels, split, args.baseline_timeout)
-        row = {"layer": name, "dim": data.dim, "n_train": len(split.train),
-               "featx_s": ours.svm_seconds, "featx_accuracy": ours.accuracy, "featx_C": ours.C,
-               "kernel_form": ours.kernel_form, "baseline_s": baseline_s,
-               "baseline_accuracy": baseline_acc, "baseline_timeout_s": args.baseline_timeout}
-        rows.append(row)
-        if baseline_acc is None:
-            print(f"{'':<12} LinearSVC() did not finish in {args.baseline_timeout:.0f} s: featx is more "
-                  f"than {args.baseline_timeout / ours.svm_seconds:.1f}x faster", flush=True)
-        else:
-            print(f"{'':<12} LinearSVC() {baseline_s:7.2f} s acc {baseline_acc:.4f}  |  "
-                  f"{baseline_s / ours.svm_seconds:.1f}x", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": cpu_name(), "cache": store.label,
-              "weights_id": store.manifest["weights_id"], "split": args.split, "layers": rows}
-    with open(RESULTS / "svm.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        for name in args.layers or store.complete_layers():
+            rows.append(compare_layer(store, name, args))
+    finally:  # a run stopped by hand still records the layers it finished
+        RESULTS.mkdir(exist_ok=True)
+        record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "machine": cpu_name(), "cache": store.label,
+                  "weights_id": store.manifest["weights_id"], "split": args.split, "layers": rows}
+        with open(RESULTS / "svm.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

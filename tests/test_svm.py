@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, normalize
 from sklearn.svm import LinearSVC
@@ -66,6 +67,18 @@ def test_C_auto_picks_the_best_cross_validated_value() -> None:
     assert scores[f"{best:g}"] == max(scores.values()) and len(scores) == 5
     result, _ = train_layer(data, split, C="auto", scaling="l2")
     assert result.C == best and result.cv_scores == scores
+
+
+def test_C_search_in_threads_scores_as_one_thread() -> None:
+    data, split = _problem(n_per_class=24, classes=4, seed=3)
+    x, y = normalize(data.features)[split.train], data.labels[split.train]
+    one = choose_C(x, y, seed=0, jobs=1)
+    assert choose_C(x, y, seed=0, jobs=2) == one
+    assert list(one[1]) == ["0.01", "0.1", "1", "10", "100"]
+    # and each score is the mean held-out accuracy of LinearSVC on the same folds
+    folds = StratifiedKFold(3, shuffle=True, random_state=0).split(x, y)
+    expected = np.mean([(LinearSVC(C=10.0).fit(x[a], y[a]).predict(x[b]) == y[b]).mean() for a, b in folds])
+    assert one[1]["10"] == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("kwargs, message", [
