@@ -30,7 +30,7 @@ from featx import __version__
 from featx.data import ImageSet
 from featx.errors import FeatxError
 from featx.extract import LayerExtractor, extract_batches
-from featx.models import Layer
+from featx.models import Layer, get_backbone
 
 DTYPES = ("float32", "float16")
 SHARD_BYTES = 256 << 20  # bound on one layer's shard in memory and on disk
@@ -71,6 +71,11 @@ class FeatureStore:
         if not self.manifest_path.is_file():
             raise FeatxError(f"no featx cache at {self.folder} (manifest.json missing)")
         self.manifest = json.loads(self.manifest_path.read_text())
+
+    @property
+    def variant(self) -> str:
+        """The folder name after the model's: the weights tag, then -float16 for such a cache."""
+        return self.folder.name.removeprefix(f"{self.manifest['model']}-")
 
     # --- creation ----------------------------------------------------------------------------
     @classmethod
@@ -199,14 +204,11 @@ class FeatureStore:
         path = self.shard_path(layer, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        dtype = self.manifest["dtype"]
         rows, dim = features.shape
-        if dtype == "float16" and rows and np.abs(features).max() > np.finfo(np.float16).max:
-            raise FeatxError(f"layer {layer} has values beyond the float16 range; "
-                             "cache it with --dtype float32")
+        stored = _as_stored(layer, features, self.manifest["dtype"])
         with h5py.File(tmp, "w") as f:
             chunk_rows = max(1, min(rows, (1 << 20) // max(1, dim * 4))) if rows else None
-            f.create_dataset("features", data=features.astype(dtype, copy=False),
+            f.create_dataset("features", data=stored,
                              chunks=(chunk_rows, dim) if rows else None)
             f.create_dataset("index", data=index.astype(np.int64))
             f.create_dataset("labels", data=self.labels[index])
@@ -230,8 +232,18 @@ class FeatureStore:
         _write_json_atomic(self.manifest_path, self.manifest)
 
     # --- reading -----------------------------------------------------------------------------
-    def read_layer(self, layer: str) -> LayerFeatures:
-        """All rows of one layer, in dataset order (unreadable images are absent)."""
+    def check_layers(self, names: list[str]) -> None:
+        """Refuse, before any work starts, a name the model has no layer for or a layer the
+        cache does not hold complete."""
+        known = [layer.name for layer in get_backbone(self.manifest["model"]).layers]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise FeatxError(f"{self.manifest['model']} has no layer {', '.join(map(repr, unknown))}; "
+                             f"its layers: {', '.join(known)}")
+        for name in names:
+            self._check_complete(name)
+
+    def _check_complete(self, layer: str) -> None:
         if layer not in self.manifest["layers"]:
             have = ", ".join(self.manifest["layers"]) or "none"
             raise FeatxError(f"layer {layer!r} is not in the cache {self.label} (cached: {have}); "
@@ -240,6 +252,10 @@ class FeatureStore:
         if missing:
             raise FeatxError(f"layer {layer} in {self.label} is incomplete ({len(missing)} shards "
                              "missing): run the same featx extract again to resume")
+
+    def read_layer(self, layer: str) -> LayerFeatures:
+        """All rows of one layer, in dataset order (unreadable images are absent)."""
+        self._check_complete(layer)
         parts, index = [], []
         for k in range(len(self.shard_ranges(layer))):
             with h5py.File(self.shard_path(layer, k), "r") as f:
@@ -247,6 +263,22 @@ class FeatureStore:
                 index.append(f["index"][...])
         idx = np.concatenate(index)
         return LayerFeatures(layer, np.concatenate(parts), idx, self.labels[idx])
+
+
+def _as_stored(layer: str, features: np.ndarray, dtype: str) -> np.ndarray:
+    """Features in the cache's dtype; float16 is refused where it would misrepresent an image's
+    features: values beyond its range, or rows so small that rounding changes them by over 1%."""
+    with np.errstate(over="ignore"):
+        stored = features.astype(dtype, copy=False)
+    if dtype != "float16" or not len(features):
+        return stored
+    if not np.isfinite(stored).all():
+        raise FeatxError(f"layer {layer} has values beyond the float16 range; cache it with --dtype float32")
+    error = np.linalg.norm(stored.astype(np.float32) - features, axis=1)
+    if (error > 0.01 * np.linalg.norm(features, axis=1)).any():
+        raise FeatxError(f"layer {layer} has values too small for float16 (its smallest normal number is "
+                         f"{np.finfo(np.float16).tiny:.1e}); cache it with --dtype float32")
+    return stored
 
 
 def _now() -> str:

@@ -16,22 +16,13 @@ import sklearn
 import torch
 import torchvision
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from featx import __version__
 from featx.data import ImageSet, find_images, read_split_file, seeded_split
 from featx.errors import FeatxError
 from featx.extract import LayerExtractor
 from featx.models import get_backbone, load_model
+from featx.progress import extraction_progress
 from featx.report import merge_reports, write_table
 from featx.store import FeatureStore, default_cache_root, extract_to_cache, list_stores
 from featx.svm import DEFAULT_SCALING, LayerResult, split_rows, train_layer
@@ -62,12 +53,6 @@ class SvmOptions:
     seed: int = 0
     split_file: str | None = None
     splits: int = 1
-
-
-class _Rate(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} images/s" if speed else "", style="cyan")
 
 
 def check_split(images: ImageSet, svm: SvmOptions) -> None:
@@ -108,15 +93,8 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
     if not todo:
         console.print(f"{store.label}: {names} already cached")
         return store
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  _Rate(), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                  disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"{images.name} {model} [{names}] on {extractor.device} "
-                            f"{extractor.precision}", total=None)
-
-        def advance(n: int, total: int) -> None:
-            bar.update(task, total=total, advance=n)
-
+    description = f"{images.name} {model} [{names}] on {extractor.device} {extractor.precision}"
+    with extraction_progress(console, description, progress) as advance:
         summary = extract_to_cache(store, extractor, images, options.batch_size,
                                    options.shard_size, options.workers, advance)
     for path, reason in summary["skipped"].items():
@@ -133,24 +111,23 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
                model: str | None = None, weights: str | None = None) -> FeatureStore:
     """The one cached dataset/model matching the filters; a clear error when none or several."""
     root = Path(cache) if cache else default_cache_root()
-    folders = [store.folder for store in list_stores(root)]
-    if not folders:
+    stores = list_stores(root)
+    if not stores:
         raise FeatxError(f"no features cached under {root}; run featx extract DATASET first "
                          "(or pass --cache)")
-    matching = [f for f in folders
-                if (dataset is None or f.parent.name == Path(dataset).name)
-                and (model is None or f.name.split("-")[0] == model.lower())
-                and (weights is None or f.name.split("-", 1)[1].startswith(_weights_tag(weights)))]
-    listing = ", ".join(f"{f.parent.name}/{f.name}" for f in folders)
+    matching = [s for s in stores
+                if (dataset is None or s.manifest["dataset"] == Path(dataset).name)
+                and (model is None or s.manifest["model"] == model.lower())
+                and (weights is None or s.variant.startswith(_weights_tag(weights)))]
     if not matching:
         wanted = " ".join(f"{k} {v}" for k, v in
                           (("dataset", dataset), ("model", model), ("weights", weights)) if v)
-        raise FeatxError(f"the cache {root} holds no features for {wanted}; it holds: {listing}")
+        raise FeatxError(f"the cache {root} holds no features for {wanted}; it holds: "
+                         + ", ".join(s.label for s in stores))
     if len(matching) > 1:
-        raise FeatxError(f"the cache {root} holds several: "
-                         + ", ".join(f"{f.parent.name}/{f.name}" for f in matching)
+        raise FeatxError(f"the cache {root} holds several: " + ", ".join(s.label for s in matching)
                          + "; choose one with --dataset, --model or --weights")
-    return FeatureStore(matching[0])
+    return matching[0]
 
 
 def _weights_tag(weights: str) -> str:
@@ -167,9 +144,10 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
     """Train and test an SVM on each cached layer (on each split when several); save each
     layer's model (first split) with joblib beside its JSON in `out_dir`; return the report."""
     svm = svm or SvmOptions()
-    names = layers or store.complete_layers()
+    names = list(dict.fromkeys(layers)) if layers else store.complete_layers()
     if not names:
         raise FeatxError(f"no complete layer in the cache {store.label}; run featx extract first")
+    store.check_layers(names)
     out = Path(out_dir) if out_dir else default_out_dir(store)
     out.mkdir(parents=True, exist_ok=True)
     entries, description = [], ""
@@ -260,7 +238,7 @@ def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
             model_dir = out
         else:
             out = Path(out_dir) if out_dir else (default_out_dir(store).parent /
-                                                 f"{'+'.join(models)}-{store.folder.name.split('-', 1)[1]}")
+                                                 f"{'+'.join(models)}-{store.variant}")
             model_dir = out / backbone.name
         reports.append(evaluate(store, names, svm, model_dir, on_layer))
     report = reports[0] if len(reports) == 1 else merge_reports(reports)

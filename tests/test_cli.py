@@ -24,6 +24,9 @@ def demo_workdir(tmp_path_factory, demo_dir):
     result = run_cli("extract", str(demo_dir), *LITE, "--layer", "stage7_pool,pool", cwd=work)
     assert result.returncode == 0, result.stderr
     assert "96 images" in result.stderr
+    # stderr is a pipe here, not a terminal: progress comes as plain lines, the last one complete
+    assert "demo efficientnet_lite0 [stage7_pool, pool] on cpu" in result.stderr
+    assert "96/96 images" in result.stderr and "images/s" in result.stderr
     return work
 
 
@@ -129,7 +132,10 @@ def test_unreadable_images_are_warned_about_and_reported(tmp_path, demo_copy) ->
     (["svm", "--layer", "pool"], ["no features cached"]),
     (["svm", "--model", "resnet50", "--cache", "{cache}"], ["holds no features for model resnet50",
                                                            "efficientnet_lite0-imagenet"]),
-    (["svm", "--cache", "{cache}", "--layer", "relu7"], ["layer 'relu7' is not in the cache"]),
+    (["svm", "--cache", "{cache}", "--layer", "pool,relu7"],
+     ["efficientnet_lite0 has no layer 'relu7'", "its layers: stem,"]),
+    (["svm", "--cache", "{cache}", "--layer", "pool,stem"], ["layer 'stem' is not in the cache",
+                                                              "cached: stage7_pool, pool"]),
     (["table", "{tiny}", "--weights", "random", "--C", "abc"], ["--C must be a positive number"]),
     (["table", "{tiny}", "--weights", "missing.pth", "--train-per-class", "2"],
      ["weights file not found"]),

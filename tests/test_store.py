@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,11 +14,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from featx.data import find_images
 from featx.errors import FeatxError
 from featx.extract import LayerExtractor, batches_of, extract_batches
 from featx.models import load_model
+from featx.progress import LogLines
 from featx.store import FeatureStore, ShardWriter, extract_to_cache
 
 LAYERS = ["stage6_pool", "pool", "logits"]
@@ -134,6 +137,19 @@ def test_resume_after_the_process_is_killed(tmp_path, demo_dir) -> None:
     assert np.array_equal(store.read_layer("pool").features, whole.read_layer("pool").features)
 
 
+@pytest.mark.parametrize("scale, message", [(1e5, "beyond the float16 range"),
+                                            (1e-7, "too small for float16")])
+def test_float16_refuses_features_it_would_misrepresent(tmp_path, tiny_dataset, scale, message) -> None:
+    extractor = _extractor(layers=["pool"])
+    store = FeatureStore.open_for(tmp_path / "cache", find_images(tiny_dataset), extractor, dtype="float16")
+    store.plan_layers(extractor.layers, batch_size=1, shard_size=1)
+    features = np.random.default_rng(0).uniform(0.5, 2.0, (1, 1280)).astype(np.float32)
+    store.write_shard("pool", 0, np.array([0]), features, {})  # ordinary values are stored
+    with pytest.raises(FeatxError, match=message):
+        store.write_shard("pool", 1, np.array([1]), features * scale, {})
+    assert not store.shard_path("pool", 1).exists() and not list(store.folder.rglob("*.tmp"))
+
+
 def test_a_cache_made_with_other_weights_or_images_is_refused(tmp_path, tiny_dataset) -> None:
     images = find_images(tiny_dataset)
     _cache(tmp_path / "cache", images, _extractor(seed=0))
@@ -186,3 +202,17 @@ def test_bf16_features_are_close_to_fp32(tiny_dataset) -> None:
     assert bf16.dtype == torch.float32
     cosine = torch.nn.functional.cosine_similarity(fp32, bf16).min()
     assert cosine > 0.99
+
+
+def test_progress_in_a_log_is_a_line_every_interval_and_one_at_the_end() -> None:
+    out = io.StringIO()
+    lines = LogLines(Console(file=out, width=200), "demo", every=3600)
+    for _ in range(4):
+        lines(8, 32)
+    assert len(out.getvalue().splitlines()) == 1  # only the final line
+    assert out.getvalue().startswith("demo: 32/32 images, ") and "0 s left" in out.getvalue()
+    out.truncate(0), out.seek(0)
+    every_call = LogLines(Console(file=out, width=200), "demo", every=0)
+    every_call(8, 32), every_call(8, 32)
+    assert [line.split(",")[0] for line in out.getvalue().splitlines()] == ["demo: 8/32 images",
+                                                                         "demo: 16/32 images"]
