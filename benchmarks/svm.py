@@ -6,6 +6,10 @@ when a layer has more dimensions than training images). Baseline: LinearSVC() on
 
     python benchmarks/svm.py --cache featx-cache --dataset 15scene --model vgg16 \\
         --split ../shared/data/15scene-split.csv --layers pool4
+
+With --breakdown it times featx's stages instead (scaling, Gram matrix and factorisation, the
+cross-validation fits, the final fit), and the final fit once more with liblinear's dual solver,
+the one LinearSVC picks when there are fewer samples than features.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from sklearn.svm import LinearSVC
 
 from featx.study import find_store
-from featx.svm import split_rows, train_layer
+from featx.svm import KernelProjection, choose_C, scale, split_rows, train_layer
 
 from machine import cpu_name
 
@@ -73,6 +77,34 @@ def compare_layer(store, name: str, args: argparse.Namespace) -> dict:
             "baseline_accuracy": baseline_acc, "baseline_timeout_s": args.baseline_timeout}
 
 
+def breakdown(store, name: str, args: argparse.Namespace) -> dict:
+    """Time each stage of featx's SVM on one layer, and the final fit in the primal and the dual."""
+    data = store.read_layer(name)
+    split = split_rows(store, data.index, args.train_per_class, args.seed, args.split)[0]
+    times, started = {}, time.perf_counter()
+    scale(data.features, split.train, "l2")
+    times["scale_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    kernel_form = len(split.train) < data.dim
+    x = KernelProjection().fit_transform(data.features, split.train) if kernel_form else data.features
+    if kernel_form:
+        times["gram_s"] = time.perf_counter() - started
+    x_train, y_train = x[split.train], data.labels[split.train]
+    started = time.perf_counter()
+    C, _ = choose_C(x_train, y_train, args.seed, dual=False if kernel_form else "auto")
+    times["cv_s"] = time.perf_counter() - started
+    accuracy = {}
+    for solver, dual in (("primal", False), ("dual", True)):
+        started = time.perf_counter()
+        clf = LinearSVC(C=C, dual=dual, max_iter=5000, random_state=args.seed).fit(x_train, y_train)
+        times[f"final_{solver}_s"] = time.perf_counter() - started
+        accuracy[solver] = float((clf.predict(x[split.test]) == data.labels[split.test]).mean())
+    print(f"{name:<12} C {C:g}: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in times.items())
+          + f"; accuracy primal {accuracy['primal']:.4f}, dual {accuracy['dual']:.4f}", flush=True)
+    return {"layer": name, "dim": data.dim, "kernel_form": kernel_form, "C": C, **times,
+            **{f"{k}_accuracy": v for k, v in accuracy.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,19 +118,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline-timeout", type=float, default=900,
                         help="seconds before LinearSVC() is stopped and reported as a lower bound")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time featx's stages (and the dual solver) instead of the baseline")
     args = parser.parse_args()
 
     store = find_store(args.cache, args.dataset, args.model, args.weights)
     rows = []
-    print(f"{store.label}: featx SVM stage vs LinearSVC() on the same features and split")
+    print(f"{store.label}: " + ("featx SVM stages" if args.breakdown else
+                                "featx SVM stage vs LinearSVC() on the same features and split"))
     try:
         for name in args.layers or store.complete_layers():
-            rows.append(compare_layer(store, name, args))
+            rows.append((breakdown if args.breakdown else compare_layer)(store, name, args))
     finally:  # a run stopped by hand still records the layers it finished
         RESULTS.mkdir(exist_ok=True)
         record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "machine": cpu_name(), "cache": store.label,
-                  "weights_id": store.manifest["weights_id"], "split": args.split, "layers": rows}
+                  "weights_id": store.manifest["weights_id"], "split": args.split,
+                  "breakdown": args.breakdown, "layers": rows}
         with open(RESULTS / "svm.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -27,7 +27,7 @@ from featx.report import merge_reports, write_table
 from featx.store import FeatureStore, default_cache_root, extract_to_cache, list_stores
 from featx.svm import DEFAULT_SCALING, LayerResult, split_rows, train_layer
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
 
 
 @dataclass

@@ -7,11 +7,14 @@ z = x X_train^T U diag(s)^-1/2. A linear SVM on z is the same optimisation probl
 weight vector lies in the span of the training images), so it gives the same classifier while
 each fit, and each C tried in cross-validation, costs n x n instead of n x d.
 
-Every fit solves the primal problem (liblinear's trust-region Newton method). Once the kernel form
-has brought the dimension down to at most the number of training images, the primal solver takes
-a few Newton steps whatever C is, whereas dual coordinate descent slows down as C grows: on pool4 of
-15-Scene a fit at C=100 took 7 s in the primal against 40 s in the dual. The cross-validation fits
-run in threads (liblinear releases the GIL), one per core.
+On l2-scaled rows in kernel form, every fit solves the primal problem (liblinear's trust-region
+Newton method): it takes a few Newton steps whatever C is, whereas dual coordinate descent, which
+LinearSVC picks when there are fewer samples than features (every cross-validation fold), slows
+down as C grows. On pool4 of 15-Scene a fit at C=100 took 7 s in the primal against 39 s in the
+dual. On standardized or unscaled rows the primal solver measured far slower than the dual at
+middle values of C (VGG16 relu7, EfficientNet-Lite0 pool), and outside the kernel form the dual
+was as fast or faster, so there the choice stays LinearSVC's own. The cross-validation fits run
+in threads (liblinear releases the GIL), one per core.
 """
 
 from __future__ import annotations
@@ -134,27 +137,29 @@ class KernelProjection:
         return ((coef @ self.basis_.T) @ self.x_train_.astype(np.float64)).astype(np.float32)
 
 
-def _svc(C: float, seed: int, max_iter: int) -> LinearSVC:
-    return LinearSVC(C=C, dual=False, max_iter=max_iter, random_state=seed)
+def _svc(C: float, seed: int, max_iter: int, dual: bool | str) -> LinearSVC:
+    return LinearSVC(C=C, dual=dual, max_iter=max_iter, random_state=seed)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int) -> tuple[LinearSVC, bool]:
+def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int,
+         dual: bool | str = "auto") -> tuple[LinearSVC, bool]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        clf = _svc(C, seed, 5000).fit(x, y)
+        clf = _svc(C, seed, 5000, dual).fit(x, y)
     return clf, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
 def _fold_accuracy(x: np.ndarray, y: np.ndarray, fit_rows: np.ndarray, held_out: np.ndarray,
-                   C: float, seed: int) -> float:
+                   C: float, seed: int, dual: bool | str) -> float:
     # CV only ranks the values of C: sklearn's default iteration budget is enough for that
-    clf = _svc(C, seed, 1000).fit(x[fit_rows], y[fit_rows])
+    clf = _svc(C, seed, 1000, dual).fit(x[fit_rows], y[fit_rows])
     return float((clf.predict(x[held_out]) == y[held_out]).mean())
 
 
-def choose_C(x: np.ndarray, y: np.ndarray, seed: int, jobs: int = -1) -> tuple[float, dict[str, float]]:
+def choose_C(x: np.ndarray, y: np.ndarray, seed: int, jobs: int = -1,
+             dual: bool | str = "auto") -> tuple[float, dict[str, float]]:
     """The C of C_GRID with the best mean accuracy over stratified folds of the training rows;
-    the fits run in `jobs` threads (-1: one per core)."""
+    the fits run in `jobs` threads (-1: one per core) with LinearSVC's `dual` setting."""
     folds = min(CV_FOLDS, int(np.bincount(y).min()))
     if folds < 2:
         raise FeatxError("--C auto needs at least 2 training images per class; pass --C VALUE")
@@ -163,7 +168,7 @@ def choose_C(x: np.ndarray, y: np.ndarray, seed: int, jobs: int = -1) -> tuple[f
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         accuracy = Parallel(n_jobs=jobs, prefer="threads")(
-            delayed(_fold_accuracy)(x, y, a, b, C, seed) for C in grid for a, b in parts)
+            delayed(_fold_accuracy)(x, y, a, b, C, seed, dual) for C in grid for a, b in parts)
     scores = {f"{C:g}": float(np.mean(accuracy[k * folds:(k + 1) * folds])) for k, C in enumerate(grid)}
     best = max(C_GRID, key=lambda C: (scores[f"{C:g}"], -C))
     return best, {f"{C:g}": scores[f"{C:g}"] for C in C_GRID}
@@ -182,15 +187,16 @@ def train_layer(data: LayerFeatures, split: Split, C: float | str = "auto",
     projection = KernelProjection() if kernel_form else None
     x = projection.fit_transform(features, split.train) if projection else features
     x_train, y_train = x[split.train], y[split.train]
+    dual = False if kernel_form and scaling == "l2" else "auto"  # see the module docstring
     if isinstance(C, str):
         if C != "auto":
             raise FeatxError(f"--C must be a positive number or auto, not {C!r}")
-        C_value, cv_scores = choose_C(x_train, y_train, seed)
+        C_value, cv_scores = choose_C(x_train, y_train, seed, dual=dual)
     else:
         if C <= 0:
             raise FeatxError("--C must be positive")
         C_value, cv_scores = float(C), {}
-    clf, converged = _fit(x_train, y_train, C_value, seed)
+    clf, converged = _fit(x_train, y_train, C_value, seed, dual)
     y_pred = clf.predict(x[split.test])
     seconds = time.perf_counter() - started
     if projection:
