@@ -63,7 +63,7 @@ def compare_layer(store, name: str, args: argparse.Namespace) -> dict:
     raw = data.features.copy()  # featx scales its copy in place
     ours, _ = train_layer(replace(data, features=data.features), split, seed=args.seed)
     print(f"{name:<12} dim {data.dim:>7}  featx {ours.svm_seconds:7.2f} s acc {ours.accuracy:.4f} "
-          f"(C {ours.C:g}, {'kernel form' if ours.kernel_form else 'primal'})", flush=True)
+          f"(C {ours.C:g}, {'kernel form' if ours.kernel_form else 'on the features'})", flush=True)
     baseline_s, baseline_acc = timed_baseline(raw, data.labels, split, args.baseline_timeout)
     if baseline_acc is None:
         print(f"{'':<12} LinearSVC() did not finish in {args.baseline_timeout:.0f} s: featx is more "

@@ -75,7 +75,7 @@ def _write_figures(report: dict, out_dir: Path, html: Path | None) -> None:
 
 
 def _print_layer(result) -> None:
-    kind = "kernel form" if result.kernel_form else "primal"
+    kind = "kernel form" if result.kernel_form else "on the features"
     typer.echo(f"{result.layer:>12}  accuracy {result.accuracy:.4f}  dim {result.dim:>7}  "
                f"C {result.C:g}  svm {result.svm_seconds:.2f} s ({kind}, "
                f"{result.n_train} train / {result.n_test} test)", err=True)

@@ -48,7 +48,7 @@ def test_kernel_projection_preserves_inner_products_with_the_training_rows() -> 
     np.testing.assert_allclose(z @ z[train].T, x @ x[train].T, rtol=1e-3, atol=1e-3)
 
 
-def test_primal_form_is_used_when_there_are_more_images_than_dimensions() -> None:
+def test_features_are_used_directly_when_there_are_more_images_than_dimensions() -> None:
     data, split = _problem(n_per_class=40, dim=10)
     raw = data.features.copy()
     result, model = train_layer(data, split, C=1.0, scaling="standardize")
