@@ -121,7 +121,8 @@ class KernelProjection:
     def fit_transform(self, features: np.ndarray, train: np.ndarray) -> np.ndarray:
         """Coordinates of every row of `features`, computed from the Gram block against train."""
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        x_train = torch.from_numpy(np.ascontiguousarray(features[train])).to(device)
+        self.x_train_ = np.ascontiguousarray(features[train])
+        x_train = torch.from_numpy(self.x_train_).to(device)  # shares the array's memory on a CPU
         gram = torch.zeros((len(features), len(train)), dtype=torch.float64)
         step = 2048
         for s in range(0, len(features), step):
@@ -130,12 +131,17 @@ class KernelProjection:
         eigval, eigvec = torch.linalg.eigh(gram[torch.from_numpy(train)])
         keep = eigval > eigval.max() * self.tolerance
         self.basis_ = (eigvec[:, keep] / eigval[keep].sqrt()).numpy()  # U diag(s)^-1/2
-        self.x_train_ = features[train]
         return (gram.numpy() @ self.basis_).astype(np.float32)
 
     def to_feature_space(self, coef: np.ndarray) -> np.ndarray:
-        """Weights on the coordinates -> the equivalent weights on the original features."""
-        return ((coef @ self.basis_.T) @ self.x_train_.astype(np.float64)).astype(np.float32)
+        """Weights on the coordinates -> the equivalent weights on the original features
+        (in float64, a block of feature columns at a time)."""
+        dual_coef = coef @ self.basis_.T
+        weights = np.empty((len(coef), self.x_train_.shape[1]), dtype=np.float32)
+        step = 8192
+        for s in range(0, weights.shape[1], step):
+            weights[:, s:s + step] = dual_coef @ self.x_train_[:, s:s + step].astype(np.float64)
+        return weights
 
 
 def _svc(C: float, seed: int, max_iter: int, dual: bool | str) -> LinearSVC:

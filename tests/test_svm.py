@@ -48,6 +48,17 @@ def test_kernel_projection_preserves_inner_products_with_the_training_rows() -> 
     np.testing.assert_allclose(z @ z[train].T, x @ x[train].T, rtol=1e-3, atol=1e-3)
 
 
+def test_kernel_weights_map_back_to_every_feature_column() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 20000)).astype(np.float32)  # wider than one block of columns
+    projection = KernelProjection()
+    z = projection.fit_transform(x, np.arange(6))
+    coef = rng.normal(size=(3, z.shape[1]))
+    weights = projection.to_feature_space(coef)
+    assert weights.shape == (3, 20000)
+    np.testing.assert_allclose(x @ weights.T, z @ coef.T, rtol=1e-3, atol=1e-3)
+
+
 def test_features_are_used_directly_when_there_are_more_images_than_dimensions() -> None:
     data, split = _problem(n_per_class=40, dim=10)
     raw = data.features.copy()
