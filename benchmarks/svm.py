@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.svm import LinearSVC
 
 from featx.study import find_store
-from featx.svm import KernelProjection, choose_C, scale, split_rows, train_layer
+from featx.svm import KernelProjection, choose_C, dual_for, scale, split_rows, train_layer
 
 from machine import cpu_name
 
@@ -91,7 +91,7 @@ def breakdown(store, name: str, args: argparse.Namespace) -> dict:
         times["gram_s"] = time.perf_counter() - started
     x_train, y_train = x[split.train], data.labels[split.train]
     started = time.perf_counter()
-    C, _ = choose_C(x_train, y_train, args.seed, dual=False)  # featx's choice for l2 rows
+    C, _ = choose_C(x_train, y_train, args.seed, dual=dual_for("l2"))
     times["cv_s"] = time.perf_counter() - started
     accuracy = {}
     for solver, dual in (("primal", False), ("dual", True)):

@@ -144,6 +144,11 @@ class KernelProjection:
         return weights
 
 
+def dual_for(scaling: str) -> bool | str:
+    """LinearSVC's `dual` setting for features scaled this way (see the module docstring)."""
+    return False if scaling == "l2" else "auto"
+
+
 def _svc(C: float, seed: int, max_iter: int, dual: bool | str) -> LinearSVC:
     return LinearSVC(C=C, dual=dual, max_iter=max_iter, random_state=seed)
 
@@ -176,9 +181,9 @@ def choose_C(x: np.ndarray, y: np.ndarray, seed: int, jobs: int = -1,
         warnings.simplefilter("ignore", ConvergenceWarning)
         accuracy = Parallel(n_jobs=jobs, prefer="threads")(
             delayed(_fold_accuracy)(x, y, a, b, C, seed, dual) for C in grid for a, b in parts)
-    scores = {f"{C:g}": float(np.mean(accuracy[k * folds:(k + 1) * folds])) for k, C in enumerate(grid)}
-    best = max(C_GRID, key=lambda C: (scores[f"{C:g}"], -C))
-    return best, {f"{C:g}": scores[f"{C:g}"] for C in C_GRID}
+    mean = {C: float(np.mean(accuracy[k * folds:(k + 1) * folds])) for k, C in enumerate(grid)}
+    best = max(C_GRID, key=lambda C: (mean[C], -C))
+    return best, {f"{C:g}": mean[C] for C in C_GRID}
 
 
 def train_layer(data: LayerFeatures, split: Split, C: float | str = "auto",
@@ -194,7 +199,7 @@ def train_layer(data: LayerFeatures, split: Split, C: float | str = "auto",
     projection = KernelProjection() if kernel_form else None
     x = projection.fit_transform(features, split.train) if projection else features
     x_train, y_train = x[split.train], y[split.train]
-    dual = False if scaling == "l2" else "auto"  # see the module docstring
+    dual = dual_for(scaling)
     if isinstance(C, str):
         if C != "auto":
             raise FeatxError(f"--C must be a positive number or auto, not {C!r}")
