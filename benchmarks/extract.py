@@ -32,10 +32,12 @@ import torchvision
 from sklearn.svm import LinearSVC
 
 from featx.data import ImageSet, find_images, load_image, seeded_split
-from featx.extract import LayerExtractor, batches_of, image_batches
+from featx.extract import LayerExtractor, batches_of, image_batches, to_vectors
 from featx.models import load_model
-from featx.store import FeatureStore, LayerFeatures, extract_to_cache
-from featx.svm import train_layer
+from featx.pipeline import extract_to_cache
+from featx.preprocess import normalize, prepare
+from featx.probes.svm import train_layer
+from featx.store import FeatureStore, LayerFeatures
 
 from machine import cpu_name
 
@@ -54,12 +56,17 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def open_store(root: Path, images: ImageSet, extractor: LayerExtractor) -> FeatureStore:
+    return FeatureStore.open_for(root, images, extractor.model.weights, extractor.precision,
+                                 [layer.name for layer in extractor.model.spec.layers])
+
+
 def run_featx(images: ImageSet, args, cache: Path) -> tuple[dict[str, np.ndarray], dict]:
     model = load_model(args.model, args.weights)
-    extractor = LayerExtractor(model, model.backbone.resolve_layers(args.layers), args.device,
+    extractor = LayerExtractor(model, model.spec.resolve_layers(args.layers), args.device,
                                args.precision, channels_last=not args.no_channels_last)
     started = time.perf_counter()
-    store = FeatureStore.open_for(cache, images, extractor)
+    store = open_store(cache, images, extractor)
     extract_to_cache(store, extractor, images, args.batch_size, workers=args.workers)
     seconds = time.perf_counter() - started
     features = {layer.name: store.read_layer(layer.name).features for layer in extractor.layers}
@@ -91,7 +98,7 @@ def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureS
             forward += t1 - t0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        probe = FeatureStore.open_for(Path(tmp), images, extractor)
+        probe = open_store(Path(tmp), images, extractor)
         probe.plan_layers(extractor.layers, args.batch_size, 10**9)
         for name in outputs[0]:
             rows = np.concatenate([o[name] for o in outputs])
@@ -106,21 +113,20 @@ def run_baseline(images: ImageSet, args) -> tuple[dict[str, np.ndarray], float]:
     module, preprocess = model.module.eval(), model.preprocess
     started = time.perf_counter()
     features = {}
-    for layer in model.backbone.resolve_layers(args.layers):
+    for layer in model.spec.resolve_layers(args.layers):
         target = dict(module.named_modules())[layer.node]
         captured: list[np.ndarray] = []
 
-        def hook(_module, _inputs, output, pooled=layer.pooled, captured=captured):
-            value = output.mean(dim=(2, 3)) if pooled else output
-            captured.append(value.flatten(1).clone().numpy())
+        def hook(_module, _inputs, output, layer=layer, captured=captured):
+            captured.append(to_vectors(layer, output).clone().numpy())
 
         handle = target.register_forward_hook(hook)
         try:
             for start in range(0, len(images), 32):
                 paths = images.paths[start:start + 32]
-                batch = torch.stack([preprocess.prepare(load_image(images.root / p)) for p in paths])
+                batch = torch.stack([prepare(preprocess, load_image(images.root / p)) for p in paths])
                 with torch.no_grad():
-                    module(preprocess.normalize(batch))
+                    module(normalize(preprocess, batch))
         finally:
             handle.remove()
         features[layer.name] = np.concatenate(captured)
@@ -139,7 +145,7 @@ def svm_both(images: ImageSet, featx_features: dict, baseline_features: dict, pe
         started = time.perf_counter()
         reference = LinearSVC().fit(xb[split.train], y[split.train])
         baseline_s = time.perf_counter() - started
-        rows[name] = {"featx_s": result.svm_seconds, "featx_accuracy": result.accuracy,
+        rows[name] = {"featx_s": result.train_seconds, "featx_accuracy": result.accuracy,
                       "baseline_s": baseline_s,
                       "baseline_accuracy": float((reference.predict(xb[split.test]) == y[split.test]).mean())}
     return rows

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.svm import LinearSVC
 
-from featx.study import find_store
-from featx.svm import KernelProjection, choose_C, dual_for, scale, split_rows, train_layer
+from featx.probes.svm import KernelProjection, choose_C, dual_for, scale, train_layer
+from featx.study import SvmOptions, find_store, split_rows
 
 from machine import cpu_name
 
@@ -56,23 +56,28 @@ def timed_baseline(x: np.ndarray, y: np.ndarray, split, timeout: float,
     return results.get()
 
 
+def first_split(store, data, args: argparse.Namespace):
+    options = SvmOptions(train_per_class=args.train_per_class, seed=args.seed, split_file=args.split)
+    return split_rows(store, data.index, options)[0]
+
+
 def compare_layer(store, name: str, args: argparse.Namespace) -> dict:
     """Time featx's SVM stage and LinearSVC() on one cached layer; print and return the figures."""
     data = store.read_layer(name)
-    split = split_rows(store, data.index, args.train_per_class, args.seed, args.split)[0]
+    split = first_split(store, data, args)
     raw = data.features.copy()  # featx scales its copy in place
     ours, _ = train_layer(replace(data, features=data.features), split, seed=args.seed)
-    print(f"{name:<12} dim {data.dim:>7}  featx {ours.svm_seconds:7.2f} s acc {ours.accuracy:.4f} "
+    print(f"{name:<12} dim {data.dim:>7}  featx {ours.train_seconds:7.2f} s acc {ours.accuracy:.4f} "
           f"(C {ours.C:g}, {'kernel form' if ours.kernel_form else 'on the features'})", flush=True)
     baseline_s, baseline_acc = timed_baseline(raw, data.labels, split, args.baseline_timeout)
     if baseline_acc is None:
         print(f"{'':<12} LinearSVC() did not finish in {args.baseline_timeout:.0f} s: featx is more "
-              f"than {args.baseline_timeout / ours.svm_seconds:.1f}x faster", flush=True)
+              f"than {args.baseline_timeout / ours.train_seconds:.1f}x faster", flush=True)
     else:
         print(f"{'':<12} LinearSVC() {baseline_s:7.2f} s acc {baseline_acc:.4f}  |  "
-              f"{baseline_s / ours.svm_seconds:.1f}x", flush=True)
+              f"{baseline_s / ours.train_seconds:.1f}x", flush=True)
     return {"layer": name, "dim": data.dim, "n_train": len(split.train),
-            "featx_s": ours.svm_seconds, "featx_accuracy": ours.accuracy, "featx_C": ours.C,
+            "featx_s": ours.train_seconds, "featx_accuracy": ours.accuracy, "featx_C": ours.C,
             "kernel_form": ours.kernel_form, "baseline_s": baseline_s,
             "baseline_accuracy": baseline_acc, "baseline_timeout_s": args.baseline_timeout}
 
@@ -80,7 +85,7 @@ def compare_layer(store, name: str, args: argparse.Namespace) -> dict:
 def breakdown(store, name: str, args: argparse.Namespace) -> dict:
     """Time each stage of featx's SVM on one layer, and the final fit in the primal and the dual."""
     data = store.read_layer(name)
-    split = split_rows(store, data.index, args.train_per_class, args.seed, args.split)[0]
+    split = first_split(store, data, args)
     times, started = {}, time.perf_counter()
     scale(data.features, split.train, "l2")
     times["scale_s"] = time.perf_counter() - started
@@ -133,7 +138,7 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "machine": cpu_name(), "cache": store.label,
-                  "weights_id": store.manifest["weights_id"], "split": args.split,
+                  "weights": store.manifest["weights"], "split": args.split,
                   "breakdown": args.breakdown, "layers": rows}
         with open(RESULTS / "svm.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -4,8 +4,9 @@ The Python API (imported lazily, so `featx --help` stays quick):
 
 - `extract_features(dataset, model, layers, ...)` -> FeatureStore: cache layers in one forward pass
 - `open_cache(cache, dataset, model, weights)` -> FeatureStore; `.read_layer(name)` reads it
-- `evaluate(store, layers, SvmOptions(...))` -> report dict: a linear SVM per cached layer
-- `run_table(dataset, model, ...)` -> (report, written paths): the whole study
+- `evaluate(store, layers, SvmOptions(...))` -> Report: a linear SVM per cached layer
+- `run_table(dataset, model, ...)` -> (Report, written paths): the whole study
+- `get_model(name, weights)` -> ModelSpec (weights, layer table); `load_model(...)` the network
 - `FeatureExtractor(model, layer)`: a scikit-learn transformer over image paths
 """
 
@@ -24,7 +25,10 @@ _API = {
     "SvmOptions": ("featx.study", "SvmOptions"),
     "FeatureStore": ("featx.store", "FeatureStore"),
     "FeatureExtractor": ("featx.transformer", "FeatureExtractor"),
+    "get_model": ("featx.models", "get_model"),
     "load_model": ("featx.models", "load_model"),
+    "model_names": ("featx.models", "model_names"),
+    "Report": ("featx.report", "Report"),
     "FeatxError": ("featx.errors", "FeatxError"),
 }
 __all__ = ["__version__", *_API]

@@ -7,20 +7,21 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, OptionError
 from featx.extract import LayerExtractor
 from featx.models import load_model
+from featx.preprocess import load
 
 
 def layer_maps(image: str | Path, model: str = "vgg16", layer: str = "conv1_1",
                weights: str = "imagenet", device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """The cropped input (H, W, 3 uint8) and the layer's maps (C, h, w) for one image."""
     loaded = load_model(model, weights)
-    spec = loaded.backbone.layer(layer)
-    if spec.pooled or len(spec.shape) != 3:
+    spec = loaded.spec.layer(layer)
+    if not spec.spatial or spec.shape[1] != spec.shape[2]:
         raise FeatxError(f"layer {layer} of {model} has no spatial maps; choose a convolutional "
-                         "layer (featx layers --model " + model + ")")
-    pixels = loaded.preprocess.load(image)
+                         f"layer, one whose shape is channels x height x width")
+    pixels = load(loaded.preprocess, image)
     flat = LayerExtractor(loaded, [spec], device, "fp32")(pixels.unsqueeze(0))[layer][0]
     return pixels.permute(1, 2, 0).numpy(), flat.reshape(spec.shape).numpy()
 
@@ -28,7 +29,7 @@ def layer_maps(image: str | Path, model: str = "vgg16", layer: str = "conv1_1",
 def strongest_channels(maps: np.ndarray, count: int) -> np.ndarray:
     """Indices of the `count` channels with the largest mean absolute response, in order."""
     if count < 1:
-        raise FeatxError("--channels must be at least 1")
+        raise OptionError("channels", f"must be at least 1, not {count}")
     energy = np.abs(maps).reshape(len(maps), -1).mean(axis=1)
     return np.sort(np.argsort(-energy, kind="stable")[:count])
 

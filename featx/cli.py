@@ -8,24 +8,28 @@ from typing import Annotated
 
 import typer
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, OptionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
                   help="Pretrained CNN layer features, cached to HDF5, compared with a linear SVM.")
 
 # --- shared options ---------------------------------------------------------------------------
-Model = Annotated[str, typer.Option("--model", "-m", help="vgg16, resnet50 or efficientnet_lite0.")]
+Model = Annotated[str, typer.Option("--model", "-m", help=(
+    "Any torchvision classifier (vgg16, resnet50, vit_b_16, ...: `featx models` lists them), "
+    "efficientnet_lite0/1/2, or timm:NAME."))]
 Layers = Annotated[list[str] | None, typer.Option(
     "--layer", "-l", help="Layer name; repeat or comma-separate. Default: the model's standard layers.")]
 Weights = Annotated[str, typer.Option(
-    help="imagenet (torchvision download, cached), random (seeded baseline), a torchvision "
-         "variant such as IMAGENET1K_V2, or PATH to a state dict.")]
+    help="imagenet (the model's first pretrained set, downloaded once), random (seeded baseline), "
+         "a weight set such as IMAGENET1K_V2 (`featx models` lists them), or PATH to a state dict.")]
 Cache = Annotated[Path | None, typer.Option(
     help="Cache folder. Default: $FEATX_CACHE or ./featx-cache.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Precision = Annotated[str, typer.Option(
-    help="auto, fp32, bf16 or fp16 (auto: bf16/fp16 on GPU, fp32 on CPU).")]
+    help="auto, fp32, bf16 or fp16. auto: bf16 on a GPU (fp16 where bf16 is missing); on a CPU "
+         "bf16 for models measured faster with it on CPUs with native bf16 (efficientnet_lite0), "
+         "else fp32.")]
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
 Workers = Annotated[int | None, typer.Option(help="Image-decoding worker processes. Default: cores - 1.")]
 ShardSize = Annotated[int, typer.Option(help="Images per HDF5 shard (at most; large layers get fewer).")]
@@ -38,7 +42,7 @@ SplitFile = Annotated[Path | None, typer.Option("--split", help="CSV with path,l
 Splits = Annotated[int, typer.Option(
     help="Random splits to train and test on (mean +/- std); 1 with a fixed split.")]
 OutDir = Annotated[Path | None, typer.Option(
-    "--out", help="Results folder. Default: featx-results/<dataset>/<model>-<weights>.")]
+    "--out", help="Results folder. Default: featx-results/DATASET/MODEL-WEIGHTS.")]
 
 
 def _extract_options(device, precision, batch_size, workers, shard_size, dtype):
@@ -51,15 +55,16 @@ def _extract_options(device, precision, batch_size, workers, shard_size, dtype):
 def _svm_options(C, scaling, train_per_class, seed, split, splits=1):
     from featx.study import SvmOptions
 
-    try:
-        c_value: float | str = C if C == "auto" else float(C)
-    except ValueError:
-        raise FeatxError(f"--C must be a positive number or auto, not {C!r}") from None
-    return SvmOptions(C=c_value, scaling=scaling, train_per_class=train_per_class, seed=seed,
+    return SvmOptions(C=C, scaling=scaling, train_per_class=train_per_class, seed=seed,
                       split_file=str(split) if split else None, splits=splits)
 
 
-def _write_figures(report: dict, out_dir: Path, html: Path | None) -> None:
+def _layer_names(layer: list[str] | None) -> list[str] | None:
+    """--layer values, repeated or comma-separated."""
+    return [n.strip() for item in layer or [] for n in item.split(",") if n.strip()] or None
+
+
+def _write_figures(report, out_dir: Path, html: Path | None) -> None:
     """Plots beside the table (when matplotlib is installed) and the optional HTML page."""
     try:
         from featx.plots import write_plots
@@ -77,7 +82,7 @@ def _write_figures(report: dict, out_dir: Path, html: Path | None) -> None:
 def _print_layer(result) -> None:
     kind = "kernel form" if result.kernel_form else "on the features"
     typer.echo(f"{result.layer:>12}  accuracy {result.accuracy:.4f}  dim {result.dim:>7}  "
-               f"C {result.C:g}  svm {result.svm_seconds:.2f} s ({kind}, "
+               f"C {result.C:g}  {result.probe} {result.train_seconds:.2f} s ({kind}, "
                f"{result.n_train} train / {result.n_test} test)", err=True)
 
 
@@ -98,7 +103,7 @@ def extract(
     """
     from featx.study import extract as run_extract
 
-    run_extract(dataset, model, layer, weights, cache, seed,
+    run_extract(dataset, model, _layer_names(layer), weights, cache, seed,
                 _extract_options(device, precision, batch_size, workers, shard_size, dtype))
 
 
@@ -123,11 +128,10 @@ def svm(
     from featx.report import render_markdown, write_table
     from featx.study import default_out_dir, evaluate, find_store
 
+    options = _svm_options(C, scaling, train_per_class, seed, split, splits)
     store = find_store(cache, dataset, model, weights)
-    layers = [n.strip() for item in layer or [] for n in item.split(",") if n.strip()] or None
     out_dir = out or default_out_dir(store)
-    report = evaluate(store, layers, _svm_options(C, scaling, train_per_class, seed, split, splits),
-                      out_dir, _print_layer)
+    report = evaluate(store, _layer_names(layer), options, out_dir, _print_layer)
     paths = write_table(report, out_dir, stem="svm")
     typer.echo(render_markdown(report))
     typer.echo(f"written: {paths['md']}, {paths['csv']}, {paths['json']}", err=True)
@@ -158,7 +162,7 @@ def table(
     from featx.study import run_table
 
     report, paths = run_table(
-        dataset, model, layer, weights, cache, out,
+        dataset, model, _layer_names(layer), weights, cache, out,
         _extract_options(device, precision, batch_size, workers, shard_size, dtype),
         _svm_options(C, scaling, train_per_class, seed, split, splits), on_layer=_print_layer)
     typer.echo(render_markdown(report))
@@ -167,20 +171,41 @@ def table(
 
 
 @app.command()
-def layers(model: Model = "vgg16") -> None:
-    """List the layer names a model offers, with their dimensions at 224x224 input.
+def models(
+    name: Annotated[str | None, typer.Argument(help="Show only models whose name contains this.")] = None,
+) -> None:
+    """List the models featx knows, with their weight sets and input sizes.
 
-    Example: `featx layers --model resnet50`.
+    Examples: `featx models` ; `featx models resnet` ; then `featx layers --model resnet50`.
+    Any timm model is also available as timm:NAME (`pip install 'featx[timm]'`).
     """
-    from featx.models import get_backbone
+    from featx.models import model_names, weight_sets
 
-    backbone = get_backbone(model)
-    typer.echo(f"{backbone.name}: imagenet weights from {backbone.weights_note}; "
-               f"default layers: {', '.join(backbone.default_layers)}")
-    for item in backbone.layers:
-        shape = "x".join(map(str, item.shape)) + (" -> avg pool" if item.pooled else "")
-        mark = "*" if item.name in backbone.default_layers else " "
-        typer.echo(f"{mark} {item.name:<12} {item.dim:>8}  {shape:<22} {item.description}")
+    for model_name in model_names():
+        if name and name.lower() not in model_name:
+            continue
+        sets = weight_sets(model_name)
+        tags = ", ".join(f"{w.tag} ({w.preprocess.crop}px)" for w in sets) or "none"
+        typer.echo(f"{model_name:<20} {tags}")
+    typer.echo("timm:NAME            any timm model, e.g. timm:convnext_tiny.fb_in1k (featx[timm])")
+
+
+@app.command()
+def layers(model: Model = "vgg16", weights: Weights = "imagenet") -> None:
+    """List the layer names a model offers, with their dimensions at its weights' input size.
+
+    Examples: `featx layers --model resnet50` ; `featx layers --model vit_b_16` ;
+    `featx layers --model vit_b_16 --weights IMAGENET1K_SWAG_E2E_V1` (384x384 input).
+    """
+    from featx.models import get_model
+
+    spec = get_model(model, weights)
+    w = spec.weights
+    typer.echo(f"{spec.name}: weights {w.describe()}; input {w.preprocess.describe()}; "
+               f"default layers (*): {', '.join(spec.default_layers)}")
+    for item in spec.layers:
+        mark = "*" if item.name in spec.default_layers else " "
+        typer.echo(f"{mark} {item.name:<24} {item.dim:>8}  {item.describe_shape():<34} {item.description}")
 
 
 @app.command()
@@ -208,16 +233,10 @@ def _report_path(path: Path) -> Path:
     return path
 
 
-def _read_report(path: Path) -> dict:
+def _read_report(path: Path):
     from featx.report import load_report
 
-    try:
-        report = load_report(_report_path(path))
-    except ValueError as exc:
-        raise FeatxError(f"{path} is not a featx report JSON: {exc}") from None
-    if not isinstance(report, dict) or "layers" not in report:
-        raise FeatxError(f"{path} is not a featx report JSON (no layers)")
-    return report
+    return load_report(_report_path(path))
 
 
 ReportArg = Annotated[Path, typer.Argument(help="A table.json written by featx table, or its folder.")]
@@ -269,7 +288,7 @@ def info(cache: Annotated[Path | None, typer.Argument(
     for store in stores:
         s = store.summary()
         typer.echo(f"{s['cache']}: {s['images']} images, {s['classes']} classes, weights "
-                   f"{s['weights_id']}, {s['dtype']}, made {s['created']}, "
+                   f"{s['weights']}, {s['dtype']}, made {s['created']}, "
                    f"{len(s['skipped'])} skipped")
         for name, layer in s["layers"].items():
             typer.echo(f"  {name:<12} dim {layer['dim']:>7}  shards {layer['shards']}/"
@@ -288,7 +307,7 @@ def activations(
     channels: Annotated[int, typer.Option(help="How many feature maps (the most active).")] = 16,
     weights: Weights = "imagenet", device: Device = "auto",
     out: Annotated[Path | None, typer.Option(
-        help="PNG or SVG file. Default: <image>_<model>_<layer>.png")] = None,
+        help="PNG or SVG file. Default: IMAGE_MODEL_LAYER.png in this folder.")] = None,
 ) -> None:
     """Draw a layer's feature maps for one image as a grid, with the input beside it.
 
@@ -300,17 +319,36 @@ def activations(
     typer.echo(str(write_activation_grid(image, target, model, layer, channels, weights, device)))
 
 
-def main() -> None:
-    """Entry point: a FeatxError becomes one line on stderr and exit code 2."""
+# click's error classes, from the click that typer runs on (newer typer releases carry their own)
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_CLICK_ABORT = getattr(sys.modules[_CLICK_ERROR.__module__], "Abort", typer.Abort)
+FLAGS = {"C": "--C", "split_file": "--split"}  # API names whose flag is not --name-with-dashes
+
+
+def error_line(exc: FeatxError) -> str:
+    """The one line a FeatxError becomes; an option's API name becomes its flag."""
+    if isinstance(exc, OptionError):
+        flag = FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))
+        return f"featx: error: {flag} {exc.problem}"
+    return f"featx: error: {exc}"
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point: a FeatxError or a usage error becomes one line on stderr and exit code 2."""
     try:
-        app()
+        code = app(args, standalone_mode=False)
     except FeatxError as exc:
-        typer.echo(f"featx: error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        typer.echo(error_line(exc), err=True)
+        code = 2
+    except _CLICK_ERROR as exc:
+        if exc.format_message():  # empty after the help that a bare `featx` prints
+            typer.echo(f"featx: error: {exc.format_message()}", err=True)
+        code = exc.exit_code
+    except (KeyboardInterrupt, _CLICK_ABORT, typer.Abort):
         typer.echo("featx: interrupted; completed shards are kept and the next run resumes", err=True)
-        sys.exit(130)
+        code = 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, OptionError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FIXED_SPLITS = ("train", "test")
@@ -77,6 +77,8 @@ def find_images(root: str | Path) -> ImageSet:
         loose = [p for p in root.iterdir() if _is_image(p)]
         hint = " (images must sit in one subfolder per class)" if loose else ""
         raise FeatxError(f"no class folders in {root}{hint}")
+    if len(classes) < 2:
+        raise FeatxError(f"{root} has one class ({classes[0]}); comparing layers needs at least two")
     paths: list[str] = []
     labels: list[int] = []
     splits: list[str] = []
@@ -107,15 +109,14 @@ def seeded_split(labels: np.ndarray, classes: tuple[str, ...], train_per_class: 
                  seed: int) -> Split:
     """The usual protocol: `train_per_class` random images of each class train, the rest test."""
     if train_per_class < 1:
-        raise FeatxError("--train-per-class must be at least 1")
+        raise OptionError("train_per_class", f"must be at least 1, not {train_per_class}")
     rng = np.random.default_rng(seed)
     train: list[np.ndarray] = []
     for label, cls in enumerate(classes):
         rows = np.flatnonzero(labels == label)
         if len(rows) <= train_per_class:
-            raise FeatxError(
-                f"class {cls} has {len(rows)} images: --train-per-class {train_per_class} "
-                "leaves none for testing")
+            raise OptionError("train_per_class", f"{train_per_class} leaves no test image in class "
+                              f"{cls} ({len(rows)} images)")
         train.append(rng.choice(rows, train_per_class, replace=False))
     train_rows = np.sort(np.concatenate(train))
     test_rows = np.setdiff1d(np.arange(len(labels)), train_rows)

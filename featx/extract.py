@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from featx.data import ImageSet, load_image
-from featx.errors import FeatxError
+from featx.errors import FeatxError, OptionError
 from featx.models import Layer, LoadedModel, Preprocess
+from featx.preprocess import normalize, prepare
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,7 +55,7 @@ def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = Fal
     """`auto` is bf16 on a GPU that supports it (else fp16); on a CPU it is bf16 only for a
     backbone measured to gain from it (`cpu_bf16`) on a CPU with native bf16, else fp32."""
     if precision not in PRECISIONS:
-        raise FeatxError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -70,13 +71,18 @@ class LayerExtractor:
         self.model = model
         self.layers = list(layers)
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device, model.backbone.cpu_bf16)
+        self.precision = resolve_precision(precision, self.device, model.spec.cpu_bf16)
         self.channels_last = channels_last
         module = _without_inplace(model.module)
-        nodes = {layer.node: layer.name for layer in self.layers}
+        nodes = {layer.node: layer.node for layer in self.layers}
+        tracer_kwargs = None
+        if model.spec.source == "timm":
+            from featx.models.timm_zoo import tracer_kwargs as timm_tracer_kwargs
+
+            tracer_kwargs = timm_tracer_kwargs()
         with warnings.catch_warnings():  # its train/eval node note does not apply: eval only
             warnings.simplefilter("ignore", UserWarning)
-            graph = create_feature_extractor(module, return_nodes=nodes)
+            graph = create_feature_extractor(module, return_nodes=nodes, tracer_kwargs=tracer_kwargs)
         self.graph = graph.eval().to(self.device)
         if channels_last:
             self.graph = self.graph.to(memory_format=torch.channels_last)
@@ -93,18 +99,30 @@ class LayerExtractor:
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 images (N, 3, H, W) -> {layer name: (N, dim)} on the device, in the compute
-        precision; pooled layers are global-average-pooled."""
-        x = self.preprocess.normalize(images.to(self.device, non_blocking=True))
+        precision, each layer reduced to a vector as its table says."""
+        x = normalize(self.preprocess, images.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             out = self.graph(x)
-        return {layer.name: (F.adaptive_avg_pool2d(out[layer.name], 1) if layer.pooled
-                             else out[layer.name]).flatten(1) for layer in self.layers}
+        return {layer.name: to_vectors(layer, out[layer.node]) for layer in self.layers}
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 images (N, 3, H, W) -> {layer name: float32 (N, dim) on the host}."""
         return {name: value.float().cpu() for name, value in self.forward(images).items()}
+
+
+def to_vectors(layer: Layer, output: torch.Tensor) -> torch.Tensor:
+    """A layer's output for a batch -> (N, dim), by the layer's reduction."""
+    if layer.reduce == "avgpool":
+        return F.adaptive_avg_pool2d(output, 1).flatten(1)
+    if layer.reduce == "avgpool_nhwc":
+        return output.mean(dim=(1, 2))
+    if layer.reduce == "cls_token":
+        return output[:, 0]
+    if layer.reduce == "mean_tokens":
+        return output[:, layer.prefix_tokens:].mean(dim=1)
+    return output.flatten(1)
 
 
 def _without_inplace(module: nn.Module) -> nn.Module:
@@ -127,7 +145,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
         try:
-            pixels = self.preprocess.prepare(load_image(self.images.root / self.images.paths[index]))
+            pixels = prepare(self.preprocess, load_image(self.images.root / self.images.paths[index]))
             return index, pixels, ""
         except Exception as exc:  # noqa: BLE001 - corrupt, truncated, empty or not an image
             blank = torch.zeros(3, self.preprocess.crop, self.preprocess.crop, dtype=torch.uint8)
@@ -176,5 +194,5 @@ def extract_batches(extractor: LayerExtractor, images: ImageSet, batches: list[l
 
 def batches_of(indices: Sequence[int], batch_size: int) -> list[list[int]]:
     if batch_size < 1:
-        raise FeatxError("--batch-size must be at least 1")
+        raise OptionError("batch_size", f"must be at least 1, not {batch_size}")
     return [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]

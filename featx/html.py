@@ -8,7 +8,7 @@ import tempfile
 from html import escape
 from pathlib import Path
 
-from featx.report import notes, table_rows
+from featx.report import LayerReport, Report, notes, table_rows
 
 CSS = """
 body { font-family: sans-serif; max-width: 1200px; margin: 1.5em auto; padding: 0 1em;
@@ -17,7 +17,7 @@ h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; 
 table { border-collapse: collapse; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
-tr.best td { font-weight: bold; }
+tr.best td, p.best { font-weight: bold; }
 .warn { background: #fde8e8; border: 1px solid #c33; color: #900; padding: 0.5em 0.8em; }
 .meta, .notes { color: #555; }
 img { max-width: 100%; height: auto; }
@@ -26,7 +26,7 @@ img { max-width: 100%; height: auto; }
 """
 
 
-def write_html(report: dict, path: Path, plots: dict[str, list[Path]] | None = None) -> Path:
+def write_html(report: Report, path: Path, plots: dict[str, list[Path]] | None = None) -> Path:
     """Write the report as one HTML file; `plots` as returned by `featx.plots.write_plots`
     (drawn into a temporary folder when None, which needs matplotlib)."""
     path = Path(path)
@@ -48,27 +48,28 @@ def png_data_uris(plots: dict[str, list[Path]]) -> dict[str, str]:
             for stem, paths in plots.items() for png in paths if Path(png).suffix == ".png"}
 
 
-def render_html(report: dict, images: dict[str, str]) -> str:
+def render_html(report: Report, images: dict[str, str]) -> str:
     """The page as a string; `images` maps plot stems to data URIs (missing ones are left out)."""
-    parts = [f"<h1>{escape(report['title'])}</h1>"]
-    if report.get("weights_random"):
+    parts = [f"<h1>{escape(report.title)}</h1>"]
+    if report.weights_random:
+        random = "; ".join(m.weights for m in report.models if m.weights_random)
         parts.append(f'<p class="warn"><strong>RANDOM weights</strong> '
-                     f"({escape(str(report['weights_id']))}): the network is not pretrained; "
+                     f"({escape(random)}): the network is not pretrained; "
                      "these accuracies are a baseline only.</p>")
-    parts.append(f'<p class="meta">Dataset {escape(report["dataset"])}, '
-                 f"{len(report['classes'])} classes; created {escape(str(report.get('created')))}"
-                 f" by featx {escape(str(report.get('featx_version')))}.</p>")
-    parts += ["<h2>Layers</h2>", _layer_table(report), '<ul class="notes">']
+    parts.append(f'<p class="meta">Dataset {escape(report.dataset)}, '
+                 f"{len(report.classes)} classes; created {escape(report.created)}"
+                 f" by featx {escape(report.featx_version)}.</p>")
+    parts += ["<h2>Layers</h2>", _best(report), _layer_table(report), '<ul class="notes">']
     parts += [f"<li>{escape(line)}</li>" for line in notes(report)]
     parts.append("</ul>")
     if "accuracy" in images:
         parts += ["<h2>Accuracy, feature dimension and time per layer</h2>",
                   _img(images["accuracy"], "accuracy, feature dimension and time per layer")]
-    parts += [_layer_section(report, entry, images) for entry in report["layers"]]
+    parts += [_layer_section(report, layer, images) for layer in report.layers]
     parts += ["<h2>Settings</h2>", _settings(report), "<h2>Skipped images</h2>",
-              _skipped(report.get("skipped") or {})]
+              _skipped(report.skipped)]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{escape(report['title'])}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            f"<title>{escape(report.title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
             + "\n".join(parts) + "\n</body>\n</html>\n")
 
 
@@ -96,67 +97,83 @@ def _table(header: list[str], rows: list[list[str]], css: str = "",
     return "\n".join(lines + ["</table>"])
 
 
-def _layer_table(report: dict) -> str:
+def _name(layer: LayerReport) -> str:
+    return f"{layer.model} {layer.layer}"
+
+
+def _best(report: Report) -> str:
+    """A line naming the best layer and its lead over the next best ('' without layers)."""
+    best = report.best
+    if best is None:
+        return ""
+    text = f"Best layer: {_name(best)} at {100 * best.accuracy:.2f}% test accuracy"
+    runner_up = max((layer for layer in report.layers if layer is not best),
+                    key=lambda layer: layer.accuracy, default=None)
+    if runner_up is not None:
+        text += (f", {100 * (best.accuracy - runner_up.accuracy):.2f} points above the next best, "
+                 f"{_name(runner_up)} at {100 * runner_up.accuracy:.2f}%")
+    return f'<p class="best">{escape(text)}.</p>'
+
+
+def _layer_table(report: Report) -> str:
     rows = table_rows(report)
     if not rows:
         return "<p>No layers were evaluated.</p>"
-    best = max(layer["accuracy"] for layer in report["layers"])
-    marks = ["best" if layer["accuracy"] == best else "" for layer in report["layers"]]
+    best = report.best
+    marks = ["best" if layer.accuracy == best.accuracy else "" for layer in report.layers]
     return _table(list(rows[0]), [list(row.values()) for row in rows], "layers", marks)
 
 
-def _layer_section(report: dict, entry: dict, images: dict[str, str]) -> str:
-    name = f"{entry['model']} {entry['layer']}"
-    accuracy = f"{100 * entry['accuracy']:.2f}%"
-    if entry.get("accuracy_std") is not None:
-        accuracy += f" \u00b1 {100 * entry['accuracy_std']:.2f}%"
-    facts = [f"{entry.get('n_train', '?')} training and {entry.get('n_test', '?')} test images",
-             f"C {entry['C']:g}", f"scaling {entry.get('scaling', report.get('scaling'))}"]
-    if entry.get("cv_scores"):
+def _layer_section(report: Report, layer: LayerReport, images: dict[str, str]) -> str:
+    name = _name(layer)
+    accuracy = f"{100 * layer.accuracy:.2f}%"
+    if layer.accuracy_std is not None:
+        accuracy += f" \u00b1 {100 * layer.accuracy_std:.2f}%"
+    facts = [f"{layer.n_train} training and {layer.n_test} test images",
+             f"C {layer.C:g}", f"scaling {layer.scaling}"]
+    if layer.cv_scores:
         facts.append("cross-validation accuracy by C: " + ", ".join(
-            f"{c}: {score:.3f}" for c, score in entry["cv_scores"].items()))
-    if entry.get("split_accuracies"):
-        facts.append("accuracy per split: "
-                     + ", ".join(f"{a:.4f}" for a in entry["split_accuracies"]))
+            f"{c}: {score:.3f}" for c, score in layer.cv_scores.items()))
+    if layer.split_accuracies:
+        facts.append("accuracy per split: " + ", ".join(f"{a:.4f}" for a in layer.split_accuracies))
     parts = [f"<h2>{escape(name)}: {escape(accuracy)}</h2>",
              f"<p>{escape('; '.join(facts))}.</p>"]
-    if entry.get("converged") is False:
+    if not layer.converged:
         parts.append('<p class="warn">The SVM solver did not converge for this layer.</p>')
     if images:
         from featx.plots import plot_stem  # the names write_plots gave
 
         pair = [_img(images[stem], f"{kind} of {name}") for kind, stem in
-                (("confusion matrix", plot_stem("confusion", entry)),
-                 ("per-class accuracy", plot_stem("per_class", entry))) if stem in images]
+                (("confusion matrix", plot_stem("confusion", layer)),
+                 ("per-class accuracy", plot_stem("per_class", layer))) if stem in images]
         parts.append('<div class="pair">' + "".join(pair) + "</div>")
     return "\n".join(parts)
 
 
-def _settings(report: dict) -> str:
-    models = list(dict.fromkeys(layer["model"] for layer in report["layers"])) or [
-        report.get("model")]
-    weights = report.get("weights_id")
-    if report.get("weights_random"):
-        weights = f"RANDOM ({weights}), not pretrained"
-    fields = [("Model" + ("s" if len(models) > 1 else ""), models), ("Weights", weights),
-              ("Weights checksum", report.get("weights_checksum")),
-              ("Preprocessing", report.get("preprocess")),
-              ("Dataset", report.get("dataset")), ("Dataset root", report.get("dataset_root")),
-              ("Classes", report.get("classes")), ("Split", report.get("split")),
-              ("Seed", report.get("seed")), ("Training images per class",
-                                              report.get("train_per_class")),
-              ("Split file", report.get("split_file")), ("Scaling", report.get("scaling")),
-              ("C option", report.get("C_option")), ("Feature cache", report.get("cache"))]
-    parts = [_table(["Setting", "Value"], [[name, _text(value)] for name, value in fields])]
-    runs = report.get("extraction_runs") or []
+def _settings(report: Report) -> str:
+    """The models (one row each: weights, checksum, preprocessing, cache), the study's settings,
+    the extraction runs and the package versions."""
+    models = [[m.model, f"RANDOM ({m.weights}), not pretrained" if m.weights_random else m.weights,
+               m.weights_checksum, _text(m.preprocess), m.cache] for m in report.models]
+    fields = [("Dataset", report.dataset), ("Dataset root", report.dataset_root),
+              ("Classes", report.classes), ("Split", report.split), ("Seed", report.seed),
+              ("Training images per class", report.train_per_class),
+              ("Split file", report.split_file), ("Scaling", report.scaling),
+              ("C option", report.C_option)]
+    parts = [_table(["Model", "Weights", "Weights checksum", "Preprocessing", "Feature cache"], models),
+             _table(["Setting", "Value"], [[name, _text(value)] for name, value in fields])]
+    runs = [(m.model, run) for m in report.models for run in m.extraction_runs]
     parts.append("<h3>Extraction runs</h3>")
     if runs:
-        keys = list(dict.fromkeys(key for run in runs for key in run))
-        parts.append(_table(keys, [[_text(run.get(key)) for key in keys] for run in runs]))
+        keys = list(dict.fromkeys(key for _, run in runs for key in run))
+        by_model = ["model"] if report.multi_model else []
+        parts.append(_table(by_model + keys, [([model] if by_model else [])
+                                              + [_text(run.get(key)) for key in keys]
+                                              for model, run in runs]))
     else:
         parts.append("<p>none recorded</p>")
     parts += ["<h3>Versions</h3>", _table(["Package", "Version"], [
-        [name, _text(version)] for name, version in (report.get("versions") or {}).items()])]
+        [name, _text(version)] for name, version in report.versions.items()])]
     return "\n".join(parts)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import FeatxError
+from featx.report import LayerReport, Report
 
 try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -27,48 +28,48 @@ DPI = 120
 ANNOTATE_MAX_CLASSES = 20
 
 
-def confusion_matrix(report_layer: dict, n_classes: int) -> np.ndarray:
+def confusion_matrix(layer: LayerReport, n_classes: int) -> np.ndarray:
     """Counts (n_classes, n_classes) of one layer's test predictions: rows true, columns
     predicted."""
-    y_true = np.asarray(report_layer["y_true"], dtype=np.int64)
-    y_pred = np.asarray(report_layer["y_pred"], dtype=np.int64)
+    y_true = np.asarray(layer.y_true, dtype=np.int64)
+    y_pred = np.asarray(layer.y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape:
-        raise ValueError(f"layer {report_layer['layer']}: {y_true.size} true labels but "
+        raise ValueError(f"layer {layer.layer}: {y_true.size} true labels but "
                          f"{y_pred.size} predictions")
     for name, labels in (("y_true", y_true), ("y_pred", y_pred)):
         if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-            raise ValueError(f"layer {report_layer['layer']}: {name} has labels outside "
+            raise ValueError(f"layer {layer.layer}: {name} has labels outside "
                              f"0..{n_classes - 1}")
     counts = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(counts, (y_true, y_pred), 1)
     return counts
 
 
-def per_class_accuracy(report_layer: dict, n_classes: int) -> np.ndarray:
+def per_class_accuracy(layer: LayerReport, n_classes: int) -> np.ndarray:
     """Share of each class's test images predicted correctly; NaN for a class without any."""
-    counts = confusion_matrix(report_layer, n_classes)
+    counts = confusion_matrix(layer, n_classes)
     totals = counts.sum(axis=1)
     return np.divide(np.diag(counts), totals, out=np.full(n_classes, np.nan), where=totals > 0)
 
 
-def plot_stem(kind: str, report_layer: dict) -> str:
+def plot_stem(kind: str, layer: LayerReport) -> str:
     """File stem of a per-layer figure: `<kind>_<model>_<layer>`, safe as a file name."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{report_layer['model']}_{report_layer['layer']}")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{layer.model}_{layer.layer}")
     return f"{kind}_{safe}"
 
 
-def write_plots(report: dict, out_dir: Path) -> dict[str, list[Path]]:
+def write_plots(report: Report, out_dir: Path) -> dict[str, list[Path]]:
     """Write accuracy.{png,svg} and, per layer, confusion_<model>_<layer> and
     per_class_<model>_<layer>; return {stem: [png path, svg path]} (empty without layers)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not report["layers"]:
+    if not report.layers:
         return {}
     written = {"accuracy": _save(_accuracy_figure(report), out_dir, "accuracy")}
-    for entry in report["layers"]:
+    for layer in report.layers:
         for kind, draw in (("confusion", _confusion_figure), ("per_class", _per_class_figure)):
-            stem = plot_stem(kind, entry)
-            written[stem] = _save(draw(report, entry), out_dir, stem)
+            stem = plot_stem(kind, layer)
+            written[stem] = _save(draw(report, layer), out_dir, stem)
     return written
 
 
@@ -85,19 +86,20 @@ def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _models(report: dict) -> list[str]:
-    return list(dict.fromkeys(entry["model"] for entry in report["layers"]))
+def _models(report: Report) -> list[str]:
+    """Names of the models with rows, in the table's order (one colour each)."""
+    return list(dict.fromkeys(layer.model for layer in report.layers))
 
 
-def _weights(report: dict) -> str:
-    return "RANDOM weights" if report.get("weights_random") else f"weights {report['weights_id']}"
+def _weights(report: Report) -> str:
+    return "RANDOM weights" if report.weights_random else f"weights {report.weights}"
 
 
-def _accuracy_text(entry: dict) -> str:
-    text = f"accuracy {100 * entry['accuracy']:.1f}%"
-    if entry.get("accuracy_std") is not None:
-        splits = len(entry.get("split_accuracies") or [])
-        text += f" \u00b1 {100 * entry['accuracy_std']:.1f}%"
+def _accuracy_text(layer: LayerReport) -> str:
+    text = f"accuracy {100 * layer.accuracy:.1f}%"
+    if layer.accuracy_std is not None:
+        splits = len(layer.split_accuracies)
+        text += f" \u00b1 {100 * layer.accuracy_std:.1f}%"
         text += f" (mean of {splits} splits)" if splits else ""
     return text
 
@@ -107,18 +109,18 @@ def _label_width(names: list[str], fontsize: float) -> float:
     return max(len(name) for name in names) * fontsize * 0.62 / 72
 
 
-def _accuracy_figure(report: dict) -> Figure:
+def _accuracy_figure(report: Report) -> Figure:
     models = _models(report)
-    entries = sorted(report["layers"], key=lambda e: models.index(e["model"]))
-    x = np.arange(len(entries)) + 0.6 * np.array([models.index(e["model"]) for e in entries])
-    colors = [f"C{models.index(e['model']) % 10}" for e in entries]
-    names = [e["layer"] for e in entries]
+    entries = sorted(report.layers, key=lambda e: models.index(e.model))
+    x = np.arange(len(entries)) + 0.6 * np.array([models.index(e.model) for e in entries])
+    colors = [f"C{models.index(e.model) % 10}" for e in entries]
+    names = [e.layer for e in entries]
     fig = _figure(max(7.0, 0.75 * len(entries) + 2.5),
                   8.5 + 0.5 * _label_width(names, 9) + 0.3 * (len(models) > 1))
     acc_ax, dim_ax, time_ax = fig.subplots(3, 1, sharex=True, height_ratios=[1.5, 1, 1])
 
-    acc = np.array([100 * e["accuracy"] for e in entries])
-    std = [e.get("accuracy_std") for e in entries]
+    acc = np.array([100 * e.accuracy for e in entries])
+    std = [e.accuracy_std for e in entries]
     bars = acc_ax.bar(x, acc, color=colors)
     with_std = [i for i, s in enumerate(std) if s is not None]
     if with_std:
@@ -128,7 +130,7 @@ def _accuracy_figure(report: dict) -> Figure:
               for a, s in zip(acc, std)]
     acc_ax.bar_label(bars, labels, label_type="center", fontsize=8, color="white",
                      fontweight="bold")
-    chance = 100 / len(report["classes"])
+    chance = 100 / len(report.classes)
     acc_ax.axhline(chance, color="0.3", linestyle="--", linewidth=1,
                    label=f"chance ({chance:.1f}%)")
     acc_ax.set_ylim(0, 100)
@@ -138,7 +140,7 @@ def _accuracy_figure(report: dict) -> Figure:
     acc_ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.01),
                   ncols=min(len(handles), 5), fontsize=8, frameon=False, borderaxespad=0)
 
-    dims = [e["dim"] for e in entries]
+    dims = [e.dim for e in entries]
     bars = dim_ax.bar(x, dims, color=colors)
     dim_ax.set_yscale("log")
     dim_ax.set_ylim(min(dims) / 2, max(dims) * 4)
@@ -151,9 +153,9 @@ def _accuracy_figure(report: dict) -> Figure:
     dim_ax.bar_label(bars, [f"{d:,}" for d in dims], fontsize=7, padding=2)
     dim_ax.set_ylabel("Feature dimension\n(values per image, log scale)")
 
-    feature = np.array([e["feature_seconds"] for e in entries], dtype=float)
-    svm = np.array([e["svm_seconds"] for e in entries], dtype=float)
-    shared = [len(e.get("feature_shared_with") or []) > 1 for e in entries]
+    feature = np.array([e.feature_seconds for e in entries], dtype=float)
+    svm = np.array([e.train_seconds for e in entries], dtype=float)
+    shared = [len(e.feature_shared_with) > 1 for e in entries]
     feat_bars = time_ax.bar(x - 0.2, feature, 0.4, color="0.55", label="feature extraction"
                             + (" (hatched: one pass shared by several layers)" if any(shared)
                                else ""))
@@ -178,18 +180,18 @@ def _accuracy_figure(report: dict) -> Figure:
     for ax in (acc_ax, dim_ax, time_ax):
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    title = (f"Linear SVM per layer: {', '.join(models)} on {report['dataset']} "
-             f"({_weights(report)}, {len(report['classes'])} classes)")
+    title = (f"Linear SVM per layer: {', '.join(models)} on {report.dataset} "
+             f"({_weights(report)}, {len(report.classes)} classes)")
     width_chars = int(fig.get_figwidth() * 9)  # about 9 characters per inch at this font size
     fig.suptitle(textwrap.fill(title, width_chars),
-                 color="darkred" if report.get("weights_random") else "black")
+                 color="darkred" if report.weights_random else "black")
     return fig
 
 
-def _confusion_figure(report: dict, entry: dict) -> Figure:
-    classes = report["classes"]
+def _confusion_figure(report: Report, layer: LayerReport) -> Figure:
+    classes = report.classes
     n = len(classes)
-    counts = confusion_matrix(entry, n)
+    counts = confusion_matrix(layer, n)
     share = 100 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     side = max(4.0, 0.45 * n) if n <= ANNOTATE_MAX_CLASSES else min(0.3 * n, 24.0)
     fontsize = min(9.0, 0.6 * 72 * side / n)
@@ -208,16 +210,16 @@ def _confusion_figure(report: dict, entry: dict) -> Figure:
                 ax.text(j, i, f"{value:.0f}", ha="center", va="center",
                         fontsize=8 if n <= 12 else 7, color="white" if value > 55 else "black")
     fig.colorbar(image, ax=ax, shrink=0.8, label="Share of the true class's test images (%)")
-    ax.set_title(f"{entry['model']} {entry['layer']}: {_accuracy_text(entry)}\n"
+    ax.set_title(f"{layer.model} {layer.layer}: {_accuracy_text(layer)}\n"
                  f"rows normalised, {counts.sum()} test images", fontsize=10)
     return fig
 
 
-def _per_class_figure(report: dict, entry: dict) -> Figure:
-    classes = report["classes"]
+def _per_class_figure(report: Report, layer: LayerReport) -> Figure:
+    classes = report.classes
     n = len(classes)
-    share = 100 * per_class_accuracy(entry, n)
-    totals = confusion_matrix(entry, n).sum(axis=1)
+    share = 100 * per_class_accuracy(layer, n)
+    totals = confusion_matrix(layer, n).sum(axis=1)
     fontsize = 9 if n <= 40 else max(4.0, 360 / n)
     fig = _figure(6.5 + _label_width(classes, fontsize), 1.8 + n * fontsize * 2.4 / 72)
     ax = fig.subplots()
@@ -226,7 +228,7 @@ def _per_class_figure(report: dict, entry: dict) -> Figure:
     ax.bar_label(bars, [f"{s:.1f}% of {t}" if t else "no test images"
                         for s, t in zip(share, totals)], fontsize=7, padding=3,
                  bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
-    ax.axvline(100 * entry["accuracy"], color="darkred", linestyle="--", linewidth=1, zorder=1)
+    ax.axvline(100 * layer.accuracy, color="darkred", linestyle="--", linewidth=1, zorder=1)
     ax.set_yticks(y, classes, fontsize=fontsize)
     ax.set_ylim(n - 0.4, -0.6)
     ax.set_xlim(0, 125)
@@ -234,6 +236,6 @@ def _per_class_figure(report: dict, entry: dict) -> Figure:
     ax.set_xlabel("Test accuracy of the class (%)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.set_title(f"Per-class accuracy: {entry['model']} {entry['layer']}\n"
-                 f"dashed line: overall {_accuracy_text(entry)}", fontsize=10)
+    ax.set_title(f"Per-class accuracy: {layer.model} {layer.layer}\n"
+                 f"dashed line: overall {_accuracy_text(layer)}", fontsize=10)
     return fig

@@ -1,4 +1,4 @@
-"""Top-k ImageNet classes of single images, through the same extractor as the feature cache."""
+"""Top-k classes of single images, through the same extractor as the feature cache."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from featx.errors import FeatxError
+from featx.errors import FeatxError, OptionError
 from featx.extract import LayerExtractor
 from featx.models import load_model
+from featx.preprocess import load
 
 
 def predict_images(paths: list[Path], model: str = "efficientnet_lite0", weights: str = "imagenet",
@@ -17,11 +18,14 @@ def predict_images(paths: list[Path], model: str = "efficientnet_lite0", weights
                    ) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
     """Yield (path, [(class name, probability), ...]) for each image, best class first."""
     if top < 1:
-        raise FeatxError("--top must be at least 1")
+        raise OptionError("top", f"must be at least 1, not {top}")
     loaded = load_model(model, weights)
-    extractor = LayerExtractor(loaded, [loaded.backbone.layer("logits")], device, "fp32")
+    if not loaded.categories:
+        raise FeatxError(f"the weights {loaded.weights.name} carry no class names (they are for "
+                         "features only), so they cannot name classes")
+    extractor = LayerExtractor(loaded, [loaded.spec.layer("logits")], device, "fp32")
     for path in paths:
-        logits = extractor(loaded.preprocess.load(path).unsqueeze(0))["logits"][0]
+        logits = extractor(load(loaded.preprocess, path).unsqueeze(0))["logits"][0]
         probabilities = torch.softmax(logits, dim=0)
         values, indices = probabilities.topk(min(top, len(probabilities)))
         yield path, [(loaded.categories[i], float(v)) for v, i in zip(values, indices.tolist())]

@@ -1,7 +1,8 @@
-"""Tables of a study: Markdown, CSV and JSON, from one report dictionary.
+"""The study's report as a value, and its tables: Markdown, CSV and JSON.
 
 The JSON holds everything the table is made of (per-layer predictions on the test images, the
-split, the settings and versions), so any figure in it can be recomputed without the model.
+split, the settings and versions), so any figure in it can be recomputed without the model;
+`Report.from_dict` reads it back for `featx plot` and `featx report`.
 """
 
 from __future__ import annotations
@@ -9,68 +10,216 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import numpy as np
+
+from featx.errors import FeatxError
+from featx.probes import ProbeResult
 
 COLUMNS = ("Layer", "Accuracy", "Feature Dim", "Feature Time", "SVM Train Time", "C")
 
 
-def _accuracy_text(layer: dict) -> str:
-    if layer.get("accuracy_std") is not None:
-        return f"{layer['accuracy']:.4f} +/- {layer['accuracy_std']:.4f}"
-    return f"{layer['accuracy']:.4f}"
+@dataclass
+class LayerReport:
+    """One layer of one model in the table: the probe's result (the mean over splits when there
+    are several, with every split's accuracy and C) and the extraction time it shares."""
+
+    layer: str
+    model: str
+    dim: int
+    accuracy: float
+    C: float
+    scaling: str
+    train_seconds: float
+    kernel_form: bool
+    n_train: int
+    n_test: int
+    converged: bool
+    weights: str = ""
+    probe: str = "svm"
+    feature_seconds: float = 0.0
+    feature_shared_with: list[str] = field(default_factory=list)
+    accuracy_std: float | None = None
+    split_accuracies: list[float] = field(default_factory=list)
+    C_per_split: list[float] = field(default_factory=list)
+    cv_scores: dict[str, float] = field(default_factory=dict)
+    test_paths: list[str] = field(default_factory=list)
+    y_true: list[int] = field(default_factory=list)
+    y_pred: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_results(cls, results: list[ProbeResult], model: str, weights: str,
+                     feature_seconds: float, shared: list[str]) -> LayerReport:
+        """One entry for a layer: the mean (and spread) over splits, predictions of all splits."""
+        first = asdict(results[0])
+        entry = cls(model=model, weights=weights, feature_seconds=feature_seconds,
+                    feature_shared_with=shared, **first)
+        if len(results) > 1:
+            accuracies = [r.accuracy for r in results]
+            entry.accuracy = float(np.mean(accuracies))
+            entry.accuracy_std = float(np.std(accuracies))
+            entry.split_accuracies = accuracies
+            entry.train_seconds = float(np.mean([r.train_seconds for r in results]))
+            entry.C_per_split = [r.C for r in results]
+            entry.converged = all(r.converged for r in results)
+            entry.test_paths = [p for r in results for p in r.test_paths]
+            entry.y_true = [y for r in results for y in r.y_true]
+            entry.y_pred = [y for r in results for y in r.y_pred]
+        return entry
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerReport:
+        data = {("train_seconds" if k == "svm_seconds" else k): v for k, v in data.items()}
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def table_rows(report: dict) -> list[dict[str, str]]:
+@dataclass
+class ModelIdentity:
+    """What a model's rows were computed with: its weights, their checksum and preprocessing,
+    the cache they came from and the extraction runs that filled it."""
+
+    model: str
+    weights: str
+    weights_random: bool
+    weights_checksum: str
+    preprocess: dict
+    cache: str
+    extraction_runs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """Everything a table, a figure and the HTML page are made of."""
+
+    title: str
+    dataset: str
+    dataset_root: str
+    classes: list[str]
+    models: list[ModelIdentity]
+    layers: list[LayerReport]
+    split: str
+    seed: int
+    train_per_class: int
+    split_file: str | None
+    splits: int
+    scaling: str
+    C_option: str
+    featx_version: str = ""
+    created: str = ""
+    skipped: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def multi_model(self) -> bool:
+        return len(self.models) > 1
+
+    @property
+    def weights_random(self) -> bool:
+        return any(m.weights_random for m in self.models)
+
+    @property
+    def weights(self) -> str:
+        return "; ".join(m.weights for m in self.models)
+
+    @property
+    def best(self) -> LayerReport | None:
+        return max(self.layers, key=lambda layer: layer.accuracy, default=None)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "multi_model": self.multi_model, "weights": self.weights,
+                "weights_random": self.weights_random}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Report:
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        try:
+            values["models"] = [ModelIdentity(**m) for m in data["models"]]
+            values["layers"] = [LayerReport.from_dict(layer) for layer in data["layers"]]
+            return cls(**values)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a featx report ({exc})") from None
+
+    @classmethod
+    def merge(cls, reports: list[Report]) -> Report:
+        """One report for several models on the same dataset: a Model column in the table."""
+        first = reports[0]
+        names = ", ".join(m.model for r in reports for m in r.models)
+        return cls(**{**{f.name: getattr(first, f.name) for f in fields(cls)},
+                      "title": f"{names} on {first.dataset}",
+                      "models": [m for r in reports for m in r.models],
+                      "layers": [layer for r in reports for layer in r.layers],
+                      "skipped": {p: why for r in reports for p, why in r.skipped.items()}})
+
+
+def _accuracy_text(layer: LayerReport) -> str:
+    if layer.accuracy_std is not None:
+        return f"{layer.accuracy:.4f} +/- {layer.accuracy_std:.4f}"
+    return f"{layer.accuracy:.4f}"
+
+
+def table_rows(report: Report) -> list[dict[str, str]]:
     """One row per layer with the columns of COLUMNS, formatted for people."""
     rows = []
-    for layer in report["layers"]:
-        shared = len(layer["feature_shared_with"]) > 1
+    for layer in report.layers:
+        shared = len(layer.feature_shared_with) > 1
         rows.append({
-            **({"Model": layer["model"]} if report.get("multi_model") else {}),
-            "Layer": layer["layer"],
+            **({"Model": layer.model} if report.multi_model else {}),
+            "Layer": layer.layer,
             "Accuracy": _accuracy_text(layer),
-            "Feature Dim": str(layer["dim"]),
-            "Feature Time": f"{layer['feature_seconds']:.2f} s" + ("*" if shared else ""),
-            "SVM Train Time": f"{layer['svm_seconds']:.2f} s",
-            "C": f"{layer['C']:g}",
+            "Feature Dim": str(layer.dim),
+            "Feature Time": f"{layer.feature_seconds:.2f} s" + ("*" if shared else ""),
+            "SVM Train Time": f"{layer.train_seconds:.2f} s",
+            "C": f"{layer.C:g}" if not layer.C_per_split or len(set(layer.C_per_split)) == 1
+            else "/".join(f"{c:g}" for c in layer.C_per_split),
         })
     return rows
 
 
-def notes(report: dict) -> list[str]:
-    """Lines that must travel with the table: random weights, shared passes, split, skips."""
+def notes(report: Report) -> list[str]:
+    """Lines that must travel with the table: weights, best layer, shared passes, split, skips."""
     lines = []
-    if report.get("weights_random"):
-        lines.append(f"Weights: RANDOM ({report['weights_id']}), not pretrained: a baseline only.")
-    else:
-        lines.append(f"Weights: {report['weights_id']}.")
-    shared = {tuple(layer["feature_shared_with"]) for layer in report["layers"]
-              if len(layer["feature_shared_with"]) > 1}
+    for m in report.models:
+        if m.weights_random:
+            lines.append(f"Weights: RANDOM ({m.weights}), not pretrained: a baseline only.")
+        else:
+            lines.append(f"Weights: {m.weights}.")
+    best = report.best
+    if best and len(report.layers) > 1:
+        runner_up = max((layer.accuracy for layer in report.layers if layer is not best), default=None)
+        where = f"{best.model} {best.layer}" if report.multi_model else best.layer
+        lines.append(f"Best: {where} at {best.accuracy:.4f}, "
+                     f"{100 * (best.accuracy - runner_up):.2f} points above the next layer.")
+    shared = {tuple(layer.feature_shared_with) for layer in report.layers
+              if len(layer.feature_shared_with) > 1}
     for group in sorted(shared):
         lines.append(f"* Feature Time is one extraction pass shared by {', '.join(group)}.")
-    splits = max((len(layer.get("split_accuracies", [])) for layer in report["layers"]), default=0)
+    splits = max((len(layer.split_accuracies) for layer in report.layers), default=0)
     if splits > 1:
         lines.append(f"Accuracy: mean +/- standard deviation over {splits} splits; "
-                     "SVM Train Time: mean per split.")
-    how_c = "chosen by cross-validation on the training part" if report["C_option"] == "auto" else "fixed"
-    lines.append(f"Split: {report['split']}. Scaling: {report['scaling']}. C: {how_c}.")
-    if report.get("skipped"):
-        lines.append(f"Skipped {len(report['skipped'])} unreadable images: "
-                     + ", ".join(sorted(report["skipped"])[:10])
-                     + (" ..." if len(report["skipped"]) > 10 else ""))
+                     "SVM Train Time: mean per split; C: per split where they differ.")
+    how_c = "chosen by cross-validation on the training part" if report.C_option == "auto" else "fixed"
+    lines.append(f"Split: {report.split}. Scaling: {report.scaling}. C: {how_c}.")
+    if report.skipped:
+        lines.append(f"Skipped {len(report.skipped)} unreadable images: "
+                     + ", ".join(sorted(report.skipped)[:10])
+                     + (" ..." if len(report.skipped) > 10 else ""))
     return lines
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: Report) -> str:
     rows = table_rows(report)
     header = list(rows[0]) if rows else list(COLUMNS)
-    lines = [f"{report['title']}", "",
+    lines = [f"{report.title}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
     return "\n".join(lines + [""] + notes(report)) + "\n"
 
 
-def render_csv(report: dict) -> str:
+def render_csv(report: Report) -> str:
     buffer = io.StringIO()
     rows = table_rows(report)
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(COLUMNS))
@@ -79,32 +228,20 @@ def render_csv(report: dict) -> str:
     return buffer.getvalue()
 
 
-def merge_reports(reports: list[dict]) -> dict:
-    """One report for several models on the same dataset: a Model column, each model's
-    weights, preprocessing, cache and extraction runs kept under "models"."""
-    per_model = ("model", "weights_id", "weights_random", "weights_checksum", "preprocess",
-                 "cache", "extraction_runs")
-    merged = dict(reports[0])
-    names = [r["model"] for r in reports]
-    merged.update(
-        multi_model=True, title=f"{', '.join(names)} on {merged['dataset']}",
-        model=", ".join(names), weights_id="; ".join(r["weights_id"] for r in reports),
-        weights_random=any(r["weights_random"] for r in reports),
-        models=[{key: r[key] for key in per_model} for r in reports],
-        skipped={path: why for r in reports for path, why in r["skipped"].items()},
-        layers=[entry for r in reports for entry in r["layers"]])
-    return merged
-
-
-def write_table(report: dict, out_dir: Path, stem: str = "table") -> dict[str, Path]:
+def write_table(report: Report, out_dir: Path, stem: str = "table") -> dict[str, Path]:
     """Write <stem>.md, <stem>.csv and <stem>.json; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
     paths["md"].write_text(render_markdown(report))
     paths["csv"].write_text(render_csv(report))
-    paths["json"].write_text(json.dumps(report, indent=1))
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=1))
     return paths
 
 
-def load_report(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+def load_report(path: Path) -> Report:
+    """A report JSON written by featx; anything else is a FeatxError naming the file."""
+    path = Path(path)
+    try:
+        return Report.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise FeatxError(f"{path} is not a featx report JSON: {exc}") from None

@@ -17,9 +17,7 @@ import json
 import os
 import queue
 import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,13 +27,42 @@ import numpy as np
 from featx import __version__
 from featx.data import ImageSet
 from featx.errors import FeatxError
-from featx.extract import LayerExtractor, extract_batches
-from featx.models import Layer, get_backbone
+from featx.models import Layer, Weights
 
 DTYPES = ("float32", "float16")
 SHARD_BYTES = 256 << 20  # bound on one layer's shard in memory and on disk
-KEY_FIELDS = ("model", "weights_id", "weights_checksum", "preprocess", "precision", "dtype",
-              "images_fingerprint")
+CACHE_FORMAT = 2  # format 1 (featx before the model registry) named weights by strings
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What cached features depend on: a cache made with any other value is not reused."""
+
+    model: str
+    weights: str
+    weights_checksum: str
+    preprocess: dict
+    precision: str
+    dtype: str
+    images_fingerprint: str
+
+    @classmethod
+    def of(cls, images: ImageSet, weights: Weights, precision: str, dtype: str) -> CacheKey:
+        return cls(weights.model, weights.name, weights.checksum, weights.preprocess.to_dict(),
+                   precision, dtype, images.fingerprint())
+
+    @property
+    def folder(self) -> str:
+        """<model>-<weights tag>[-float16], as Weights.folder names it."""
+        tag = self.weights.removeprefix(self.model + ".")
+        name = f"{self.model}-{tag}".replace(":", "-").replace("/", "-")
+        return name + ("-float16" if self.dtype == "float16" else "")
+
+    def differences(self, manifest: dict) -> list[str]:
+        """What a cache's manifest says differently, as 'field (there X, now Y)'."""
+        stored = json.loads(json.dumps(asdict(self)))  # compare as stored: tuples become lists
+        return [f"{f.name.replace('_', ' ')} ({manifest.get(f.name)} there, {stored[f.name]} now)"
+                for f in fields(self) if manifest.get(f.name) != stored[f.name]]
 
 
 def default_cache_root() -> Path:
@@ -73,45 +100,57 @@ class FeatureStore:
         self.manifest = json.loads(self.manifest_path.read_text())
 
     @property
-    def variant(self) -> str:
-        """The folder name after the model's: the weights tag, then -float16 for such a cache."""
-        return self.folder.name.removeprefix(f"{self.manifest['model']}-")
+    def weights(self) -> Weights:
+        return Weights.from_dict(self.manifest["weights_info"])
+
+    def holds_weights(self, query: str) -> bool:
+        """Whether `query` names this cache's weights: its tag or full name, `imagenet` for a
+        model's first pretrained set, `random`, or the path of the same state-dict file."""
+        weights = self.weights
+        if query.lower() in (weights.tag.lower(), weights.name.lower(), weights.folder.lower()):
+            return True
+        if query == "random":
+            return weights.random
+        if query == "imagenet":
+            return bool(self.manifest.get("imagenet_default"))
+        path = Path(query).expanduser()
+        return weights.source == "file" and path.is_file() and \
+            str(path.resolve()) == weights.location
 
     # --- creation ----------------------------------------------------------------------------
     @classmethod
-    def open_for(cls, root: Path, images: ImageSet, extractor: LayerExtractor,
-                 dtype: str = "float32") -> FeatureStore:
-        """Open (or create) the cache for these images and this model; refuse a cache whose
-        weights, preprocessing, dtype or image list differ."""
+    def open_for(cls, root: Path, images: ImageSet, weights: Weights, precision: str,
+                 layer_names: list[str], dtype: str = "float32",
+                 imagenet_default: bool = False) -> FeatureStore:
+        """Open (or create) the cache for these images and these weights; refuse a cache whose
+        weights, preprocessing, precision, dtype or image list differ, saying what differs.
+        `layer_names` is the model's whole layer table, recorded to check names later;
+        `imagenet_default` says the weights are the ones `--weights imagenet` names."""
         if dtype not in DTYPES:
             raise FeatxError(f"unknown dtype {dtype!r}; use float32 or float16")
-        model = extractor.model
-        name = f"{model.backbone.name}-{model.weights_tag}" + ("-float16" if dtype == "float16" else "")
-        folder = Path(root) / images.name / name
-        key = {
-            "model": model.backbone.name,
-            "weights_id": model.weights_id,
-            "weights_checksum": model.checksum,
-            "preprocess": model.preprocess.to_dict(),
-            "precision": extractor.precision,
-            "dtype": dtype,
-            "images_fingerprint": images.fingerprint(),
-        }
-        key = json.loads(json.dumps(key))  # compare as stored: tuples become lists
+        key = CacheKey.of(images, weights, precision, dtype)
+        folder = Path(root) / images.name / key.folder
         if (folder / "manifest.json").is_file():
             store = cls(folder)
-            for field in KEY_FIELDS:
-                if store.manifest.get(field) != key[field]:
-                    raise FeatxError(
-                        f"the cache at {folder} was made with another {field.replace('_', ' ')} "
-                        f"({store.manifest.get(field)} there, {key[field]} now); it is not reused: "
-                        f"delete that folder or pass --cache with another folder")
+            if store.manifest.get("format") != CACHE_FORMAT:
+                raise FeatxError(f"the cache at {folder} was made by an older featx (cache format "
+                                 f"{store.manifest.get('format', 1)}); delete that folder or pass "
+                                 "another cache folder")
+            changed = key.differences(store.manifest)
+            if changed:
+                raise FeatxError(f"the cache at {folder} was made with another "
+                                 + "; another ".join(changed) + "; it is not reused: delete that "
+                                 "folder or pass another cache folder")
             return store
         folder.mkdir(parents=True, exist_ok=True)
         manifest = {
+            "format": CACHE_FORMAT,
             "featx_version": __version__,
-            **key,
-            "weights_random": model.random,
+            **asdict(key),
+            "weights_info": weights.to_dict(),
+            "weights_random": weights.random,
+            "imagenet_default": imagenet_default,
+            "model_layers": list(layer_names),
             "dataset": images.name,
             "dataset_root": str(images.root),
             "classes": list(images.classes),
@@ -178,7 +217,7 @@ class FeatureStore:
                             "shards_total": len(self.shard_ranges(name)),
                             "bytes": sum(f.stat().st_size for f in files)}
         return {"cache": self.label, "folder": str(self.folder), "images": self.n_images,
-                "classes": len(self.classes), "weights_id": self.manifest["weights_id"],
+                "classes": len(self.classes), "weights": self.manifest["weights"],
                 "dtype": self.manifest["dtype"], "created": self.manifest["created"],
                 "skipped": self.manifest["skipped"], "layers": layers, "runs": self.manifest["runs"]}
 
@@ -192,8 +231,7 @@ class FeatureStore:
             rows = min(shard_size, max(batch_size, SHARD_BYTES // (layer.dim * itemsize)))
             rows = max(batch_size, rows // batch_size * batch_size)
             self.manifest["layers"][layer.name] = {
-                "dim": layer.dim, "shape": list(layer.shape), "node": layer.node,
-                "pooled": layer.pooled, "shard_size": rows, "batch_size": batch_size,
+                **layer.to_dict(), "dim": layer.dim, "shard_size": rows, "batch_size": batch_size,
                 "created": _now(),
             }
         _write_json_atomic(self.manifest_path, self.manifest)
@@ -218,7 +256,7 @@ class FeatureStore:
             f.attrs.update({
                 "layer": layer, "shard": shard, "start": start, "stop": stop, "dim": dim,
                 "featx_version": __version__, "model": self.manifest["model"],
-                "weights_id": self.manifest["weights_id"],
+                "weights": self.manifest["weights"],
                 "skipped": json.dumps({self.manifest["paths"][i]: e for i, e in skipped.items()}),
             })
         os.replace(tmp, path)
@@ -235,7 +273,7 @@ class FeatureStore:
     def check_layers(self, names: list[str]) -> None:
         """Refuse, before any work starts, a name the model has no layer for or a layer the
         cache does not hold complete."""
-        known = [layer.name for layer in get_backbone(self.manifest["model"]).layers]
+        known = self.manifest["model_layers"]
         unknown = [name for name in names if name not in known]
         if unknown:
             raise FeatxError(f"{self.manifest['model']} has no layer {', '.join(map(repr, unknown))}; "
@@ -322,85 +360,3 @@ class ShardWriter:
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
-
-
-class _ShardBuffer:
-    """Rows of one layer's shard gathered batch by batch until the shard's range is covered."""
-
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop, self.seen = start, stop, 0
-        self.index: list[np.ndarray] = []
-        self.features: list[np.ndarray] = []
-        self.skipped: dict[int, str] = {}
-
-    def add(self, index: np.ndarray, features: np.ndarray, skipped: dict[int, str], seen: int) -> None:
-        self.index.append(index)
-        self.features.append(features)
-        self.skipped.update(skipped)
-        self.seen += seen
-
-    @property
-    def complete(self) -> bool:
-        return self.seen == self.stop - self.start
-
-
-def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: ImageSet,
-                     batch_size: int = 32, shard_size: int = 512, workers: int | None = None,
-                     on_batch: Callable[[int, int], None] | None = None) -> dict:
-    """Extract the extractor's layers for every image whose shard is not cached yet.
-
-    One forward pass serves all layers; finished shards are written by a background thread.
-    Returns a summary: images run, seconds, skipped files (relative path -> reason).
-    """
-    layers = [layer.name for layer in extractor.layers]
-    store.plan_layers(extractor.layers, batch_size, shard_size)
-    batch_size = store.manifest["layers"][layers[0]]["batch_size"]  # a resumed run batches as before
-    todo = {name: set(store.missing_shards(name)) for name in layers}
-    needed = sorted({i for name in layers for k in todo[name]
-                     for i in range(*store.shard_ranges(name)[k])})
-    summary = {"layers": layers, "images": len(needed), "seconds": 0.0, "skipped": {}}
-    if not needed:
-        return summary
-    # batches on the global grid of batch_size, so a resumed run batches exactly as a full run
-    grid: dict[int, list[int]] = {}
-    for i in needed:
-        grid.setdefault(i // batch_size, []).append(i)
-    batches = [grid[k] for k in sorted(grid)]
-
-    sizes = {name: store.manifest["layers"][name]["shard_size"] for name in layers}
-    buffers: dict[tuple[str, int], _ShardBuffer] = {}
-    writer = ShardWriter(store)
-    started = time.perf_counter()
-    skipped_all: dict[int, str] = {}
-    try:
-        for batch, out in zip(batches, extract_batches(extractor, images, batches, workers)):
-            skipped_all.update(out.skipped)
-            batch_arr = np.asarray(batch)
-            for name in layers:
-                for k in np.unique(batch_arr // sizes[name]):
-                    if k not in todo[name]:
-                        continue
-                    start, stop = store.shard_ranges(name)[k]
-                    buf = buffers.setdefault((name, k), _ShardBuffer(start, stop))
-                    rows = (out.indices >= start) & (out.indices < stop)
-                    seen = int(((batch_arr >= start) & (batch_arr < stop)).sum())
-                    buf.add(out.indices[rows], out.features[name][rows],
-                            {i: e for i, e in out.skipped.items() if start <= i < stop}, seen)
-                    if buf.complete:
-                        del buffers[(name, k)]
-                        feats = (np.concatenate(buf.features) if buf.features
-                                 else np.zeros((0, store.manifest["layers"][name]["dim"]), np.float32))
-                        writer.submit(name, int(k), np.concatenate(buf.index), feats, buf.skipped)
-            if on_batch:
-                on_batch(len(batch), len(needed))
-    finally:
-        writer.close()
-        seconds = time.perf_counter() - started
-        skipped = {store.manifest["paths"][i]: e for i, e in sorted(skipped_all.items())}
-        done = [name for name in layers if not store.missing_shards(name)]
-        if done:
-            store.record_run(done, seconds, len(needed), skipped, {
-                "device": str(extractor.device), "precision": extractor.precision,
-                "batch_size": batch_size, "workers": workers})
-    summary.update(seconds=seconds, skipped=skipped)
-    return summary

@@ -1,9 +1,10 @@
-"""The study, top to bottom: find images -> load a model -> extract once to the cache ->
-a linear SVM per layer -> the layer-comparison table. The CLI is a thin layer over these."""
+"""The study, top to bottom: find images -> extract once to the cache (featx.pipeline) -> a probe
+per layer on each split -> the Report that tables, figures and the page are drawn from."""
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -12,40 +13,23 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-import sklearn
-import torch
-import torchvision
-from rich.console import Console
 
 from featx import __version__
-from featx.data import ImageSet, find_images, read_split_file, seeded_split
-from featx.errors import FeatxError
-from featx.extract import LayerExtractor
-from featx.models import get_backbone, load_model
-from featx.progress import extraction_progress
-from featx.report import merge_reports, write_table
-from featx.store import FeatureStore, default_cache_root, extract_to_cache, list_stores
-from featx.svm import DEFAULT_SCALING, LayerResult, split_rows, train_layer
+from featx.data import ImageSet, Split, find_images, fixed_split, read_split_file, seeded_split
+from featx.errors import FeatxError, OptionError
+from featx.models import get_model
+from featx.pipeline import ExtractOptions, extract_images
+from featx.probes import PROBES, ProbeResult, get_probe
+from featx.probes.svm import DEFAULT_SCALING, SCALINGS
+from featx.report import LayerReport, ModelIdentity, Report, write_table
+from featx.store import FeatureStore, default_cache_root, list_stores
 
-console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
-
-
-@dataclass
-class ExtractOptions:
-    """How to run the network: device, precision, batching and the cache's dtype."""
-
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 32
-    workers: int | None = None
-    shard_size: int = 512
-    dtype: str = "float32"
-    channels_last: bool = True
+__all__ = ["ExtractOptions", "SvmOptions", "evaluate", "extract", "find_store", "run_table"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class SvmOptions:
-    """How to train and test: C, scaling and the split."""
+    """How to train and test: the probe, C, scaling and the split; checked once when made."""
 
     C: float | str = "auto"
     scaling: str = DEFAULT_SCALING
@@ -53,6 +37,24 @@ class SvmOptions:
     seed: int = 0
     split_file: str | None = None
     splits: int = 1
+    probe: str = "svm"
+
+    def __post_init__(self) -> None:
+        if self.C != "auto":
+            try:
+                value = float(self.C)
+            except (TypeError, ValueError):
+                raise OptionError("C", f"must be a positive number or auto, not {self.C!r}") from None
+            if not math.isfinite(value) or value <= 0:
+                raise OptionError("C", f"must be a positive finite number or auto, not {self.C!r}")
+            object.__setattr__(self, "C", value)
+        if self.scaling not in SCALINGS:
+            raise OptionError("scaling", f"must be one of {', '.join(SCALINGS)}, not {self.scaling!r}")
+        for name in ("train_per_class", "splits"):
+            if getattr(self, name) < 1:
+                raise OptionError(name, f"must be at least 1, not {getattr(self, name)}")
+        if self.probe not in PROBES:
+            raise OptionError("probe", f"must be one of {', '.join(PROBES)}, not {self.probe!r}")
 
 
 def check_split(images: ImageSet, svm: SvmOptions) -> None:
@@ -70,55 +72,24 @@ def extract(dataset: str | Path, model: str = "vgg16", layers: list[str] | None 
             options: ExtractOptions | None = None, progress: bool = True) -> FeatureStore:
     """Cache the requested layers (default: the model's standard ones) for every image of
     `dataset` in one forward pass, resuming where an earlier run stopped."""
-    options = options or ExtractOptions()
-    images = find_images(dataset)
-    return extract_images(images, model, layers, weights, cache, seed, options, progress)
-
-
-def extract_images(images: ImageSet, model: str, layers: list[str] | None, weights: str,
-                   cache: str | Path | None, seed: int, options: ExtractOptions,
-                   progress: bool) -> FeatureStore:
-    requested = get_backbone(model).resolve_layers(layers)  # bad names fail before any download
-    loaded = load_model(model, weights, seed)
-    if loaded.random:
-        console.print(f"[yellow]note:[/] {model} with RANDOM weights ({loaded.weights_id}); "
-                      "features are a baseline, not pretrained")
-    extractor = LayerExtractor(loaded, requested, options.device, options.precision,
-                               options.channels_last)
-    store = FeatureStore.open_for(Path(cache) if cache else default_cache_root(), images,
-                                  extractor, options.dtype)
-    todo = {layer.name for layer in requested if store.missing_shards(layer.name)
-            or layer.name not in store.manifest["layers"]}
-    names = ", ".join(layer.name for layer in requested)
-    if not todo:
-        console.print(f"{store.label}: {names} already cached")
-        return store
-    description = f"{images.name} {model} [{names}] on {extractor.device} {extractor.precision}"
-    with extraction_progress(console, description, progress) as advance:
-        summary = extract_to_cache(store, extractor, images, options.batch_size,
-                                   options.shard_size, options.workers, advance)
-    for path, reason in summary["skipped"].items():
-        console.print(f"[yellow]warning:[/] skipped unreadable image {path} ({reason})")
-    if summary["skipped"]:
-        console.print(f"[yellow]warning:[/] {len(summary['skipped'])} images skipped; "
-                      f"listed in {store.manifest_path}")
-    console.print(f"{store.label}: {summary['images']} images, {names} in "
-                  f"{summary['seconds']:.1f} s -> {store.folder}")
-    return store
+    return extract_images(find_images(dataset), model, layers, weights, cache, seed,
+                          options or ExtractOptions(), progress)
 
 
 def find_store(cache: str | Path | None = None, dataset: str | None = None,
                model: str | None = None, weights: str | None = None) -> FeatureStore:
-    """The one cached dataset/model matching the filters; a clear error when none or several."""
+    """The one cached dataset/model/weights matching the filters; a clear error when none or
+    several. `weights` is matched as `imagenet`, `random`, a tag, a full name or a file."""
     root = Path(cache) if cache else default_cache_root()
+    if root.exists() and not root.is_dir():
+        raise FeatxError(f"the cache {root} is a file, not a folder")
     stores = list_stores(root)
     if not stores:
-        raise FeatxError(f"no features cached under {root}; run featx extract DATASET first "
-                         "(or pass --cache)")
+        raise FeatxError(f"no features cached under {root}; run featx extract DATASET first")
     matching = [s for s in stores
                 if (dataset is None or s.manifest["dataset"] == Path(dataset).name)
-                and (model is None or s.manifest["model"] == model.lower())
-                and (weights is None or s.variant.startswith(_weights_tag(weights)))]
+                and (model is None or s.manifest["model"] == model.strip())
+                and (weights is None or s.holds_weights(weights))]
     if not matching:
         wanted = " ".join(f"{k} {v}" for k, v in
                           (("dataset", dataset), ("model", model), ("weights", weights)) if v)
@@ -126,22 +97,45 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
                          + ", ".join(s.label for s in stores))
     if len(matching) > 1:
         raise FeatxError(f"the cache {root} holds several: " + ", ".join(s.label for s in matching)
-                         + "; choose one with --dataset, --model or --weights")
+                         + "; choose one by dataset, model or weights")
     return matching[0]
-
-
-def _weights_tag(weights: str) -> str:
-    return "file-" if Path(weights).expanduser().is_file() else weights.split(":")[0]
 
 
 def default_out_dir(store: FeatureStore) -> Path:
     return Path("featx-results") / store.manifest["dataset"] / store.folder.name
 
 
+def split_rows(store: FeatureStore, index: np.ndarray, svm: SvmOptions) -> list[Split]:
+    """Train/test rows (positions in `index`) for the cached images: one split from a split file
+    or the dataset's own train/ and test/ folders, else `splits` seeded per-class splits."""
+    once = "; one fixed split, so more splits were not drawn" if svm.splits > 1 else ""
+    paths = [store.manifest["paths"][i] for i in index]
+    if svm.split_file:
+        mapping = read_split_file(svm.split_file)
+        names = [mapping.get(p, "") for p in paths]
+        unknown = len(set(mapping) - set(paths))
+        if not any(names):
+            raise FeatxError(f"no path of split file {svm.split_file} is among the cached images of "
+                             f"{store.label} (paths must be relative to the dataset folder)")
+        note = f"; {unknown} listed images not in the cache" if unknown else ""
+        return [fixed_split(names, f"split file {svm.split_file}{note}{once}")]
+    if store.manifest.get("fixed_split"):
+        names = [store.manifest["fixed_split"][i] for i in index]
+        return [fixed_split(names, f"the dataset's own train/ and test/ folders{once}")]
+    labels = store.labels[index]
+    seeds = range(svm.seed, svm.seed + svm.splits)
+    parts = [seeded_split(labels, store.classes, svm.train_per_class, s) for s in seeds]
+    if svm.splits == 1:
+        return parts
+    description = (f"{svm.splits} random splits (seeds {svm.seed}..{svm.seed + svm.splits - 1}) of "
+                   f"{svm.train_per_class} training images per class, the rest for test")
+    return [Split(p.train, p.test, description) for p in parts]
+
+
 def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptions | None = None,
              out_dir: str | Path | None = None,
-             on_layer: Callable[[LayerResult], None] | None = None) -> dict:
-    """Train and test an SVM on each cached layer (on each split when several); save each
+             on_layer: Callable[[ProbeResult], None] | None = None) -> Report:
+    """Train and test the probe on each cached layer (on each split when several); save each
     layer's model (first split) with joblib beside its JSON in `out_dir`; return the report."""
     svm = svm or SvmOptions()
     names = list(dict.fromkeys(layers)) if layers else store.complete_layers()
@@ -150,96 +144,78 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
     store.check_layers(names)
     out = Path(out_dir) if out_dir else default_out_dir(store)
     out.mkdir(parents=True, exist_ok=True)
+    train = get_probe(svm.probe)
     entries, description = [], ""
     for name in names:
         data = store.read_layer(name)
-        splits = split_rows(store, data.index, svm.train_per_class, svm.seed, svm.split_file,
-                            svm.splits)
+        splits = split_rows(store, data.index, svm)
         description = splits[0].description
         paths = [store.manifest["paths"][i] for i in data.index]
         results = []
         for k, split in enumerate(splits):
             # scaling works in place: every split but the last gets its own copy
             part = data if k == len(splits) - 1 else replace(data, features=data.features.copy())
-            result, model = train_layer(part, split, svm.C, svm.scaling, svm.seed, paths)
+            result, model = train(part, split, svm.C, svm.scaling, svm.seed, paths)
             results.append(result)
             if k == 0:
                 joblib.dump(model, out / f"{name}.joblib")
             if on_layer:
                 on_layer(result)
         seconds, shared = store.feature_time(name)
-        entry = {**_combine(results), "model": store.manifest["model"],
-                 "weights_id": store.manifest["weights_id"], "feature_seconds": seconds,
-                 "feature_shared_with": shared}
+        entry = LayerReport.from_results(results, store.manifest["model"], store.manifest["weights"],
+                                         seconds, shared)
         entries.append(entry)
-        (out / f"{name}.json").write_text(json.dumps(entry, indent=1))
+        (out / f"{name}.json").write_text(json.dumps(asdict(entry), indent=1))
     return build_report(store, entries, svm, description)
 
 
-def _combine(results: list[LayerResult]) -> dict:
-    """One entry for a layer: the mean (and spread) over splits, predictions of all splits."""
-    entry = asdict(results[0])
-    if len(results) > 1:
-        accuracies = [r.accuracy for r in results]
-        entry.update(
-            accuracy=float(np.mean(accuracies)), accuracy_std=float(np.std(accuracies)),
-            split_accuracies=accuracies, svm_seconds=float(np.mean([r.svm_seconds for r in results])),
-            C_per_split=[r.C for r in results], converged=all(r.converged for r in results),
-            test_paths=[p for r in results for p in r.test_paths],
-            y_true=[y for r in results for y in r.y_true],
-            y_pred=[y for r in results for y in r.y_pred])
-    return entry
-
-
-def build_report(store: FeatureStore, entries: list[dict], svm: SvmOptions, split: str) -> dict:
+def build_report(store: FeatureStore, entries: list[LayerReport], svm: SvmOptions, split: str) -> Report:
     """Everything the table is made of: settings, versions, split and per-layer predictions."""
+    import sklearn
+    import torch
+    import torchvision
+
     m = store.manifest
-    weights = "RANDOM weights" if m["weights_random"] else m["weights_id"]
-    return {
-        "title": f"{m['model']} on {m['dataset']} ({weights})",
-        "featx_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": m["dataset"], "dataset_root": m["dataset_root"], "classes": m["classes"],
-        "model": m["model"], "weights_id": m["weights_id"], "weights_random": m["weights_random"],
-        "weights_checksum": m["weights_checksum"], "preprocess": m["preprocess"],
-        "cache": str(store.folder), "extraction_runs": m["runs"],
-        "split": split, "seed": svm.seed, "train_per_class": svm.train_per_class,
-        "split_file": svm.split_file, "splits": svm.splits, "scaling": svm.scaling,
-        "C_option": str(svm.C), "skipped": m["skipped"],
-        "versions": {"featx": __version__, "python": platform.python_version(),
-                     "torch": torch.__version__, "torchvision": torchvision.__version__,
-                     "scikit-learn": sklearn.__version__, "numpy": np.__version__},
-        "layers": entries,
-    }
+    identity = ModelIdentity(m["model"], m["weights"], m["weights_random"], m["weights_checksum"],
+                             m["preprocess"], str(store.folder), m["runs"])
+    weights = f"RANDOM weights {m['weights']}" if m["weights_random"] else m["weights"]
+    return Report(
+        title=f"{m['model']} on {m['dataset']} ({weights})", dataset=m["dataset"],
+        dataset_root=m["dataset_root"], classes=m["classes"], models=[identity], layers=entries,
+        split=split, seed=svm.seed, train_per_class=svm.train_per_class, split_file=svm.split_file,
+        splits=svm.splits, scaling=svm.scaling, C_option=str(svm.C), featx_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), skipped=m["skipped"],
+        versions={"featx": __version__, "python": platform.python_version(),
+                  "torch": torch.__version__, "torchvision": torchvision.__version__,
+                  "scikit-learn": sklearn.__version__, "numpy": np.__version__})
 
 
 def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
               layers: list[str] | None = None, weights: str = "imagenet",
               cache: str | Path | None = None, out_dir: str | Path | None = None,
               extract_options: ExtractOptions | None = None, svm: SvmOptions | None = None,
-              progress: bool = True, on_layer: Callable[[LayerResult], None] | None = None,
-              ) -> tuple[dict, dict[str, Path]]:
+              progress: bool = True, on_layer: Callable[[ProbeResult], None] | None = None,
+              ) -> tuple[Report, dict[str, Path]]:
     """The whole study: for each model, extract every requested layer in one pass (or reuse
-    the cache) and train an SVM per layer; one table written as Markdown, CSV and JSON."""
+    the cache) and probe each layer; one table written as Markdown, CSV and JSON."""
     svm = svm or SvmOptions()
     models = [model] if isinstance(model, str) else list(dict.fromkeys(model))
     images = find_images(dataset)
     check_split(images, svm)
-    backbones = [get_backbone(name) for name in models]  # unknown names fail before any work
-    for backbone in backbones:
-        backbone.resolve_layers(layers)
+    specs = [get_model(name, weights, svm.seed) for name in models]  # bad names fail before any work
+    for spec in specs:
+        spec.resolve_layers(layers)
     reports = []
-    for backbone in backbones:
-        store = extract_images(images, backbone.name, layers, weights, cache, svm.seed,
+    for spec in specs:
+        store = extract_images(images, spec.name, layers, weights, cache, svm.seed,
                                extract_options or ExtractOptions(), progress)
-        names = [layer.name for layer in backbone.resolve_layers(layers)]
-        if len(models) == 1:
-            out = Path(out_dir) if out_dir else default_out_dir(store)
-            model_dir = out
+        names = [layer.name for layer in spec.resolve_layers(layers)]
+        if len(specs) == 1:
+            out = model_dir = Path(out_dir) if out_dir else default_out_dir(store)
         else:
-            out = Path(out_dir) if out_dir else (default_out_dir(store).parent /
-                                                 f"{'+'.join(models)}-{store.variant}")
-            model_dir = out / backbone.name
+            joined = "+".join(s.weights.folder for s in specs)
+            out = Path(out_dir) if out_dir else default_out_dir(store).parent / joined
+            model_dir = out / spec.weights.folder
         reports.append(evaluate(store, names, svm, model_dir, on_layer))
-    report = reports[0] if len(reports) == 1 else merge_reports(reports)
+    report = reports[0] if len(reports) == 1 else Report.merge(reports)
     return report, write_table(report, out)

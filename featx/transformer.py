@@ -36,7 +36,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def fit(self, X: Sequence[str | Path], y=None) -> FeatureExtractor:
         loaded = load_model(self.model, self.weights)
-        self.extractor_ = LayerExtractor(loaded, [loaded.backbone.layer(self.layer)], self.device,
+        self.extractor_ = LayerExtractor(loaded, [loaded.spec.layer(self.layer)], self.device,
                                          self.precision)
         self.n_features_out_ = self.extractor_.layers[0].dim
         return self

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -47,10 +49,30 @@ def demo_copy(tmp_path: Path, demo_dir: Path) -> Path:
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `featx ARGS` in a fresh process, as a user would."""
+    """Run `featx ARGS` in this process (the same entry point the command calls), in `cwd`
+    with ./featx-cache as the cache; stdout and stderr are captured as a user would see them."""
+    from featx.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), Path.cwd()
+    os.environ.update({"FEATX_CACHE": str(cwd / "featx-cache"), **(env or {})})
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["featx", *args], code, out.getvalue(), err.getvalue())
+
+
+def run_installed(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `featx` entry point in a fresh process, as a user would."""
     full_env = {**os.environ, "FEATX_CACHE": str(cwd / "featx-cache"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "featx.cli", *args], cwd=cwd, env=full_env,
-                          check=False, capture_output=True, text=True, timeout=900)
+    command = shutil.which("featx", path=str(Path(sys.executable).parent)) or "featx"
+    return subprocess.run([command, *args], cwd=cwd, env=full_env, check=False,
+                          capture_output=True, text=True, timeout=900)
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:

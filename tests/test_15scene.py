@@ -22,15 +22,15 @@ def test_pretrained_pool_layer_reaches_90_percent_and_random_weights_do_not(tmp_
     svm = SvmOptions(split_file=str(SPLIT))
     pretrained, paths = run_table(SCENE, "efficientnet_lite0", cache=tmp_path / "cache",
                                   out_dir=tmp_path / "pretrained", svm=svm, progress=False)
-    layers = {entry["layer"]: entry for entry in pretrained["layers"]}
+    layers = {entry.layer: entry for entry in pretrained.layers}
     assert set(layers) == {"stage6_pool", "stage7_pool", "pool", "logits"}
     pool = layers["pool"]
-    assert pool["dim"] == 1280 and pool["n_train"] == 1500 and pool["n_test"] == 2985
-    assert pool["accuracy"] >= 0.90, pretrained
+    assert pool.dim == 1280 and pool.n_train == 1500 and pool.n_test == 2985
+    assert pool.accuracy >= 0.90, pretrained
     assert paths["md"].is_file()
 
     random, _ = run_table(SCENE, "efficientnet_lite0", ["pool"], weights="random",
                           cache=tmp_path / "cache", out_dir=tmp_path / "random", svm=svm,
                           progress=False)
-    assert random["weights_random"]
-    assert random["layers"][0]["accuracy"] <= pool["accuracy"] - 0.20, random["layers"][0]
+    assert random.weights_random
+    assert random.layers[0].accuracy <= pool.accuracy - 0.20, random.layers[0]

@@ -12,7 +12,7 @@ import torch
 
 from featx.store import FeatureStore
 
-from conftest import assert_clean_error, run_cli, write_images
+from conftest import assert_clean_error, run_cli, run_installed, write_images
 
 LITE = ["--model", "efficientnet_lite0"]
 
@@ -33,12 +33,23 @@ def demo_workdir(tmp_path_factory, demo_dir):
     return work
 
 
+def _layer_rows(stdout: str) -> dict[str, int]:
+    """{layer name: dimension} from `featx layers` output (a * marks the defaults)."""
+    rows = {}
+    for line in stdout.splitlines()[1:]:
+        words = line.removeprefix("*").split()
+        rows[words[0]] = int(words[1])
+    return rows
+
+
 def test_layers_lists_names_and_dims(tmp_path) -> None:
     result = run_cli("layers", "--model", "vgg16", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = {line.split()[1]: line.split()[2] for line in result.stdout.splitlines()[1:]}
-    assert rows["pool4"] == "100352" and rows["pool5"] == "25088"
-    assert rows["relu6"] == "4096" and rows["relu7"] == "4096"
+    rows = _layer_rows(result.stdout)
+    assert rows["pool4"] == 100352 and rows["pool5"] == 25088
+    assert rows["relu6"] == 4096 and rows["relu7"] == 4096
+    defaults = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("*")]
+    assert defaults == ["pool4", "pool5", "relu6", "relu7"]
 
 
 def test_svm_after_extract_finds_the_cache_with_no_other_argument(demo_workdir) -> None:
@@ -76,7 +87,7 @@ def test_random_weights_say_so_everywhere(tmp_path, demo_dir) -> None:
                      "--train-per-class", "12", "--C", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "RANDOM" in result.stderr and "RANDOM" in result.stdout
-    out = tmp_path / "featx-results" / "demo" / "efficientnet_lite0-random"
+    out = tmp_path / "featx-results" / "demo" / "efficientnet_lite0-random-seed0"
     assert "RANDOM" in (out / "table.md").read_text()
     assert json.loads((out / "table.json").read_text())["weights_random"] is True
 
@@ -88,11 +99,22 @@ def test_svm_asks_which_when_the_cache_holds_several(demo_workdir, demo_dir, tmp
     assert other.returncode == 0, other.stderr
     result = run_cli("svm", "--layer", "pool", cwd=tmp_path)
     assert_clean_error(result, "holds several", "efficientnet_lite0-imagenet",
-                       "efficientnet_lite0-random", "--weights")
+                       "efficientnet_lite0-random-seed0", "weights")
     chosen = run_cli("svm", "--layer", "pool", "--weights", "random", "--train-per-class", "12",
                      cwd=tmp_path)
     assert chosen.returncode == 0, chosen.stderr
     assert "RANDOM" in chosen.stdout
+
+
+@pytest.mark.parametrize("model", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_every_lite_model_names_the_cat(tmp_path, model) -> None:
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    Image.fromarray(data.chelsea()).save(tmp_path / "cat.jpg")
+    result = run_cli("predict", str(tmp_path / "cat.jpg"), "--model", model, "--top", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert any(word in result.stdout.splitlines()[1] for word in ("cat", "tabby")), result.stdout
 
 
 def test_predict_names_the_cat_and_the_coffee(tmp_path) -> None:
@@ -128,10 +150,21 @@ def test_unreadable_images_are_warned_about_and_reported(tmp_path, demo_copy) ->
     (["extract", "no/such/folder"], ["dataset folder not found"]),
     (["table", "{empty}"], ["no class folders"]),
     (["table", "{noimages}"], ["class folder b", "has no images"]),
-    (["extract", "{tiny}", "--model", "vgg19"], ["unknown model 'vgg19'"]),
+    (["extract", "{tiny}", "--model", "vgg99"], ["unknown model 'vgg99'"]),
+    (["extract", "{tiny}", "--model", "resnet50", "--weights", "IMAGENET9K"],
+     ["resnet50 has no weights 'IMAGENET9K'", "IMAGENET1K_V2"]),
+    (["extract", "{tiny}", "--weights", "random", "--batch-size", "0"], ["--batch-size must be"]),
+    (["extract", "{tiny}", "--weights", "random", "--batch-size", "-5"], ["--batch-size must be"]),
+    (["extract", "{tiny}", "--weights", "random", "--shard-size", "0"], ["--shard-size must be"]),
+    (["extract", "{tiny}", "--weights", "random", "--batch-size", "x"], ["--batch-size"]),
+    (["table", "{tiny}", "--weights", "random", "--C", "-1"], ["--C must be a positive"]),
+    (["table", "{tiny}", "--weights", "random", "--C", "nan"], ["--C must be a positive"]),
+    (["table", "{tiny}", "--weights", "random", "--C", "inf"], ["--C must be a positive"]),
+    (["table", "{oneclass}", "--weights", "random"], ["has one class (a)"]),
+    (["svm", "--cache", "{cache}", "--scaling", "cube"], ["--scaling must be one of"]),
     (["extract", "{tiny}", "--layer", "pool9"], ["unknown layer 'pool9'"]),
     (["table", "{tiny}", "--train-per-class", "100", "--weights", "random"],
-     ["--train-per-class 100 leaves none for testing"]),
+     ["--train-per-class 100 leaves no test image in class a"]),
     (["svm", "--layer", "pool"], ["no features cached"]),
     (["svm", "--model", "resnet50", "--cache", "{cache}"], ["holds no features for model resnet50",
                                                            "efficientnet_lite0-imagenet"]),
@@ -147,11 +180,13 @@ def test_unreadable_images_are_warned_about_and_reported(tmp_path, demo_copy) ->
 ])
 def test_bad_input_gets_one_clear_line_and_nonzero_exit(tmp_path, demo_workdir, args, needles) -> None:
     (tmp_path / "empty").mkdir()
+    write_images(tmp_path / "oneclass", {"a": 3})
     (tmp_path / "noimages" / "b").mkdir(parents=True)
     write_images(tmp_path / "noimages", {"a": 2})
     write_images(tmp_path / "tiny", {"a": 3, "b": 3})
     places = {"empty": tmp_path / "empty", "noimages": tmp_path / "noimages",
-              "tiny": tmp_path / "tiny", "cache": demo_workdir / "featx-cache"}
+              "tiny": tmp_path / "tiny", "cache": demo_workdir / "featx-cache",
+              "oneclass": tmp_path / "oneclass"}
     filled = [a.format(**places) for a in args]
     assert_clean_error(run_cli(*filled, cwd=tmp_path), *needles)
 
@@ -165,6 +200,25 @@ def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path) -> None:
 
 
 def test_every_command_has_help_with_examples(tmp_path) -> None:
-    for command in ("extract", "svm", "table", "layers", "predict"):
+    from featx.cli import app
+
+    commands = [command.name or command.callback.__name__ for command in app.registered_commands]
+    assert len(commands) >= 10
+    for command in commands:
         result = run_cli(command, "--help", cwd=tmp_path)
         assert result.returncode == 0 and "Example" in result.stdout, command
+        assert "featx-results//" not in result.stdout and "Default: .png" not in result.stdout
+
+
+def test_the_installed_command_runs_and_lists_layers_without_torch(tmp_path) -> None:
+    result = run_installed("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "layers" in result.stdout
+    code = ("import sys; from featx.cli import main; code = main(['layers', '--model', 'vit_b_16']); "
+            "assert code == 0; assert 'torch' not in sys.modules, 'torch was imported'")
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                           check=False)
+    assert probe.returncode == 0, probe.stderr
+    assert "encoder_layer_11_cls" in probe.stdout and "ln_mean" in probe.stdout

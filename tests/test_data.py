@@ -62,7 +62,7 @@ def test_seeded_split_is_stratified_reproducible_and_checked() -> None:
     assert np.array_equal(a.train, b.train) and not np.array_equal(a.train, c.train)
     assert np.bincount(labels[a.train]).tolist() == [5, 5, 5]
     assert sorted(np.concatenate([a.train, a.test]).tolist()) == list(range(30))
-    with pytest.raises(FeatxError, match="class z has 8 images: --train-per-class 8"):
+    with pytest.raises(FeatxError, match=r"train_per_class 8 leaves no test image in class z \(8 images\)"):
         seeded_split(labels, ("x", "y", "z"), 8, seed=0)
 
 

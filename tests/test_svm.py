@@ -11,15 +11,17 @@ from sklearn.svm import LinearSVC
 
 from featx.data import seeded_split
 from featx.errors import FeatxError
+from featx.probes.svm import C_GRID, KernelProjection, choose_C, train_layer
 from featx.store import LayerFeatures
-from featx.svm import KernelProjection, choose_C, train_layer
+from featx.study import SvmOptions
 
 
-def _problem(n_per_class: int = 30, dim: int = 400, classes: int = 3, seed: int = 0):
+def _problem(n_per_class: int = 30, dim: int = 400, classes: int = 3, seed: int = 0,
+             separation: float = 0.4):
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, (classes, dim))
     labels = np.repeat(np.arange(classes), n_per_class)
-    features = (centres[labels] * 0.4 + rng.normal(0, 1, (len(labels), dim))).astype(np.float32)
+    features = (centres[labels] * separation + rng.normal(0, 1, (len(labels), dim))).astype(np.float32)
     split = seeded_split(labels, tuple(f"c{i}" for i in range(classes)), n_per_class // 2, seed)
     return LayerFeatures("layer", features, np.arange(len(labels)), labels), split
 
@@ -72,10 +74,16 @@ def test_features_are_used_directly_when_there_are_more_images_than_dimensions()
 
 
 def test_C_auto_picks_the_best_cross_validated_value() -> None:
-    data, split = _problem()
+    data, split = _problem(n_per_class=40, dim=60, classes=4, separation=0.25)
     x, y = normalize(data.features)[split.train], data.labels[split.train]
-    best, scores = choose_C(x, y, seed=0)
-    assert scores[f"{best:g}"] == max(scores.values()) and len(scores) == 5
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(x, y))
+    expected = {C: np.mean([(LinearSVC(C=C, dual=False, random_state=0).fit(x[a], y[a]).predict(x[b])
+                             == y[b]).mean() for a, b in folds]) for C in C_GRID}
+    best, scores = choose_C(x, y, seed=0, dual=False)
+    assert scores == pytest.approx({f"{C:g}": v for C, v in expected.items()})
+    top = max(expected.values())
+    assert best == min(C for C, v in expected.items() if v == top)  # ties go to the smaller C
+    assert len(set(expected.values())) > 1  # the choice mattered on this problem
     result, _ = train_layer(data, split, C="auto", scaling="l2")
     assert result.C == best and result.cv_scores == scores
 
@@ -93,10 +101,12 @@ def test_C_search_in_threads_scores_as_one_thread() -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"C": -1.0}, "--C must be positive"), ({"C": "big"}, "--C must be a positive number"),
-    ({"scaling": "minmax"}, "unknown scaling"),
+    ({"C": -1.0}, "C must be a positive"), ({"C": "big"}, "C must be a positive number"),
+    ({"C": float("nan")}, "C must be a positive finite"), ({"C": "inf"}, "C must be a positive finite"),
+    ({"scaling": "minmax"}, "scaling must be one of"), ({"splits": 0}, "splits must be at least 1"),
+    ({"train_per_class": 0}, "train_per_class must be at least 1"), ({"probe": "tree"}, "probe must be"),
 ])
-def test_bad_svm_options_are_clear_errors(kwargs, message) -> None:
-    data, split = _problem()
+def test_bad_svm_options_are_refused_when_made(kwargs, message) -> None:
     with pytest.raises(FeatxError, match=message):
-        train_layer(data, split, **kwargs)
+        SvmOptions(**kwargs)
+    assert SvmOptions(C="0.5").C == 0.5

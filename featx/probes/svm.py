@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,9 +32,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from featx.data import Split, fixed_split, read_split_file, seeded_split
-from featx.errors import FeatxError
-from featx.store import FeatureStore, LayerFeatures
+from featx.data import Split
+from featx.errors import FeatxError, OptionError
+from featx.probes import ProbeResult
+from featx.store import LayerFeatures
 
 SCALINGS = ("l2", "standardize", "none")
 DEFAULT_SCALING = "l2"
@@ -43,59 +43,10 @@ C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 CV_FOLDS = 3
 
 
-@dataclass
-class LayerResult:
-    """What one layer's SVM scored, on which split, with which settings, in how long."""
-
-    layer: str
-    dim: int
-    accuracy: float
-    C: float
-    scaling: str
-    svm_seconds: float
-    kernel_form: bool
-    n_train: int
-    n_test: int
-    converged: bool
-    cv_scores: dict[str, float] = field(default_factory=dict)
-    test_paths: list[str] = field(default_factory=list)
-    y_true: list[int] = field(default_factory=list)
-    y_pred: list[int] = field(default_factory=list)
-
-
-def split_rows(store: FeatureStore, index: np.ndarray, train_per_class: int = 100, seed: int = 0,
-               split_file: str | None = None, splits: int = 1) -> list[Split]:
-    """Train/test rows (positions in `index`) for the cached images: one split from a split file
-    or the dataset's own train/ and test/ folders, else `splits` seeded per-class splits."""
-    if splits < 1:
-        raise FeatxError("--splits must be at least 1")
-    once = "; one fixed split, so --splits is ignored" if splits > 1 else ""
-    paths = [store.manifest["paths"][i] for i in index]
-    if split_file:
-        mapping = read_split_file(split_file)
-        names = [mapping.get(p, "") for p in paths]
-        unknown = len(set(mapping) - set(paths))
-        if not any(names):
-            raise FeatxError(f"no path of split file {split_file} is among the cached images of "
-                             f"{store.label} (paths must be relative to the dataset folder)")
-        note = f"; {unknown} listed images not in the cache" if unknown else ""
-        return [fixed_split(names, f"split file {split_file}{note}{once}")]
-    if store.manifest.get("fixed_split"):
-        names = [store.manifest["fixed_split"][i] for i in index]
-        return [fixed_split(names, f"the dataset's own train/ and test/ folders{once}")]
-    labels = store.labels[index]
-    if splits == 1:
-        return [seeded_split(labels, store.classes, train_per_class, seed)]
-    parts = [seeded_split(labels, store.classes, train_per_class, seed + k) for k in range(splits)]
-    description = (f"{splits} random splits (seeds {seed}..{seed + splits - 1}) of "
-                   f"{train_per_class} training images per class, the rest for test")
-    return [Split(p.train, p.test, description) for p in parts]
-
-
 def scale(features: np.ndarray, train: np.ndarray, scaling: str):
     """Scale features in place (chunked) and return the fitted scaling step for the saved model."""
     if scaling not in SCALINGS:
-        raise FeatxError(f"unknown scaling {scaling!r}; use one of {', '.join(SCALINGS)}")
+        raise OptionError("scaling", f"must be one of {', '.join(SCALINGS)}, not {scaling!r}")
     step = 1 << 12
     if scaling == "l2":
         for s in range(0, len(features), step):
@@ -129,8 +80,11 @@ class KernelProjection:
             block = torch.from_numpy(np.ascontiguousarray(features[s:s + step])).to(device)
             gram[s:s + step] = (block @ x_train.T).double().cpu()
         eigval, eigvec = torch.linalg.eigh(gram[torch.from_numpy(train)])
-        keep = eigval > eigval.max() * self.tolerance
-        self.basis_ = (eigvec[:, keep] / eigval[keep].sqrt()).numpy()  # U diag(s)^-1/2
+        keep = eigval > max(float(eigval.max()) * self.tolerance, 0.0)
+        # U diag(s)^-1/2; a layer that is zero on every training image (the zero-initialised head
+        # of a random vit) keeps one zero coordinate, so the classifier learns only its bias
+        self.basis_ = (eigvec[:, keep] / eigval[keep].sqrt()).numpy() if keep.any() else \
+            np.zeros((len(train), 1))
         return (gram.numpy() @ self.basis_).astype(np.float32)
 
     def to_feature_space(self, coef: np.ndarray) -> np.ndarray:
@@ -174,7 +128,8 @@ def choose_C(x: np.ndarray, y: np.ndarray, seed: int, jobs: int = -1,
     the fits run in `jobs` threads (-1: one per core) with LinearSVC's `dual` setting."""
     folds = min(CV_FOLDS, int(np.bincount(y).min()))
     if folds < 2:
-        raise FeatxError("--C auto needs at least 2 training images per class; pass --C VALUE")
+        raise FeatxError("choosing C by cross-validation needs at least 2 training images per class; "
+                         "give C a value")
     parts = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y))
     grid = sorted(C_GRID, reverse=True)  # the slowest fits first, so the threads finish together
     with warnings.catch_warnings():
@@ -188,7 +143,7 @@ def choose_C(x: np.ndarray, y: np.ndarray, seed: int, jobs: int = -1,
 
 def train_layer(data: LayerFeatures, split: Split, C: float | str = "auto",
                 scaling: str = DEFAULT_SCALING, seed: int = 0, paths: list[str] | None = None,
-                ) -> tuple[LayerResult, Pipeline]:
+                ) -> tuple[ProbeResult, Pipeline]:
     """Train and test a linear SVM on one layer; returns the result and the fitted model, which
     applies to raw features of that layer."""
     started = time.perf_counter()
@@ -200,13 +155,9 @@ def train_layer(data: LayerFeatures, split: Split, C: float | str = "auto",
     x = projection.fit_transform(features, split.train) if projection else features
     x_train, y_train = x[split.train], y[split.train]
     dual = dual_for(scaling)
-    if isinstance(C, str):
-        if C != "auto":
-            raise FeatxError(f"--C must be a positive number or auto, not {C!r}")
+    if C == "auto":
         C_value, cv_scores = choose_C(x_train, y_train, seed, dual=dual)
     else:
-        if C <= 0:
-            raise FeatxError("--C must be positive")
         C_value, cv_scores = float(C), {}
     clf, converged = _fit(x_train, y_train, C_value, seed, dual)
     y_pred = clf.predict(x[split.test])
@@ -216,9 +167,9 @@ def train_layer(data: LayerFeatures, split: Split, C: float | str = "auto",
         clf.n_features_in_ = features.shape[1]
     model = Pipeline([("scale", scaler), ("svm", clf)])
     y_true = y[split.test]
-    result = LayerResult(
+    result = ProbeResult(
         layer=data.name, dim=data.dim, accuracy=float((y_pred == y_true).mean()), C=C_value,
-        scaling=scaling, svm_seconds=seconds, kernel_form=kernel_form, n_train=len(split.train),
+        scaling=scaling, train_seconds=seconds, kernel_form=kernel_form, n_train=len(split.train),
         n_test=len(split.test), converged=converged, cv_scores=cv_scores,
         test_paths=[paths[i] for i in split.test] if paths else [],
         y_true=y_true.tolist(), y_pred=y_pred.tolist())

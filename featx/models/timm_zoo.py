@@ -1,0 +1,102 @@
+"""timm's models as `timm:<name>[.<tag>]` (extra `featx[timm]`): preprocessing from the pretrained
+config (mean, std, crop_pct, interpolation, input size), stages from the model's feature_info,
+then the global pool, a hidden classifier layer and the logits from its traced graph."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from featx.errors import FeatxError
+from featx.models.layers import Layer, derive_layers, stage_layers, trace_graph
+from featx.models.weights import Preprocess, Weights
+
+PREFIX = "timm:"
+EXTRA_MESSAGE = "timm models need the optional package timm: pip install 'featx[timm]'"
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise FeatxError(EXTRA_MESSAGE) from None
+    return timm
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """timm:convnext_tiny.fb_in1k -> (convnext_tiny, fb_in1k)."""
+    arch, _, tag = name.removeprefix(PREFIX).partition(".")
+    return arch, tag or None
+
+
+def weight_sets(name: str) -> list[Weights]:
+    """The pretrained tags timm knows for this architecture, its default tag first."""
+    timm = _timm()
+    arch, tag = split_name(name)
+    if not timm.is_model(arch):
+        raise FeatxError(f"timm has no model {arch!r} (timm.list_models('*{arch[:4]}*') lists near ones)")
+    tags = [t.partition(".")[2] for t in timm.list_pretrained(arch + ".*") if t.partition(".")[0] == arch]
+    default = timm.models.get_pretrained_cfg(arch)
+    tags = sorted(set(tags), key=lambda t: (t != getattr(default, "tag", None), t))
+    return [_weights(f"{PREFIX}{arch}", t, timm.models.get_pretrained_cfg(f"{arch}.{t}")) for t in tags]
+
+
+def _weights(model: str, tag: str, cfg) -> Weights:
+    size = cfg.input_size[-1]
+    crop_pct = cfg.crop_pct or 0.875
+    preprocess = Preprocess(resize=math.floor(size / crop_pct), crop=size, mean=tuple(cfg.mean),
+                            std=tuple(cfg.std), interpolation=cfg.interpolation or "bilinear")
+    location = f"hf-hub:{cfg.hf_hub_id}" if cfg.hf_hub_id else (cfg.url or "")
+    return Weights(model, tag, "timm", preprocess, location, "imagenet" if cfg.num_classes == 1000 else None,
+                   note=f"timm {model.removeprefix(PREFIX)}.{tag}")
+
+
+def build(name: str) -> nn.Module:
+    """The architecture on the meta device, no weights."""
+    arch, _ = split_name(name)
+    with torch.device("meta"):
+        return _timm().create_model(arch, pretrained=False)
+
+
+def load_pretrained(weights: Weights) -> nn.Module:
+    """A model with its pretrained weights, downloaded once by timm (through the hub cache)."""
+    arch, _ = split_name(weights.model)
+    try:
+        return _timm().create_model(f"{arch}.{weights.tag}", pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - no network, missing file: one message
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FeatxError(f"timm could not load the pretrained weights {weights.name} from "
+                         f"{weights.location} ({reason}); run once with network access, or pass a "
+                         "local state dict as the weights") from None
+
+
+def tracer_kwargs() -> dict:
+    from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+
+    return {"leaf_modules": list(get_notrace_modules()), "autowrap_functions": list(get_notrace_functions())}
+
+
+def layer_table(name: str, size: int) -> tuple[list[Layer], list[str]]:
+    """Each feature_info stage (flattened and pooled, or class token and token mean), then the
+    global pool, a hidden classifier layer and the logits."""
+    module = build(name)
+    kwargs = tracer_kwargs()
+    nodes = trace_graph(module, size, kwargs)[0]
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for node in nodes:  # the last node inside a module is its output
+        for k in range(1, node.name.count(".") + 2):
+            shapes[".".join(node.name.split(".")[:k])] = node.shape
+    prefix = int(getattr(module, "num_prefix_tokens", 0) or 0)
+    layers: list[Layer] = []
+    for info in getattr(module, "feature_info", []) or []:
+        where, shape = info["module"], shapes.get(info["module"])
+        if not shape:
+            continue
+        if len(shape) in (2, 3):
+            layers += stage_layers(where, where, shape, prefix)
+    tail, _ = derive_layers(module, size, max(prefix, 1), kwargs)
+    layers += [layer for layer in tail if layer.name in ("pool", "pre_logits", "logits")]
+    pooled = [layer.name for layer in layers if layer.reduce != "flatten" or layer.name == "pool"]
+    return layers, list(dict.fromkeys(pooled[-3:] + [layers[-1].name]))

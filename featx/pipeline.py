@@ -1,0 +1,171 @@
+"""Drives an extraction run: what the cache lacks -> one forward pass -> shards in the store.
+
+`extract_images` is the whole run for one model (load, open the cache, extract what is
+missing, report skipped files); `extract_to_cache` is its loop over batches, which one pass
+serves for every requested layer while a background thread writes finished shards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from featx.data import ImageSet
+from featx.errors import OptionError
+from featx.extract import PRECISIONS, LayerExtractor, extract_batches
+from featx.models import get_model, load_model
+from featx.progress import extraction_progress
+from featx.store import DTYPES, FeatureStore, ShardWriter, default_cache_root
+
+console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to run the network: device, precision, batching and the cache's dtype; checked once
+    when made."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    shard_size: int = 512
+    dtype: str = "float32"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "shard_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OptionError(name, f"must be a whole number of at least 1, not {value!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise OptionError("workers", f"must be 0 or more, not {self.workers!r}")
+        if self.precision not in PRECISIONS:
+            raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.dtype not in DTYPES:
+            raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+
+
+def extract_images(images: ImageSet, model: str, layers: list[str] | None, weights: str,
+                   cache: str | Path | None, seed: int, options: ExtractOptions,
+                   progress: bool = True) -> FeatureStore:
+    """Cache the requested layers (default: the model's standard ones) of every image in one
+    forward pass, resuming where an earlier run stopped."""
+    spec = get_model(model, weights, seed)
+    requested = spec.resolve_layers(layers)  # bad names fail before any download
+    loaded = load_model(model, weights, seed)
+    if loaded.weights.random:
+        console.print(f"[yellow]note:[/] {spec.name} with RANDOM weights ({loaded.weights.name}); "
+                      "features are a baseline, not pretrained")
+    extractor = LayerExtractor(loaded, requested, options.device, options.precision,
+                               options.channels_last)
+    pretrained = loaded.weights.source not in ("random", "file")
+    store = FeatureStore.open_for(
+        Path(cache) if cache else default_cache_root(), images, loaded.weights, extractor.precision,
+        [layer.name for layer in spec.layers], options.dtype,
+        imagenet_default=pretrained and get_model(model).weights.tag == loaded.weights.tag)
+    todo = {layer.name for layer in requested if store.missing_shards(layer.name)
+            or layer.name not in store.manifest["layers"]}
+    names = ", ".join(layer.name for layer in requested)
+    if not todo:
+        console.print(f"{store.label}: {names} already cached")
+        return store
+    description = f"{images.name} {spec.name} [{names}] on {extractor.device} {extractor.precision}"
+    with extraction_progress(console, description, progress) as advance:
+        summary = extract_to_cache(store, extractor, images, options.batch_size,
+                                   options.shard_size, options.workers, advance)
+    for path, reason in summary["skipped"].items():
+        console.print(f"[yellow]warning:[/] skipped unreadable image {path} ({reason})")
+    if summary["skipped"]:
+        console.print(f"[yellow]warning:[/] {len(summary['skipped'])} images skipped; "
+                      f"listed in {store.manifest_path}")
+    console.print(f"{store.label}: {summary['images']} images, {names} in "
+                  f"{summary['seconds']:.1f} s -> {store.folder}")
+    return store
+
+
+class _ShardBuffer:
+    """Rows of one layer's shard gathered batch by batch until the shard's range is covered."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop, self.seen = start, stop, 0
+        self.index: list[np.ndarray] = []
+        self.features: list[np.ndarray] = []
+        self.skipped: dict[int, str] = {}
+
+    def add(self, index: np.ndarray, features: np.ndarray, skipped: dict[int, str], seen: int) -> None:
+        self.index.append(index)
+        self.features.append(features)
+        self.skipped.update(skipped)
+        self.seen += seen
+
+    @property
+    def complete(self) -> bool:
+        return self.seen == self.stop - self.start
+
+
+def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: ImageSet,
+                     batch_size: int = 32, shard_size: int = 512, workers: int | None = None,
+                     on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Extract the extractor's layers for every image whose shard is not cached yet.
+
+    One forward pass serves all layers; finished shards are written by a background thread.
+    Returns a summary: images run, seconds, skipped files (relative path -> reason).
+    """
+    layers = [layer.name for layer in extractor.layers]
+    store.plan_layers(extractor.layers, batch_size, shard_size)
+    batch_size = store.manifest["layers"][layers[0]]["batch_size"]  # a resumed run batches as before
+    todo = {name: set(store.missing_shards(name)) for name in layers}
+    needed = sorted({i for name in layers for k in todo[name]
+                     for i in range(*store.shard_ranges(name)[k])})
+    summary = {"layers": layers, "images": len(needed), "seconds": 0.0, "skipped": {}}
+    if not needed:
+        return summary
+    # batches on the global grid of batch_size, so a resumed run batches exactly as a full run
+    grid: dict[int, list[int]] = {}
+    for i in needed:
+        grid.setdefault(i // batch_size, []).append(i)
+    batches = [grid[k] for k in sorted(grid)]
+
+    sizes = {name: store.manifest["layers"][name]["shard_size"] for name in layers}
+    buffers: dict[tuple[str, int], _ShardBuffer] = {}
+    writer = ShardWriter(store)
+    started = time.perf_counter()
+    skipped_all: dict[int, str] = {}
+    try:
+        for batch, out in zip(batches, extract_batches(extractor, images, batches, workers)):
+            skipped_all.update(out.skipped)
+            batch_arr = np.asarray(batch)
+            for name in layers:
+                for k in np.unique(batch_arr // sizes[name]):
+                    if k not in todo[name]:
+                        continue
+                    start, stop = store.shard_ranges(name)[k]
+                    buf = buffers.setdefault((name, k), _ShardBuffer(start, stop))
+                    rows = (out.indices >= start) & (out.indices < stop)
+                    seen = int(((batch_arr >= start) & (batch_arr < stop)).sum())
+                    buf.add(out.indices[rows], out.features[name][rows],
+                            {i: e for i, e in out.skipped.items() if start <= i < stop}, seen)
+                    if buf.complete:
+                        del buffers[(name, k)]
+                        feats = (np.concatenate(buf.features) if buf.features
+                                 else np.zeros((0, store.manifest["layers"][name]["dim"]), np.float32))
+                        writer.submit(name, int(k), np.concatenate(buf.index), feats, buf.skipped)
+            if on_batch:
+                on_batch(len(batch), len(needed))
+    finally:
+        writer.close()
+        seconds = time.perf_counter() - started
+        skipped = {store.manifest["paths"][i]: e for i, e in sorted(skipped_all.items())}
+        done = [name for name in layers if not store.missing_shards(name)]
+        if done:
+            store.record_run(done, seconds, len(needed), skipped, {
+                "device": str(extractor.device), "precision": extractor.precision,
+                "batch_size": batch_size, "workers": workers})
+    summary.update(seconds=seconds, skipped=skipped)
+    return summary
