@@ -9,19 +9,20 @@ import numpy as np
 
 from featx.errors import FeatxError, OptionError
 from featx.extract import LayerExtractor
-from featx.models import load_model
+from featx.models import get_model, load_model
 from featx.preprocess import load
 
 
 def layer_maps(image: str | Path, model: str = "vgg16", layer: str = "conv1_1",
                weights: str = "imagenet", device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """The cropped input (H, W, 3 uint8) and the layer's maps (C, h, w) for one image."""
-    loaded = load_model(model, weights)
-    spec = loaded.spec.layer(layer)
+    model_spec = get_model(model, weights)
+    spec = model_spec.layer(layer)
     if not spec.spatial or spec.shape[1] != spec.shape[2]:
         raise FeatxError(f"layer {layer} of {model} has no spatial maps; choose a convolutional "
                          f"layer, one whose shape is channels x height x width")
-    pixels = load(loaded.preprocess, image)
+    pixels = load(model_spec.preprocess, image)  # the image is read before the model is built
+    loaded = load_model(model, weights)
     flat = LayerExtractor(loaded, [spec], device, "fp32")(pixels.unsqueeze(0))[layer][0]
     return pixels.permute(1, 2, 0).numpy(), flat.reshape(spec.shape).numpy()
 
@@ -39,6 +40,8 @@ def write_activation_grid(image: str | Path, out: str | Path, model: str = "vgg1
                           device: str = "auto") -> Path:
     """Write a PNG (or SVG, by suffix) with the input image and a grid of `channels` feature
     maps (the most active ones), each scaled to its own range."""
+    if channels < 1:
+        raise OptionError("channels", f"must be at least 1, not {channels}")
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from featx.errors import FeatxError, OptionError
+from featx.places import describe, writable_file, writable_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
@@ -161,6 +170,8 @@ def table(
     from featx.report import render_markdown
     from featx.study import run_table
 
+    if html:
+        writable_file(html, "html")
     report, paths = run_table(
         dataset, model, _layer_names(layer), weights, cache, out,
         _extract_options(device, precision, batch_size, workers, shard_size, dtype),
@@ -253,7 +264,7 @@ def plot(report: ReportArg, out: Annotated[Path | None, typer.Option(
     from featx.plots import write_plots
 
     data = _read_report(report)
-    folder = out or _report_path(report).parent
+    folder = writable_folder(out or _report_path(report).parent, "out")
     plots = write_plots(data, folder)
     typer.echo(f"{len(plots)} figures (PNG and SVG) in {folder}")
 
@@ -269,7 +280,8 @@ def html_report(report: ReportArg, html: Annotated[Path | None, typer.Option(
     from featx.html import write_html
 
     data = _read_report(report)
-    typer.echo(f"report: {write_html(data, html or _report_path(report).parent / 'report.html')}")
+    target = writable_file(html or _report_path(report).parent / "report.html", "html")
+    typer.echo(f"report: {write_html(data, target)}")
 
 
 @app.command()
@@ -315,7 +327,7 @@ def activations(
     """
     from featx.activations import write_activation_grid
 
-    target = out or Path(f"{image.stem}_{model}_{layer}.png")
+    target = writable_file(out or Path(f"{image.stem}_{model}_{layer}.png".replace(":", "-")), "out")
     typer.echo(str(write_activation_grid(image, target, model, layer, channels, weights, device)))
 
 
@@ -333,21 +345,87 @@ def error_line(exc: FeatxError) -> str:
     return f"featx: error: {exc}"
 
 
-def main(args: list[str] | None = None) -> int:
-    """Entry point: a FeatxError or a usage error becomes one line on stderr and exit code 2."""
+# Exit codes (README "Exit codes"): what a script calling featx can rely on.
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+KEPT = "completed shards are kept and the next run resumes"
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread so that the command unwinds: decoding
+    workers stop, shards handed to the writer are finished, temporary files go."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """While a command runs, Ctrl-C and SIGTERM raise Stopped (which no library swallows)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = app(args, standalone_mode=False)
-    except FeatxError as exc:
-        typer.echo(error_line(exc), err=True)
-        code = 2
-    except _CLICK_ERROR as exc:
-        if exc.format_message():  # empty after the help that a bare `featx` prints
-            typer.echo(f"featx: error: {exc.format_message()}", err=True)
-        code = exc.exit_code
-    except (KeyboardInterrupt, _CLICK_ABORT, typer.Abort):
-        typer.echo("featx: interrupted; completed shards are kept and the next run resumes", err=True)
-        code = 130
-    return code if isinstance(code, int) else 0
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _internal_error(exc: Exception) -> int:
+    """One line with the exception's type and the log file that holds the traceback;
+    FEATX_DEBUG=1 prints the traceback instead."""
+    trace = traceback.format_exc()
+    first = str(exc).splitlines()[0] if str(exc).strip() else ""
+    if os.environ.get("FEATX_DEBUG") == "1":
+        typer.echo(trace, err=True)
+        typer.echo(f"featx: internal error: {type(exc).__name__}: {first}", err=True)
+        return EXIT_INTERNAL
+    log = Path(tempfile.gettempdir()) / f"featx-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.write_text(f"featx {' '.join(sys.argv[1:])}\n{trace}")
+        where = f"the traceback is in {log}"
+    except OSError:
+        where = "run again with FEATX_DEBUG=1 for the traceback"
+    typer.echo(f"featx: internal error: {type(exc).__name__}: {first} ({where}; please report it)",
+               err=True)
+    return EXIT_INTERNAL
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point: every outcome is one line on stderr and an exit code from the table above."""
+    with _signals_unwind():
+        try:
+            code = app(args, standalone_mode=False)
+        except FeatxError as exc:
+            typer.echo(error_line(exc), err=True)
+            return EXIT_BAD_INPUT
+        except _CLICK_ERROR as exc:
+            if exc.format_message():  # empty after the help that a bare `featx` prints
+                typer.echo(f"featx: error: {exc.format_message()}", err=True)
+            return exc.exit_code
+        except OSError as exc:
+            if not exc.filename:
+                return _internal_error(exc)
+            typer.echo(f"featx: error: cannot use {exc.filename}: {describe(exc)}", err=True)
+            return EXIT_BAD_INPUT
+        except (KeyboardInterrupt, _CLICK_ABORT, typer.Abort):
+            typer.echo(f"featx: interrupted; {KEPT}", err=True)
+            return EXIT_INTERRUPTED
+        except Stopped as stop:
+            if stop.signum == signal.SIGTERM:
+                typer.echo(f"featx: terminated (SIGTERM); {KEPT}", err=True)
+                return EXIT_TERMINATED
+            typer.echo(f"featx: interrupted; {KEPT}", err=True)
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - the last resort: one line, traceback in a log
+            return _internal_error(exc)
+    return code if isinstance(code, int) else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,8 @@ FIXED_SPLITS = ("train", "test")
 class ImageSet:
     """The images of a dataset, in a fixed order: relative paths, integer labels and class names.
 
-    `fixed_split` holds "train"/"test" per image for datasets laid out as train/ and test/.
+    `fixed_split` holds "train"/"test" per image for datasets laid out as train/ and test/;
+    `skipped` the links the scan did not take, with the reason (see `find_images`).
     """
 
     root: Path
@@ -29,6 +30,7 @@ class ImageSet:
     labels: np.ndarray
     classes: tuple[str, ...]
     fixed_split: tuple[str, ...] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -54,13 +56,35 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p) and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
+def _images_in(folder: Path, root: Path, seen: dict[Path, str], skipped: dict[str, str]) -> list[Path]:
+    """The images below a class folder, by the link rule of `find_images`."""
+    images = []
+    for path in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink() and path.is_dir():
+            skipped[rel] = "a link to a folder inside a class folder is not followed"
+        elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        elif path.is_symlink() and not path.exists():
+            skipped[rel] = "a broken link"
+        elif path.is_file():
+            target = path.resolve()
+            if target in seen:
+                skipped[rel] = f"the same file as {seen[target]}"
+            else:
+                seen[target] = rel
+                images.append(path)
+    return images
 
 
 def find_images(root: str | Path) -> ImageSet:
-    """Scan a folder of class subfolders, or a folder with train/ and test/ of class subfolders."""
+    """Scan a folder of class subfolders, or a folder with train/ and test/ of class subfolders.
+
+    Links: a link to an image file is followed and a class folder may itself be a link; a broken
+    link, a link to a folder inside a class folder, and a second path to a file already taken
+    (through a link) are skipped, and each is named in `ImageSet.skipped`."""
     root = Path(root).expanduser()
     if not root.exists():
         raise FeatxError(f"dataset folder not found: {root}")
@@ -82,10 +106,12 @@ def find_images(root: str | Path) -> ImageSet:
     paths: list[str] = []
     labels: list[int] = []
     splits: list[str] = []
+    seen: dict[Path, str] = {}
+    skipped: dict[str, str] = {}
     for split, folder in parts:
         for label, cls in enumerate(classes):
             class_dir = folder / cls
-            images = _images_in(class_dir) if class_dir.is_dir() else []
+            images = _images_in(class_dir, root, seen, skipped) if class_dir.is_dir() else []
             if not images:
                 where = f"{split}/{cls}" if split else cls
                 raise FeatxError(f"class folder {where} in {root} has no images")
@@ -93,7 +119,7 @@ def find_images(root: str | Path) -> ImageSet:
             labels += [label] * len(images)
             splits += [split or ""] * len(images)
     return ImageSet(root, tuple(paths), np.asarray(labels, dtype=np.int64), tuple(classes),
-                    tuple(splits) if has_fixed_split else None)
+                    tuple(splits) if has_fixed_split else None, skipped)
 
 
 @dataclass(frozen=True)

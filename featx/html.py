@@ -60,7 +60,8 @@ def render_html(report: Report, images: dict[str, str]) -> str:
                  f"{len(report.classes)} classes; created {escape(report.created)}"
                  f" by featx {escape(report.featx_version)}.</p>")
     parts += ["<h2>Layers</h2>", _best(report), _layer_table(report), '<ul class="notes">']
-    parts += [f"<li>{escape(line)}</li>" for line in notes(report)]
+    parts += [f"<li>{escape(line)}</li>" for line in notes(report)
+              if not line.startswith("Best:")]  # the best layer has its own line above the table
     parts.append("</ul>")
     if "accuracy" in images:
         parts += ["<h2>Accuracy, feature dimension and time per layer</h2>",

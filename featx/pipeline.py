@@ -19,6 +19,7 @@ from featx.data import ImageSet
 from featx.errors import OptionError
 from featx.extract import PRECISIONS, LayerExtractor, extract_batches
 from featx.models import get_model, load_model
+from featx.places import describe, writable_folder
 from featx.progress import extraction_progress
 from featx.store import DTYPES, FeatureStore, ShardWriter, default_cache_root
 
@@ -58,6 +59,11 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
     forward pass, resuming where an earlier run stopped."""
     spec = get_model(model, weights, seed)
     requested = spec.resolve_layers(layers)  # bad names fail before any download
+    for path, reason in images.skipped.items():
+        console.print(f"[yellow]warning:[/] skipped {path}: {reason}")
+    root = Path(cache).expanduser() if cache else default_cache_root()
+    if root.exists() and not root.is_dir():
+        raise OptionError("cache", f"{root} is a file, not a folder")
     loaded = load_model(model, weights, seed)
     if loaded.weights.random:
         console.print(f"[yellow]note:[/] {spec.name} with RANDOM weights ({loaded.weights.name}); "
@@ -65,16 +71,19 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
     extractor = LayerExtractor(loaded, requested, options.device, options.precision,
                                options.channels_last)
     pretrained = loaded.weights.source not in ("random", "file")
-    store = FeatureStore.open_for(
-        Path(cache) if cache else default_cache_root(), images, loaded.weights, extractor.precision,
-        [layer.name for layer in spec.layers], options.dtype,
-        imagenet_default=pretrained and get_model(model).weights.tag == loaded.weights.tag)
+    try:
+        store = FeatureStore.open_for(
+            root, images, loaded.weights, extractor.precision, [layer.name for layer in spec.layers],
+            options.dtype, imagenet_default=pretrained and get_model(model).weights.tag == loaded.weights.tag)
+    except OSError as exc:
+        raise OptionError("cache", f"cannot write in {exc.filename or root}: {describe(exc)}") from None
     todo = {layer.name for layer in requested if store.missing_shards(layer.name)
             or layer.name not in store.manifest["layers"]}
     names = ", ".join(layer.name for layer in requested)
     if not todo:
         console.print(f"{store.label}: {names} already cached")
         return store
+    writable_folder(store.folder, "cache")  # a read-only cache serves what it holds, adds nothing
     description = f"{images.name} {spec.name} [{names}] on {extractor.device} {extractor.precision}"
     with extraction_progress(console, description, progress) as advance:
         summary = extract_to_cache(store, extractor, images, options.batch_size,

@@ -9,7 +9,7 @@ import torch
 
 from featx.errors import FeatxError, OptionError
 from featx.extract import LayerExtractor
-from featx.models import load_model
+from featx.models import get_model, load_model
 from featx.preprocess import load
 
 
@@ -19,13 +19,15 @@ def predict_images(paths: list[Path], model: str = "efficientnet_lite0", weights
     """Yield (path, [(class name, probability), ...]) for each image, best class first."""
     if top < 1:
         raise OptionError("top", f"must be at least 1, not {top}")
-    loaded = load_model(model, weights)
-    if not loaded.categories:
-        raise FeatxError(f"the weights {loaded.weights.name} carry no class names (they are for "
+    spec = get_model(model, weights)
+    if not spec.weights.categories:
+        raise FeatxError(f"the weights {spec.weights.name} carry no class names (they are for "
                          "features only), so they cannot name classes")
+    images = [(path, load(spec.preprocess, path)) for path in paths]  # every file read before the model
+    loaded = load_model(model, weights)
     extractor = LayerExtractor(loaded, [loaded.spec.layer("logits")], device, "fp32")
-    for path in paths:
-        logits = extractor(load(loaded.preprocess, path).unsqueeze(0))["logits"][0]
+    for path, pixels in images:
+        logits = extractor(pixels.unsqueeze(0))["logits"][0]
         probabilities = torch.softmax(logits, dim=0)
         values, indices = probabilities.topk(min(top, len(probabilities)))
         yield path, [(loaded.categories[i], float(v)) for v, i in zip(values, indices.tolist())]

@@ -17,12 +17,14 @@ import json
 import os
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
 import numpy as np
+from filelock import FileLock
 
 from featx import __version__
 from featx.data import ImageSet
@@ -70,9 +72,13 @@ def default_cache_root() -> Path:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    """Write under a name of this process's own, then rename: a reader sees the old or the new."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -159,7 +165,7 @@ class FeatureStore:
             "fixed_split": list(images.fixed_split) if images.fixed_split else None,
             "layers": {},
             "runs": [],
-            "skipped": {},
+            "skipped": dict(images.skipped),
             "created": _now(),
         }
         _write_json_atomic(folder / "manifest.json", manifest)
@@ -222,19 +228,30 @@ class FeatureStore:
                 "skipped": self.manifest["skipped"], "layers": layers, "runs": self.manifest["runs"]}
 
     # --- writing -----------------------------------------------------------------------------
+    def update_manifest(self, change: Callable[[dict], None]) -> None:
+        """Apply `change` to the manifest as it is on disk now, under the cache's lock, so that
+        concurrent runs that add other layers or runs keep each other's entries."""
+        with FileLock(self.folder / ".manifest.lock"):
+            self.manifest = json.loads(self.manifest_path.read_text())
+            change(self.manifest)
+            _write_json_atomic(self.manifest_path, self.manifest)
+
     def plan_layers(self, layers: list[Layer], batch_size: int, shard_size: int) -> None:
         """Record new layers (dim, shard size) before their first shard is written."""
-        for layer in layers:
-            if layer.name in self.manifest["layers"]:
-                continue
-            itemsize = np.dtype(self.manifest["dtype"]).itemsize
-            rows = min(shard_size, max(batch_size, SHARD_BYTES // (layer.dim * itemsize)))
-            rows = max(batch_size, rows // batch_size * batch_size)
-            self.manifest["layers"][layer.name] = {
-                **layer.to_dict(), "dim": layer.dim, "shard_size": rows, "batch_size": batch_size,
-                "created": _now(),
-            }
-        _write_json_atomic(self.manifest_path, self.manifest)
+        itemsize = np.dtype(self.manifest["dtype"]).itemsize
+
+        def add(manifest: dict) -> None:
+            for layer in layers:
+                if layer.name in manifest["layers"]:
+                    continue
+                rows = min(shard_size, max(batch_size, SHARD_BYTES // (layer.dim * itemsize)))
+                rows = max(batch_size, rows // batch_size * batch_size)
+                manifest["layers"][layer.name] = {
+                    **layer.to_dict(), "dim": layer.dim, "shard_size": rows, "batch_size": batch_size,
+                    "created": _now(),
+                }
+
+        self.update_manifest(add)
 
     def write_shard(self, layer: str, shard: int, index: np.ndarray, features: np.ndarray,
                     skipped: dict[int, str]) -> Path:
@@ -242,8 +259,17 @@ class FeatureStore:
         path = self.shard_path(layer, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        rows, dim = features.shape
         stored = _as_stored(layer, features, self.manifest["dtype"])
+        try:
+            self._write_h5(tmp, layer, shard, index, stored, skipped)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a shard that failed (disk full) leaves no partial file
+        return path
+
+    def _write_h5(self, tmp: Path, layer: str, shard: int, index: np.ndarray, stored: np.ndarray,
+                  skipped: dict[int, str]) -> None:
+        rows, dim = stored.shape
         with h5py.File(tmp, "w") as f:
             chunk_rows = max(1, min(rows, (1 << 20) // max(1, dim * 4))) if rows else None
             f.create_dataset("features", data=stored,
@@ -259,15 +285,15 @@ class FeatureStore:
                 "weights": self.manifest["weights"],
                 "skipped": json.dumps({self.manifest["paths"][i]: e for i, e in skipped.items()}),
             })
-        os.replace(tmp, path)
-        return path
 
     def record_run(self, layers: list[str], seconds: float, n_images: int,
                    skipped: dict[str, str], settings: dict) -> None:
-        self.manifest["runs"].append({"layers": layers, "seconds": round(seconds, 3),
-                                      "images": n_images, "when": _now(), **settings})
-        self.manifest["skipped"].update(skipped)
-        _write_json_atomic(self.manifest_path, self.manifest)
+        def add(manifest: dict) -> None:
+            manifest["runs"].append({"layers": layers, "seconds": round(seconds, 3),
+                                     "images": n_images, "when": _now(), **settings})
+            manifest["skipped"].update(skipped)
+
+        self.update_manifest(add)
 
     # --- reading -----------------------------------------------------------------------------
     def check_layers(self, names: list[str]) -> None:
@@ -285,7 +311,7 @@ class FeatureStore:
         if layer not in self.manifest["layers"]:
             have = ", ".join(self.manifest["layers"]) or "none"
             raise FeatxError(f"layer {layer!r} is not in the cache {self.label} (cached: {have}); "
-                             f"run featx extract --layer {layer} first")
+                             "extract it first")
         missing = self.missing_shards(layer)
         if missing:
             raise FeatxError(f"layer {layer} in {self.label} is incomplete ({len(missing)} shards "
@@ -311,11 +337,11 @@ def _as_stored(layer: str, features: np.ndarray, dtype: str) -> np.ndarray:
     if dtype != "float16" or not len(features):
         return stored
     if not np.isfinite(stored).all():
-        raise FeatxError(f"layer {layer} has values beyond the float16 range; cache it with --dtype float32")
+        raise FeatxError(f"layer {layer} has values beyond the float16 range; cache it as float32")
     error = np.linalg.norm(stored.astype(np.float32) - features, axis=1)
     if (error > 0.01 * np.linalg.norm(features, axis=1)).any():
         raise FeatxError(f"layer {layer} has values too small for float16 (its smallest normal number is "
-                         f"{np.finfo(np.float16).tiny:.1e}); cache it with --dtype float32")
+                         f"{np.finfo(np.float16).tiny:.1e}); cache it as float32")
     return stored
 
 

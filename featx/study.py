@@ -19,6 +19,7 @@ from featx.data import ImageSet, Split, find_images, fixed_split, read_split_fil
 from featx.errors import FeatxError, OptionError
 from featx.models import get_model
 from featx.pipeline import ExtractOptions, extract_images
+from featx.places import writable_folder
 from featx.probes import PROBES, ProbeResult, get_probe
 from featx.probes.svm import DEFAULT_SCALING, SCALINGS
 from featx.report import LayerReport, ModelIdentity, Report, write_table
@@ -142,8 +143,7 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
     if not names:
         raise FeatxError(f"no complete layer in the cache {store.label}; run featx extract first")
     store.check_layers(names)
-    out = Path(out_dir) if out_dir else default_out_dir(store)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(out_dir) if out_dir else default_out_dir(store), "out")
     train = get_probe(svm.probe)
     entries, description = [], ""
     for name in names:
@@ -205,6 +205,8 @@ def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
     specs = [get_model(name, weights, svm.seed) for name in models]  # bad names fail before any work
     for spec in specs:
         spec.resolve_layers(layers)
+    if out_dir:
+        writable_folder(out_dir, "out")
     reports = []
     for spec in specs:
         store = extract_images(images, spec.name, layers, weights, cache, svm.seed,

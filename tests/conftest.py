@@ -19,6 +19,14 @@ DEMO = REPO / "data" / "demo"
 SHARED_DATA = Path(os.environ.get("FEATX_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_catalog(tmp_path_factory) -> Path:
+    """Tables derived live are remembered here, not in the home folder of whoever runs the tests."""
+    home = tmp_path_factory.mktemp("featx-home")
+    os.environ["FEATX_HOME"] = str(home)
+    return home
+
+
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
     assert DEMO.is_dir(), "data/demo is missing: run python data/make_demo.py"

@@ -35,20 +35,19 @@ def test_the_shipped_catalog_is_what_the_graphs_give_now() -> None:
     if not catalog.current():
         pytest.skip("the catalog was made with another torchvision than the installed one; "
                     "rebuild it with python -m featx.models.catalog")
+    from featx.models import lite
+
     for name in CHECKED:
         spec = get_model(name)
-        zoo_table = (torchvision_zoo.layer_table(name, spec.weights.tag, spec.preprocess.crop)
-                     if spec.source == "torchvision" else None)
-        if zoo_table is None:
-            from featx.models import lite
-
-            zoo_table = lite.layer_table(name, spec.preprocess.crop)
-        layers, defaults = zoo_table
+        size = spec.preprocess.crop
+        if spec.source == "torchvision":
+            layers, defaults = torchvision_zoo.layer_table(name, spec.weights.tag, size)
+            live_weights = torchvision_zoo.weight_sets(name)
+        else:
+            (layers, defaults), live_weights = lite.layer_table(name, size), lite.weight_sets(name)
         assert list(spec.layers) == layers, name
         assert list(spec.default_layers) == defaults, name
-        assert [w.to_dict() for w in (torchvision_zoo.weight_sets(name) if spec.source == "torchvision"
-                                      else [])] == ([w.to_dict() for w in catalog.weights_of(name)]
-                                                    if spec.source == "torchvision" else [])
+        assert catalog.weights_of(name, spec.source) == live_weights, name
 
 
 def test_every_catalog_table_has_stages_a_vector_per_layer_and_logits() -> None:
@@ -176,6 +175,22 @@ def test_layers_of_any_model_print_with_dimensions(tmp_path, model) -> None:
     assert rows[-1][0] == "logits" and rows[-1][1] == "1000"
 
 
+def test_timm_tables_are_derived_once_then_answered_without_torch(tmp_path) -> None:
+    pytest.importorskip("timm")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FEATX_HOME": str(tmp_path / "home")}
+    code = ("import sys; from featx.models import get_model; s = get_model('timm:resnet18'); "
+            "print(s.layer('layer4_pool').dim, 'timm' in sys.modules, 'torch' in sys.modules)")
+    first, second = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    env=env, check=False) for _ in range(2))
+    assert first.returncode == 0 and first.stdout.split() == ["512", "True", "True"], first.stderr
+    assert second.returncode == 0 and second.stdout.split() == ["512", "False", "False"], second.stderr
+    assert list((tmp_path / "home").glob("catalog-timm-*.json"))
+
+
 def test_models_lists_weight_sets(tmp_path) -> None:
     result = run_cli("models", "resnet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -183,7 +198,7 @@ def test_models_lists_weight_sets(tmp_path) -> None:
     assert "IMAGENET1K_V1 (224px)" in line and "IMAGENET1K_V2 (224px)" in line
 
 
-@pytest.mark.parametrize("model", ["vit_b_32", "mobilenet_v3_small"])
+@pytest.mark.parametrize("model", ["vit_b_16", "mobilenet_v3_small"])
 def test_table_runs_end_to_end_for_other_torchvision_models(tmp_path, model) -> None:
     write_images(tmp_path / "tiny", {"a": 4, "b": 4})
     result = run_cli("table", str(tmp_path / "tiny"), "--model", model, "--weights", "random",

@@ -88,6 +88,8 @@ def _source(name: str) -> str:
     found = catalog.entry(name)
     if found:
         return found["source"]
+    if catalog.weights_of(name, "torchvision") is not None:
+        return "torchvision"
     from featx.models import torchvision_zoo
 
     if name in torchvision_zoo.model_names():
@@ -100,20 +102,19 @@ def _source(name: str) -> str:
 def weight_sets(name: str) -> list[Weights]:
     """The pretrained weight sets of a model, the one `imagenet` names first."""
     source = _source(name)
-    if source == "timm":
-        from featx.models import timm_zoo
-
-        return timm_zoo.weight_sets(name)
-    found = catalog.weights_of(name)
+    key = name.partition(".")[0] if source == "timm" else name
+    found = catalog.weights_of(key, source)
     if found is not None:
         return found
-    if source == "lite":
-        from featx.models import lite
-
-        return lite.weight_sets(name)
-    from featx.models import torchvision_zoo
-
-    return torchvision_zoo.weight_sets(name)
+    if source == "timm":
+        from featx.models import timm_zoo as zoo
+    elif source == "lite":
+        from featx.models import lite as zoo
+    else:
+        from featx.models import torchvision_zoo as zoo
+    sets = zoo.weight_sets(key)
+    catalog.remember(key, source, weights=sets)
+    return sets
 
 
 def resolve_weights(name: str, weights: str = "imagenet", seed: int = 0) -> Weights:
@@ -122,7 +123,11 @@ def resolve_weights(name: str, weights: str = "imagenet", seed: int = 0) -> Weig
     sets = weight_sets(name)
     if name.startswith(TIMM_PREFIX) and "." in name:
         tag = name.partition(".")[2]
-        sets = [w for w in sets if w.tag == tag] or sets
+        named = [w for w in sets if w.tag == tag]
+        if not named:
+            raise FeatxError(f"{name.partition('.')[0]} has no pretrained tag {tag!r}; its tags: "
+                             + ", ".join(w.tag for w in sets))
+        sets = named
     if not sets and weights not in ("random",) and not Path(weights).expanduser().is_file():
         raise FeatxError(f"{name} has no pretrained weights; use random weights or a local file")
     standard = sets[0].preprocess if sets else Preprocess()
@@ -155,9 +160,11 @@ def get_model(name: str, weights: str = "imagenet", seed: int = 0) -> ModelSpec:
     source = _source(name)
     resolved = resolve_weights(name, weights, seed)
     size = resolved.preprocess.crop
-    table = catalog.layers_of(name, size)
+    key = resolved.model
+    table = catalog.layers_of(key, source, size)
     if table is None:
         table = _derive_table(name, source, resolved, size)
+        catalog.remember(key, source, size=size, table=table)
     layers, defaults = table
     return ModelSpec(resolved.model, source, resolved, tuple(w.tag for w in weight_sets(name)),
                      tuple(layers), tuple(defaults))

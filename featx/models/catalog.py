@@ -2,13 +2,15 @@
 table at each input size those weights use, derived once from the traced graphs and shipped as
 catalog.json, so that `featx models` and `featx layers` answer without importing torch.
 
-`python -m featx.models.catalog` rebuilds it. Where the installed torchvision differs from the
-one it was made with, tables are derived live instead (a second or two per model).
+`python -m featx.models.catalog` rebuilds it. Models it does not hold (timm's, or all of them
+when the installed torchvision differs from the one it was made with) are derived live once and
+remembered in a user catalog per library version: $FEATX_HOME, else ~/.cache/featx.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -36,20 +38,67 @@ def current() -> bool:
 
 
 def entry(name: str) -> dict | None:
+    """A model's shipped entry, when the shipped catalog is current."""
     return load()["models"].get(name) if current() else None
 
 
-def weights_of(name: str) -> list[Weights] | None:
-    found = entry(name)
-    return [Weights.from_dict(w) for w in found["weights"]] if found else None
+def _user_path(source: str) -> Path | None:
+    """The user catalog of one library version, or None when that library is not installed."""
+    library = "timm" if source == "timm" else "torchvision"
+    try:
+        version = metadata.version(library)
+    except metadata.PackageNotFoundError:
+        return None
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    home = os.environ.get("FEATX_HOME") or cache / "featx"
+    return Path(home) / f"catalog-{library}-{version}.json"
 
 
-def layers_of(name: str, size: int) -> tuple[list[Layer], list[str]] | None:
-    found = entry(name)
-    table = found and found["layers"].get(str(size))
+def _remembered(source: str) -> dict:
+    path = _user_path(source)
+    try:
+        return json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _entry(name: str, source: str) -> dict:
+    return entry(name) or _remembered(source).get(name, {})
+
+
+def weights_of(name: str, source: str) -> list[Weights] | None:
+    found = _entry(name, source).get("weights")
+    return None if found is None else [Weights.from_dict(w) for w in found]
+
+
+def layers_of(name: str, source: str, size: int) -> tuple[list[Layer], list[str]] | None:
+    table = _entry(name, source).get("layers", {}).get(str(size))
     if not table:
         return None
     return [Layer.from_dict(layer) for layer in table["layers"]], table["defaults"]
+
+
+def remember(name: str, source: str, weights: list[Weights] | None = None, size: int | None = None,
+             table: tuple[list[Layer], list[str]] | None = None) -> None:
+    """Add what was derived live to the user catalog, so the next question is answered without
+    torch; a place that cannot be written only means deriving again next time."""
+    path = _user_path(source)
+    if path is None:
+        return
+    data = _remembered(source)
+    found = data.setdefault(name, {"source": source, "weights": None, "layers": {}})
+    if weights is not None:
+        found["weights"] = [w.to_dict() for w in weights]
+    if table is not None:
+        found["layers"][str(size)] = {"layers": [layer.to_dict() for layer in table[0]],
+                                      "defaults": table[1]}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, separators=(",", ":")))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def build() -> dict:
