@@ -13,9 +13,11 @@ shards in flight, and the next run redoes exactly those.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -260,9 +262,18 @@ class FeatureStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         stored = _as_stored(layer, features, self.manifest["dtype"])
+        needed = stored.nbytes + 64 * len(index) + (1 << 20)  # features, index, labels, paths, headers
+        if shutil.disk_usage(path.parent).free < needed:  # HDF5 fails badly on a full disk: ask first
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a shard needs {needed >> 20} MiB)",
+                          str(path.parent))
         try:
             self._write_h5(tmp, layer, shard, index, stored, skipped)
             os.replace(tmp, path)
+        except OSError as exc:
+            if exc.filename:
+                raise
+            code = exc.errno or errno.EIO
+            raise OSError(code, f"{os.strerror(code)} ({exc})", str(tmp)) from None
         finally:
             tmp.unlink(missing_ok=True)  # a shard that failed (disk full) leaves no partial file
         return path

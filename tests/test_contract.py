@@ -246,6 +246,26 @@ def test_a_read_only_filesystem_is_named(tmp_path) -> None:
         subprocess.run(["umount", str(mount)], check=False)
 
 
+def test_a_full_disk_is_named_and_leaves_no_partial_shard(tmp_path) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"this machine does not let the tests mount a small tmpfs: {done.stderr.strip()}")
+    try:
+        write_images(tmp_path / "data", {"a": 3, "b": 3})
+        args = ["extract", str(tmp_path / "data"), *LITE_RANDOM, "--layer", "head", "--cache", str(mount / "c"),
+                "--workers", "0"]
+        result = subprocess.run([sys.executable, "-m", "featx", *args], capture_output=True, text=True,
+                                check=False, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr  # not a crash of the HDF5 library
+        assert_clean_error(result, "No space left on device", str(mount))
+        assert not list(mount.rglob("*.h5")) and not list(mount.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
 def test_a_read_only_cache_still_serves_what_it_holds(place, tmp_path) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(place["cache"], cache)
