@@ -22,32 +22,18 @@ COLUMNS = ("Layer", "Accuracy", "Feature Dim", "Feature Time", "SVM Train Time",
 
 
 @dataclass
-class LayerReport:
+class LayerReport(ProbeResult):
     """One layer of one model in the table: the probe's result (the mean over splits when there
-    are several, with every split's accuracy and C) and the extraction time it shares."""
+    are several, with every split's accuracy and C), whose features they are and the extraction
+    time they share."""
 
-    layer: str
-    model: str
-    dim: int
-    accuracy: float
-    C: float
-    scaling: str
-    train_seconds: float
-    kernel_form: bool
-    n_train: int
-    n_test: int
-    converged: bool
+    model: str = ""
     weights: str = ""
-    probe: str = "svm"
     feature_seconds: float = 0.0
     feature_shared_with: list[str] = field(default_factory=list)
     accuracy_std: float | None = None
     split_accuracies: list[float] = field(default_factory=list)
     C_per_split: list[float] = field(default_factory=list)
-    cv_scores: dict[str, float] = field(default_factory=dict)
-    test_paths: list[str] = field(default_factory=list)
-    y_true: list[int] = field(default_factory=list)
-    y_pred: list[int] = field(default_factory=list)
 
     @classmethod
     def from_results(cls, results: list[ProbeResult], model: str, weights: str,

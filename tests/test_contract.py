@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -230,40 +232,39 @@ def test_a_permission_denied_place_is_named_before_any_work(tmp_path, where, arg
     assert not any((tmp_path / "scratch").rglob("*.h5"))  # refused before the forward pass
 
 
-def test_a_read_only_filesystem_is_named(tmp_path) -> None:
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+@contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `path` for the test (a read-only or a tiny one); skipped where this
+    machine does not let the tests mount."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        pytest.skip(f"this machine does not let the tests mount a read-only tmpfs: {done.stderr.strip()}")
+        pytest.skip(f"this machine does not let the tests mount a tmpfs: {done.stderr.strip()}")
     try:
-        write_images(tmp_path / "data", {"a": 3, "b": 3})
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_read_only_filesystem_is_named(tmp_path) -> None:
+    write_images(tmp_path / "data", {"a": 3, "b": 3})
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount:
         result = run_cli("extract", str(tmp_path / "data"), *LITE_RANDOM, "--cache", str(mount / "c"),
                          cwd=tmp_path)
         assert_clean_error(result, "--cache", str(mount), "Read-only file system")
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_full_disk_is_named_and_leaves_no_partial_shard(tmp_path) -> None:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"this machine does not let the tests mount a small tmpfs: {done.stderr.strip()}")
-    try:
-        write_images(tmp_path / "data", {"a": 3, "b": 3})
-        args = ["extract", str(tmp_path / "data"), *LITE_RANDOM, "--layer", "head", "--cache", str(mount / "c"),
-                "--workers", "0"]
+    write_images(tmp_path / "data", {"a": 3, "b": 3})
+    with tmpfs(tmp_path / "small", "size=300k") as mount:
+        args = ["extract", str(tmp_path / "data"), *LITE_RANDOM, "--layer", "head",
+                "--cache", str(mount / "c"), "--workers", "0"]
         result = subprocess.run([sys.executable, "-m", "featx", *args], capture_output=True, text=True,
                                 check=False, cwd=tmp_path)
         assert result.returncode == 2, result.stderr  # not a crash of the HDF5 library
         assert_clean_error(result, "No space left on device", str(mount))
         assert not list(mount.rglob("*.h5")) and not list(mount.rglob("*.tmp"))
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_read_only_cache_still_serves_what_it_holds(place, tmp_path) -> None:
