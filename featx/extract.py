@@ -53,7 +53,7 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = False) -> str:
     """`auto` is bf16 on a GPU that supports it (else fp16); on a CPU it is bf16 only for a
-    backbone measured to gain from it (`cpu_bf16`) on a CPU with native bf16, else fp32."""
+    model measured to gain from it (`cpu_bf16`) on a CPU with native bf16, else fp32."""
     if precision not in PRECISIONS:
         raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision != "auto":

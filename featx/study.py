@@ -56,6 +56,8 @@ class SvmOptions:
                 raise OptionError(name, f"must be at least 1, not {getattr(self, name)}")
         if self.probe not in PROBES:
             raise OptionError("probe", f"must be one of {', '.join(PROBES)}, not {self.probe!r}")
+        if self.split_file:
+            read_split_file(self.split_file)  # exists, is a CSV of path,label,split: checked now
 
 
 def check_split(images: ImageSet, svm: SvmOptions) -> None:

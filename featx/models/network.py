@@ -29,12 +29,7 @@ def _architecture(spec: ModelSpec, on_meta: bool) -> nn.Module:
     if spec.source == "lite":
         from featx.models import lite
 
-        module = lite.build(spec.name)
-        if on_meta:
-            return module
-        from efficientnet_lite_pytorch import EfficientNet
-
-        return EfficientNet.from_name(spec.name.replace("_", "-"))
+        return lite.build(spec.name, "meta" if on_meta else "cpu")
     from featx.models import timm_zoo
 
     if on_meta:
