@@ -294,8 +294,10 @@ def info(cache: Annotated[Path | None, typer.Argument(
     from featx.store import default_cache_root, list_stores
 
     root = cache or default_cache_root()
-    stores = list_stores(root)
-    if not stores:
+    stores, broken = list_stores(root)
+    for folder, reason in broken.items():
+        typer.echo(f"{folder}: passed over: {reason}")
+    if not stores and not broken:
         raise FeatxError(f"no featx cache under {root}")
     for store in stores:
         s = store.summary()

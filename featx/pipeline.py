@@ -7,6 +7,9 @@ serves for every requested layer while a background thread writes finished shard
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +27,8 @@ from featx.progress import extraction_progress
 from featx.store import DTYPES, FeatureStore, ShardWriter, default_cache_root
 
 console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
+SPACE_MARGIN = 16 << 20  # room for the manifest and HDF5 headers beside the features
+RUN_NOTE_SECONDS = 10.0  # how often a running extraction records its time in the manifest
 
 
 @dataclass(frozen=True)
@@ -77,25 +82,47 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
             options.dtype, imagenet_default=pretrained and get_model(model).weights.tag == loaded.weights.tag)
     except OSError as exc:
         raise OptionError("cache", f"cannot write in {exc.filename or root}: {describe(exc)}") from None
-    todo = {layer.name for layer in requested if store.missing_shards(layer.name)
-            or layer.name not in store.manifest["layers"]}
     names = ", ".join(layer.name for layer in requested)
-    if not todo:
-        console.print(f"{store.label}: {names} already cached")
-        return store
-    writable_folder(store.folder, "cache")  # a read-only cache serves what it holds, adds nothing
-    description = f"{images.name} {spec.name} [{names}] on {extractor.device} {extractor.precision}"
-    with extraction_progress(console, description, progress) as advance:
-        summary = extract_to_cache(store, extractor, images, options.batch_size,
-                                   options.shard_size, options.workers, advance)
+
+    def wait() -> None:
+        console.print(f"another featx extract is writing {store.folder}; waiting for it to finish "
+                      "(Ctrl-C stops this one, nothing is lost)")
+
+    with store.extraction_lock(wait):
+        store = FeatureStore(store.folder)  # as the run before this one left it
+        if not _layers_to_write(store, requested):
+            console.print(f"{store.label}: {names} already cached")
+            return store
+        writable_folder(store.folder, "cache")  # a read-only cache serves what it holds, adds nothing
+        description = f"{images.name} {spec.name} [{names}] on {extractor.device} {extractor.precision}"
+        with extraction_progress(console, description, progress) as advance:
+            summary = extract_to_cache(store, extractor, images, options.batch_size,
+                                       options.shard_size, options.workers, advance)
     for path, reason in summary["skipped"].items():
         console.print(f"[yellow]warning:[/] skipped unreadable image {path} ({reason})")
     if summary["skipped"]:
         console.print(f"[yellow]warning:[/] {len(summary['skipped'])} images skipped; "
                       f"listed in {store.manifest_path}")
     console.print(f"{store.label}: {summary['images']} images, {names} in "
-                  f"{summary['seconds']:.1f} s -> {store.folder}")
+                  f"{summary['seconds']:.1f} s, {summary.get('bytes', 0) / 2**20:.1f} MiB -> {store.folder}")
     return store
+
+
+def _layers_to_write(store: FeatureStore, requested: list) -> set[str]:
+    """The requested layers with shards to write: new layers, missing shards, and damaged ones
+    (checked against their checksums, named, and deleted to be written anew)."""
+    todo = set()
+    for layer in requested:
+        if layer.name not in store.manifest["layers"]:
+            todo.add(layer.name)
+            continue
+        for shard, reason in store.damaged_shards(layer.name).items():
+            console.print(f"[yellow]warning:[/] {store.shard_path(layer.name, shard)} is damaged "
+                          f"({reason}); it is written again")
+            store.shard_path(layer.name, shard).unlink()
+        if store.missing_shards(layer.name):
+            todo.add(layer.name)
+    return todo
 
 
 class _ShardBuffer:
@@ -135,6 +162,12 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
     summary = {"layers": layers, "images": len(needed), "seconds": 0.0, "skipped": {}}
     if not needed:
         return summary
+    needed_bytes = sum(store.bytes_to_write(name, sorted(todo[name])) for name in layers)
+    free = shutil.disk_usage(store.folder).free
+    if free < needed_bytes + SPACE_MARGIN:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: this run writes about "
+                      f"{needed_bytes / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free", str(store.folder))
+    summary["bytes"] = needed_bytes
     # batches on the global grid of batch_size, so a resumed run batches exactly as a full run
     grid: dict[int, list[int]] = {}
     for i in needed:
@@ -144,8 +177,12 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
     sizes = {name: store.manifest["layers"][name]["shard_size"] for name in layers}
     buffers: dict[tuple[str, int], _ShardBuffer] = {}
     writer = ShardWriter(store)
-    started = time.perf_counter()
+    run = store.start_run(layers, len(needed), {"device": str(extractor.device), "precision":
+                                                extractor.precision, "batch_size": batch_size,
+                                                "workers": workers})
+    started = noted = time.perf_counter()
     skipped_all: dict[int, str] = {}
+    done_images = 0
     try:
         for batch, out in zip(batches, extract_batches(extractor, images, batches, workers)):
             skipped_all.update(out.skipped)
@@ -165,16 +202,19 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
                         feats = (np.concatenate(buf.features) if buf.features
                                  else np.zeros((0, store.manifest["layers"][name]["dim"]), np.float32))
                         writer.submit(name, int(k), np.concatenate(buf.index), feats, buf.skipped)
+            done_images += len(batch)
             if on_batch:
                 on_batch(len(batch), len(needed))
+            if time.perf_counter() - noted > RUN_NOTE_SECONDS:  # a killed run keeps its time
+                noted = time.perf_counter()
+                store.update_run(run, noted - started, done_images)
     finally:
-        writer.close()
-        seconds = time.perf_counter() - started
-        skipped = {store.manifest["paths"][i]: e for i, e in sorted(skipped_all.items())}
-        done = [name for name in layers if not store.missing_shards(name)]
-        if done:
-            store.record_run(done, seconds, len(needed), skipped, {
-                "device": str(extractor.device), "precision": extractor.precision,
-                "batch_size": batch_size, "workers": workers})
+        try:
+            writer.close()
+        finally:
+            seconds = time.perf_counter() - started
+            skipped = {store.manifest["paths"][i]: e for i, e in sorted(skipped_all.items())}
+            complete = not any(store.missing_shards(name) for name in layers)
+            store.update_run(run, seconds, done_images, "done" if complete else "stopped", skipped)
     summary.update(seconds=seconds, skipped=skipped)
     return summary

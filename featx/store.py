@@ -19,14 +19,16 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
 import numpy as np
-from filelock import FileLock
+import xxhash
+from filelock import FileLock, Timeout
 
 from featx import __version__
 from featx.data import ImageSet
@@ -35,7 +37,7 @@ from featx.models import Layer, Weights
 
 DTYPES = ("float32", "float16")
 SHARD_BYTES = 256 << 20  # bound on one layer's shard in memory and on disk
-CACHE_FORMAT = 2  # format 1 (featx before the model registry) named weights by strings
+CACHE_FORMAT = 3  # 1: weights named by strings; 2: shards without checksums
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class FeatureStore:
         self.manifest_path = self.folder / "manifest.json"
         if not self.manifest_path.is_file():
             raise FeatxError(f"no featx cache at {self.folder} (manifest.json missing)")
-        self.manifest = json.loads(self.manifest_path.read_text())
+        self.manifest = read_manifest(self.manifest_path)
 
     @property
     def weights(self) -> Weights:
@@ -140,10 +142,6 @@ class FeatureStore:
         folder = Path(root) / images.name / key.folder
         if (folder / "manifest.json").is_file():
             store = cls(folder)
-            if store.manifest.get("format") != CACHE_FORMAT:
-                raise FeatxError(f"the cache at {folder} was made by an older featx (cache format "
-                                 f"{store.manifest.get('format', 1)}); delete that folder or pass "
-                                 "another cache folder")
             changed = key.differences(store.manifest)
             if changed:
                 raise FeatxError(f"the cache at {folder} was made with another "
@@ -207,7 +205,8 @@ class FeatureStore:
         return [name for name in self.manifest["layers"] if not self.missing_shards(name)]
 
     def feature_time(self, layer: str) -> tuple[float, list[str]]:
-        """Seconds of the extraction runs that produced `layer`, and the layers they shared."""
+        """Seconds of the extraction runs that produced `layer` (stopped and killed runs
+        included: their shards are part of the layer), and the layers they shared."""
         seconds, shared = 0.0, set()
         for run in self.manifest["runs"]:
             if layer in run["layers"]:
@@ -230,6 +229,24 @@ class FeatureStore:
                 "skipped": self.manifest["skipped"], "layers": layers, "runs": self.manifest["runs"]}
 
     # --- writing -----------------------------------------------------------------------------
+    @contextmanager
+    def extraction_lock(self, on_wait: Callable[[], None]) -> Iterator[None]:
+        """One extraction at a time per cache folder: a second one calls `on_wait` and waits.
+        A cache that cannot be written has nothing to lock (it only serves what it holds)."""
+        lock = FileLock(self.folder / ".extract.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            on_wait()
+            lock.acquire()
+        except OSError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
+
     def update_manifest(self, change: Callable[[dict], None]) -> None:
         """Apply `change` to the manifest as it is on disk now, under the cache's lock, so that
         concurrent runs that add other layers or runs keep each other's entries."""
@@ -291,20 +308,41 @@ class FeatureStore:
                              dtype=h5py.string_dtype())
             start, stop = self.shard_ranges(layer)[shard]
             f.attrs.update({
+                "checksum": shard_checksum(stored, index.astype(np.int64)),
                 "layer": layer, "shard": shard, "start": start, "stop": stop, "dim": dim,
                 "featx_version": __version__, "model": self.manifest["model"],
                 "weights": self.manifest["weights"],
                 "skipped": json.dumps({self.manifest["paths"][i]: e for i, e in skipped.items()}),
             })
 
-    def record_run(self, layers: list[str], seconds: float, n_images: int,
-                   skipped: dict[str, str], settings: dict) -> None:
+    def start_run(self, layers: list[str], n_images: int, settings: dict) -> str:
+        """Record an extraction run as running; a run killed later keeps its last update."""
+        run_id = f"{_now()}-{os.getpid()}"
+
         def add(manifest: dict) -> None:
-            manifest["runs"].append({"layers": layers, "seconds": round(seconds, 3),
-                                     "images": n_images, "when": _now(), **settings})
-            manifest["skipped"].update(skipped)
+            manifest["runs"].append({"id": run_id, "layers": layers, "seconds": 0.0, "images": 0,
+                                     "planned_images": n_images, "status": "running",
+                                     "when": _now(), **settings})
 
         self.update_manifest(add)
+        return run_id
+
+    def update_run(self, run_id: str, seconds: float, n_images: int, status: str = "running",
+                   skipped: dict[str, str] | None = None) -> None:
+        """The run's time and images so far; its status at the end (done or stopped)."""
+        def change(manifest: dict) -> None:
+            for run in manifest["runs"]:
+                if run.get("id") == run_id:
+                    run.update(seconds=round(seconds, 3), images=n_images, status=status)
+            manifest["skipped"].update(skipped or {})
+
+        self.update_manifest(change)
+
+    def bytes_to_write(self, layer: str, shards: list[int]) -> int:
+        """About how many bytes these shards of a planned layer take on disk."""
+        meta = self.manifest["layers"][layer]
+        rows = sum(stop - start for start, stop in (self.shard_ranges(layer)[k] for k in shards))
+        return rows * (meta["dim"] * np.dtype(self.manifest["dtype"]).itemsize + 64)
 
     # --- reading -----------------------------------------------------------------------------
     def check_layers(self, names: list[str]) -> None:
@@ -328,16 +366,61 @@ class FeatureStore:
             raise FeatxError(f"layer {layer} in {self.label} is incomplete ({len(missing)} shards "
                              "missing): run the same featx extract again to resume")
 
+    def read_shard(self, layer: str, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """One shard's features (as stored) and rows, checked against its checksum and the
+        layer's width; a damaged or truncated shard is a DamagedShard naming it."""
+        path = self.shard_path(layer, shard)
+        try:
+            with h5py.File(path, "r") as f:
+                features, index = f["features"][...], f["index"][...]
+                expected = f.attrs["checksum"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise DamagedShard(path, f"unreadable ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        dim = self.manifest["layers"][layer]["dim"]
+        if features.ndim != 2 or features.shape[1] != dim or len(index) != len(features):
+            raise DamagedShard(path, f"shape {features.shape} where {dim} columns belong")
+        if shard_checksum(features, index) != expected:
+            raise DamagedShard(path, "its checksum does not match its contents")
+        return features, index
+
+    def damaged_shards(self, layer: str) -> dict[int, str]:
+        """{shard: why} for every present shard of `layer` that fails its check (reads them all)."""
+        damaged = {}
+        for k in range(len(self.shard_ranges(layer))):
+            if self.shard_path(layer, k).is_file():
+                try:
+                    self.read_shard(layer, k)
+                except DamagedShard as exc:
+                    damaged[k] = exc.reason
+        return damaged
+
     def read_layer(self, layer: str) -> LayerFeatures:
         """All rows of one layer, in dataset order (unreadable images are absent)."""
         self._check_complete(layer)
         parts, index = [], []
         for k in range(len(self.shard_ranges(layer))):
-            with h5py.File(self.shard_path(layer, k), "r") as f:
-                parts.append(f["features"][...].astype(np.float32, copy=False))
-                index.append(f["index"][...])
+            features, rows = self.read_shard(layer, k)
+            parts.append(features.astype(np.float32, copy=False))
+            index.append(rows)
         idx = np.concatenate(index)
         return LayerFeatures(layer, np.concatenate(parts), idx, self.labels[idx])
+
+
+class DamagedShard(FeatxError):
+    """A shard that cannot be read or whose contents do not match its checksum."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"the shard {path} is damaged: {reason}; run the same featx extract again "
+                         "to write it anew")
+
+
+def shard_checksum(features: np.ndarray, index: np.ndarray) -> str:
+    """xxh3 of a shard's features and rows (about 30 GB/s: cheap beside reading them)."""
+    h = xxhash.xxh3_64()
+    h.update(np.ascontiguousarray(features).data)
+    h.update(np.ascontiguousarray(index, dtype=np.int64).data)
+    return h.hexdigest()
 
 
 def _as_stored(layer: str, features: np.ndarray, dtype: str) -> np.ndarray:
@@ -360,9 +443,37 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def list_stores(root: str | Path) -> list[FeatureStore]:
-    """Every dataset/model cache under a cache root."""
-    return [FeatureStore(p.parent) for p in sorted(Path(root).glob("*/*/manifest.json"))]
+MANIFEST_KEYS = ("format", "model", "weights", "weights_info", "dataset", "dataset_root", "classes",
+                 "paths", "labels", "layers", "runs", "skipped", "dtype", "model_layers")
+
+
+def read_manifest(path: Path) -> dict:
+    """A cache's manifest, or a FeatxError saying what is wrong with it."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FeatxError(f"the cache manifest {path} cannot be read ({exc})") from None
+    if not isinstance(manifest, dict) or "featx_version" not in manifest:
+        raise FeatxError(f"the cache manifest {path} is not a featx manifest")
+    if manifest.get("format") != CACHE_FORMAT:
+        raise FeatxError(f"the cache at {path.parent} was made by an older featx (cache format "
+                         f"{manifest.get('format', 1)}); delete that folder or pass another cache folder")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise FeatxError(f"the cache manifest {path} lacks {', '.join(missing)}")
+    return manifest
+
+
+def list_stores(root: str | Path) -> tuple[list[FeatureStore], dict[Path, str]]:
+    """Every dataset/model cache under a cache root, and {folder: problem} for the ones whose
+    manifest is broken: those are named and passed over, never fatal for the others."""
+    stores, broken = [], {}
+    for path in sorted(Path(root).glob("*/*/manifest.json")):
+        try:
+            stores.append(FeatureStore(path.parent))
+        except FeatxError as exc:
+            broken[path.parent] = str(exc)
+    return stores, broken
 
 
 class ShardWriter:

@@ -18,7 +18,7 @@ from featx import __version__
 from featx.data import ImageSet, Split, find_images, fixed_split, read_split_file, seeded_split
 from featx.errors import FeatxError, OptionError
 from featx.models import get_model
-from featx.pipeline import ExtractOptions, extract_images
+from featx.pipeline import ExtractOptions, console, extract_images
 from featx.places import writable_folder
 from featx.probes import PROBES, ProbeResult, get_probe
 from featx.probes.svm import DEFAULT_SCALING, SCALINGS
@@ -86,7 +86,9 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
     root = Path(cache) if cache else default_cache_root()
     if root.exists() and not root.is_dir():
         raise FeatxError(f"the cache {root} is a file, not a folder")
-    stores = list_stores(root)
+    stores, broken = list_stores(root)
+    for reason in broken.values():
+        console.print(f"[yellow]warning:[/] {reason}; passed over")
     if not stores:
         raise FeatxError(f"no features cached under {root}; run featx extract DATASET first")
     matching = [s for s in stores
