@@ -43,10 +43,15 @@ BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
 Workers = Annotated[int | None, typer.Option(help="Image-decoding worker processes. Default: cores - 1.")]
 ShardSize = Annotated[int, typer.Option(help="Images per HDF5 shard (at most; large layers get fewer).")]
 Dtype = Annotated[str, typer.Option(help="Cached feature type: float32 or float16.")]
+Verify = Annotated[str, typer.Option(
+    help="How a cached image is recognised: size (size and modification time) or hash (its bytes "
+         "too, read once per run).")]
 Seed = Annotated[int, typer.Option(help="Seed of the split, of CV folds and of random weights.")]
 CValue = Annotated[str, typer.Option("--C", help="SVM C, or auto: cross-validated on the training part.")]
 Scaling = Annotated[str, typer.Option(help="Feature scaling: l2, standardize or none.")]
-TrainPerClass = Annotated[int, typer.Option(help="Training images per class for the seeded split.")]
+TrainPerClass = Annotated[int | None, typer.Option(
+    help="Training images per class for the seeded split. Default: 100 (the 15-Scene protocol) "
+         "where every class has more images, else half of the smallest class; the table says which.")]
 SplitFile = Annotated[Path | None, typer.Option("--split", help="CSV with path,label,split (train/test).")]
 Splits = Annotated[int, typer.Option(
     help="Random splits to train and test on (mean +/- std); 1 with a fixed split.")]
@@ -54,11 +59,11 @@ OutDir = Annotated[Path | None, typer.Option(
     "--out", help="Results folder. Default: featx-results/DATASET/MODEL-WEIGHTS.")]
 
 
-def _extract_options(device, precision, batch_size, workers, shard_size, dtype):
+def _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify="size"):
     from featx.study import ExtractOptions
 
     return ExtractOptions(device=device, precision=precision, batch_size=batch_size,
-                          workers=workers, shard_size=shard_size, dtype=dtype)
+                          workers=workers, shard_size=shard_size, dtype=dtype, verify=verify)
 
 
 def _svm_options(C, scaling, train_per_class, seed, split, splits=1):
@@ -102,7 +107,7 @@ def extract(
     layer: Layers = None, model: Model = "vgg16", weights: Weights = "imagenet",
     cache: Cache = None, device: Device = "auto", precision: Precision = "auto",
     batch_size: BatchSize = 32, workers: Workers = None, shard_size: ShardSize = 512,
-    dtype: Dtype = "float32", seed: Seed = 0,
+    dtype: Dtype = "float32", seed: Seed = 0, verify: Verify = "size",
 ) -> None:
     """Run the network once over DATASET and cache the requested layers to HDF5 shards.
 
@@ -113,19 +118,19 @@ def extract(
     from featx.study import extract as run_extract
 
     run_extract(dataset, model, _layer_names(layer), weights, cache, seed,
-                _extract_options(device, precision, batch_size, workers, shard_size, dtype))
+                _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify))
 
 
 @app.command()
 def svm(
     layer: Layers = None, dataset: Annotated[str | None, typer.Option(
-        help="Dataset name in the cache, when it holds several.")] = None,
+        help="Dataset in the cache, when it holds several: its name, or its folder.")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Model in the cache, when it holds several.")] = None,
     weights: Annotated[str | None, typer.Option(
         help="Weights in the cache (imagenet, random, ...), when several.")] = None,
     cache: Cache = None, C: CValue = "auto", scaling: Scaling = "l2",
-    train_per_class: TrainPerClass = 100, seed: Seed = 0, split: SplitFile = None,
+    train_per_class: TrainPerClass = None, seed: Seed = 0, split: SplitFile = None,
     splits: Splits = 1, out: OutDir = None,
 ) -> None:
     """Train a LinearSVC per layer on cached features; print accuracy, dim, C and time.
@@ -152,12 +157,12 @@ def table(
     model: Annotated[list[str], typer.Option(
         "--model", "-m", help="Model; repeat for one table comparing several.")] = ["vgg16"],  # noqa: B006
     layer: Layers = None, weights: Weights = "imagenet", cache: Cache = None,
-    C: CValue = "auto", scaling: Scaling = "l2", train_per_class: TrainPerClass = 100,
+    C: CValue = "auto", scaling: Scaling = "l2", train_per_class: TrainPerClass = None,
     seed: Seed = 0, split: SplitFile = None, splits: Splits = 1, out: OutDir = None,
     html: Annotated[Path | None, typer.Option(help="Also write the one-page HTML report here.")] = None,
     device: Device = "auto",
     precision: Precision = "auto", batch_size: BatchSize = 32, workers: Workers = None,
-    shard_size: ShardSize = 512, dtype: Dtype = "float32",
+    shard_size: ShardSize = 512, dtype: Dtype = "float32", verify: Verify = "size",
 ) -> None:
     """The layer-comparison table: extract all layers in one pass (or reuse the cache), train an
     SVM per layer, print the table and write it as Markdown, CSV and JSON.
@@ -174,7 +179,7 @@ def table(
         writable_file(html, "html")
     report, paths = run_table(
         dataset, model, _layer_names(layer), weights, cache, out,
-        _extract_options(device, precision, batch_size, workers, shard_size, dtype),
+        _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify),
         _svm_options(C, scaling, train_per_class, seed, split, splits), on_layer=_print_layer)
     typer.echo(render_markdown(report))
     typer.echo(f"written: {paths['md']}, {paths['csv']}, {paths['json']}", err=True)

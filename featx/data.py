@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import xxhash
 from PIL import Image, ImageOps
 
 from featx.errors import FeatxError, OptionError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FIXED_SPLITS = ("train", "test")
+LARGE_PIXELS = 40_000_000  # above this a JPEG is decoded at reduced size (draft mode)
+MAX_PIXELS = 300_000_000  # about 900 MB as RGB: the most featx decodes
+MULTI_FRAME = {".gif", ".tif", ".tiff", ".webp", ".png"}  # formats that may hold several frames
+VERIFY = ("size", "hash")  # how a cached image is recognised: size and mtime, or its bytes too
+PROTOCOL_TRAIN_PER_CLASS = 100  # training images per class of the 15-Scene protocol
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,8 @@ class ImageSet:
     """The images of a dataset, in a fixed order: relative paths, integer labels and class names.
 
     `fixed_split` holds "train"/"test" per image for datasets laid out as train/ and test/;
-    `skipped` the links the scan did not take, with the reason (see `find_images`).
+    `skipped` the links the scan did not take, with the reason (see `find_images`); `notes` the
+    images taken with a remark (a multi-frame file: its first frame is used).
     """
 
     root: Path
@@ -31,6 +37,7 @@ class ImageSet:
     classes: tuple[str, ...]
     fixed_split: tuple[str, ...] | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -39,13 +46,21 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def fingerprint(self) -> str:
-        """A hash of the image list (paths, labels, file sizes): a changed dataset gets a new one."""
-        h = hashlib.sha256()
-        for rel, label in zip(self.paths, self.labels):
-            size = (self.root / rel).stat().st_size
-            h.update(f"{rel}\t{self.classes[label]}\t{size}\n".encode())
-        return h.hexdigest()[:16]
+    def file_stats(self, verify: str = "size") -> list[list]:
+        """Per image [size, mtime_ns, content hash or None]: what tells a replaced image from the
+        one that was extracted. `verify="hash"` adds an xxh3 of the file's bytes (reads them)."""
+        if verify not in VERIFY:
+            raise OptionError("verify", f"must be one of {', '.join(VERIFY)}, not {verify!r}")
+        stats = []
+        for rel in self.paths:
+            path = self.root / rel
+            try:
+                info = path.stat()
+                digest = xxhash.xxh3_128_hexdigest(path.read_bytes()) if verify == "hash" else None
+                stats.append([info.st_size, info.st_mtime_ns, digest])
+            except OSError:  # gone since the scan: it cannot match anything
+                stats.append([-1, -1, None])
+        return stats
 
 
 def _is_image(path: Path) -> bool:
@@ -56,7 +71,8 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _images_in(folder: Path, root: Path, seen: dict[Path, str], skipped: dict[str, str]) -> list[Path]:
+def _images_in(folder: Path, root: Path, seen: dict[Path, str], skipped: dict[str, str],
+               notes: dict[str, str]) -> list[Path]:
     """The images below a class folder, by the link rule of `find_images`."""
     images = []
     for path in sorted(folder.rglob("*")):
@@ -76,7 +92,17 @@ def _images_in(folder: Path, root: Path, seen: dict[Path, str], skipped: dict[st
             else:
                 seen[target] = rel
                 images.append(path)
+                if path.suffix.lower() in MULTI_FRAME and (frames := _frames(path)) > 1:
+                    notes[rel] = f"{frames} frames: the first one is used"
     return images
+
+
+def _frames(path: Path) -> int:
+    try:
+        with Image.open(path) as opened:
+            return int(getattr(opened, "n_frames", 1))
+    except (OSError, ValueError):
+        return 1  # unreadable: extraction names it
 
 
 def find_images(root: str | Path) -> ImageSet:
@@ -108,10 +134,11 @@ def find_images(root: str | Path) -> ImageSet:
     splits: list[str] = []
     seen: dict[Path, str] = {}
     skipped: dict[str, str] = {}
+    notes: dict[str, str] = {}
     for split, folder in parts:
         for label, cls in enumerate(classes):
             class_dir = folder / cls
-            images = _images_in(class_dir, root, seen, skipped) if class_dir.is_dir() else []
+            images = _images_in(class_dir, root, seen, skipped, notes) if class_dir.is_dir() else []
             if not images:
                 where = f"{split}/{cls}" if split else cls
                 raise FeatxError(f"class folder {where} in {root} has no images")
@@ -119,7 +146,7 @@ def find_images(root: str | Path) -> ImageSet:
             labels += [label] * len(images)
             splits += [split or ""] * len(images)
     return ImageSet(root, tuple(paths), np.asarray(labels, dtype=np.int64), tuple(classes),
-                    tuple(splits) if has_fixed_split else None, skipped)
+                    tuple(splits) if has_fixed_split else None, skipped, notes)
 
 
 @dataclass(frozen=True)
@@ -131,14 +158,25 @@ class Split:
     description: str
 
 
-def seeded_split(labels: np.ndarray, classes: tuple[str, ...], train_per_class: int,
+def seeded_split(labels: np.ndarray, classes: tuple[str, ...], train_per_class: int | None,
                  seed: int) -> Split:
-    """The usual protocol: `train_per_class` random images of each class train, the rest test."""
+    """The usual protocol: `train_per_class` random images of each class train, the rest test.
+    None means the 15-Scene protocol's 100 where every class has more images, else half of the
+    smallest class (the description says so)."""
+    present = [(label, cls) for label, cls in enumerate(classes) if (labels == label).any()]
+    how = ""
+    if train_per_class is None:
+        smallest, label_min = min((int((labels == label).sum()), cls) for label, cls in present)
+        train_per_class = PROTOCOL_TRAIN_PER_CLASS
+        if smallest <= PROTOCOL_TRAIN_PER_CLASS:
+            train_per_class = max(1, smallest // 2)
+            how = (f" (half of the smallest class, {label_min} with {smallest} images; the usual "
+                   f"{PROTOCOL_TRAIN_PER_CLASS} needs more in every class)")
     if train_per_class < 1:
         raise OptionError("train_per_class", f"must be at least 1, not {train_per_class}")
     rng = np.random.default_rng(seed)
     train: list[np.ndarray] = []
-    for label, cls in enumerate(classes):
+    for label, cls in present:
         rows = np.flatnonzero(labels == label)
         if len(rows) <= train_per_class:
             raise OptionError("train_per_class", f"{train_per_class} leaves no test image in class "
@@ -147,7 +185,7 @@ def seeded_split(labels: np.ndarray, classes: tuple[str, ...], train_per_class: 
     train_rows = np.sort(np.concatenate(train))
     test_rows = np.setdiff1d(np.arange(len(labels)), train_rows)
     return Split(train_rows, test_rows,
-                 f"{train_per_class} training images per class, seed {seed}, the rest for test")
+                 f"{train_per_class} training images per class{how}, seed {seed}, the rest for test")
 
 
 def fixed_split(split_names: tuple[str, ...] | list[str], description: str) -> Split:
@@ -172,17 +210,30 @@ def read_split_file(path: str | Path) -> dict[str, str]:
     return mapping
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Open one image as 8-bit RGB with its EXIF orientation applied.
 
     Grayscale, palette, RGBA, CMYK and 16-bit images are converted; raises OSError/ValueError
-    for files that are not readable images.
+    for files that are not readable images. Memory stays bounded: a JPEG over LARGE_PIXELS is
+    decoded at a reduced scale that keeps its shorter side at least `min_side`, and an image
+    that would still be over MAX_PIXELS is refused (ValueError) instead of decoded.
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as opened:
-            opened.load()
-            img = ImageOps.exif_transpose(opened)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS rules here
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > LARGE_PIXELS and min_side and opened.format == "JPEG":
+                    scale = min_side / min(width, height)
+                    opened.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
+                if opened.size[0] * opened.size[1] > MAX_PIXELS:
+                    raise ValueError(f"{width}x{height} pixels, more than the {MAX_PIXELS // 10**6} "
+                                     "megapixels featx decodes")
+                opened.load()
+                img = ImageOps.exif_transpose(opened)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0

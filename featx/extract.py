@@ -145,7 +145,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
         try:
-            pixels = prepare(self.preprocess, load_image(self.images.root / self.images.paths[index]))
+            path = self.images.root / self.images.paths[index]
+            pixels = prepare(self.preprocess, load_image(path, self.preprocess.resize))
             return index, pixels, ""
         except Exception as exc:  # noqa: BLE001 - corrupt, truncated, empty or not an image
             blank = torch.zeros(3, self.preprocess.crop, self.preprocess.crop, dtype=torch.uint8)

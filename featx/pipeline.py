@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from featx.data import ImageSet
+from featx.data import VERIFY, ImageSet
 from featx.errors import OptionError
 from featx.extract import PRECISIONS, LayerExtractor, extract_batches
 from featx.models import get_model, load_model
@@ -28,7 +28,7 @@ from featx.store import DTYPES, FeatureStore, ShardWriter, default_cache_root
 
 console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
 SPACE_MARGIN = 16 << 20  # room for the manifest and HDF5 headers beside the features
-RUN_NOTE_SECONDS = 10.0  # how often a running extraction records its time in the manifest
+RUN_NOTE_SECONDS = 1.0  # at most this often a running extraction records its time in the manifest
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class ExtractOptions:
     shard_size: int = 512
     dtype: str = "float32"
     channels_last: bool = True
+    verify: str = "size"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "shard_size"):
@@ -55,6 +56,8 @@ class ExtractOptions:
             raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.dtype not in DTYPES:
             raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.verify not in VERIFY:
+            raise OptionError("verify", f"must be one of {', '.join(VERIFY)}, not {self.verify!r}")
 
 
 def extract_images(images: ImageSet, model: str, layers: list[str] | None, weights: str,
@@ -66,6 +69,8 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
     requested = spec.resolve_layers(layers)  # bad names fail before any download
     for path, reason in images.skipped.items():
         console.print(f"[yellow]warning:[/] skipped {path}: {reason}")
+    for path, note in images.notes.items():
+        console.print(f"[yellow]note:[/] {path}: {note}")
     root = Path(cache).expanduser() if cache else default_cache_root()
     if root.exists() and not root.is_dir():
         raise OptionError("cache", f"{root} is a file, not a folder")
@@ -79,7 +84,8 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
     try:
         store = FeatureStore.open_for(
             root, images, loaded.weights, extractor.precision, [layer.name for layer in spec.layers],
-            options.dtype, imagenet_default=pretrained and get_model(model).weights.tag == loaded.weights.tag)
+            options.dtype, pretrained and get_model(model).weights.tag == loaded.weights.tag,
+            options.verify)
     except OSError as exc:
         raise OptionError("cache", f"cannot write in {exc.filename or root}: {describe(exc)}") from None
     names = ", ".join(layer.name for layer in requested)
@@ -90,13 +96,17 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
 
     with store.extraction_lock(wait):
         store = FeatureStore(store.folder)  # as the run before this one left it
+        changes = store.sync_images(images, options.verify)
+        if changes:
+            console.print(f"[yellow]note:[/] {images.root} changed since {store.label} was made: "
+                          f"{changes.describe()}; only the shards concerned are extracted again")
         if not _layers_to_write(store, requested):
             console.print(f"{store.label}: {names} already cached")
             return store
         writable_folder(store.folder, "cache")  # a read-only cache serves what it holds, adds nothing
         description = f"{images.name} {spec.name} [{names}] on {extractor.device} {extractor.precision}"
         with extraction_progress(console, description, progress) as advance:
-            summary = extract_to_cache(store, extractor, images, options.batch_size,
+            summary = extract_to_cache(store, extractor, store.images(), options.batch_size,
                                        options.shard_size, options.workers, advance)
     for path, reason in summary["skipped"].items():
         console.print(f"[yellow]warning:[/] skipped unreadable image {path} ({reason})")
@@ -128,8 +138,8 @@ def _layers_to_write(store: FeatureStore, requested: list) -> set[str]:
 class _ShardBuffer:
     """Rows of one layer's shard gathered batch by batch until the shard's range is covered."""
 
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop, self.seen = start, stop, 0
+    def __init__(self, start: int, stop: int, expected: int) -> None:
+        self.start, self.stop, self.seen, self.expected = start, stop, 0, expected
         self.index: list[np.ndarray] = []
         self.features: list[np.ndarray] = []
         self.skipped: dict[int, str] = {}
@@ -142,7 +152,7 @@ class _ShardBuffer:
 
     @property
     def complete(self) -> bool:
-        return self.seen == self.stop - self.start
+        return self.seen == self.expected
 
 
 def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: ImageSet,
@@ -157,8 +167,9 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
     store.plan_layers(extractor.layers, batch_size, shard_size)
     batch_size = store.manifest["layers"][layers[0]]["batch_size"]  # a resumed run batches as before
     todo = {name: set(store.missing_shards(name)) for name in layers}
+    removed = store.removed  # images gone from the dataset: not extracted again
     needed = sorted({i for name in layers for k in todo[name]
-                     for i in range(*store.shard_ranges(name)[k])})
+                     for i in range(*store.shard_ranges(name)[k]) if i not in removed})
     summary = {"layers": layers, "images": len(needed), "seconds": 0.0, "skipped": {}}
     if not needed:
         return summary
@@ -166,7 +177,8 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
     free = shutil.disk_usage(store.folder).free
     if free < needed_bytes + SPACE_MARGIN:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: this run writes about "
-                      f"{needed_bytes / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free", str(store.folder))
+                      f"{needed_bytes / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free",
+                      str(store.folder))
     summary["bytes"] = needed_bytes
     # batches on the global grid of batch_size, so a resumed run batches exactly as a full run
     grid: dict[int, list[int]] = {}
@@ -177,6 +189,11 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
     sizes = {name: store.manifest["layers"][name]["shard_size"] for name in layers}
     buffers: dict[tuple[str, int], _ShardBuffer] = {}
     writer = ShardWriter(store)
+    for name in layers:  # a shard all of whose images are gone is written empty
+        dim = store.manifest["layers"][name]["dim"]
+        for k in sorted(todo[name]):
+            if all(i in removed for i in range(*store.shard_ranges(name)[k])):
+                writer.submit(name, k, np.zeros(0, np.int64), np.zeros((0, dim), np.float32), {})
     run = store.start_run(layers, len(needed), {"device": str(extractor.device), "precision":
                                                 extractor.precision, "batch_size": batch_size,
                                                 "workers": workers})
@@ -192,7 +209,8 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
                     if k not in todo[name]:
                         continue
                     start, stop = store.shard_ranges(name)[k]
-                    buf = buffers.setdefault((name, k), _ShardBuffer(start, stop))
+                    expected = sum(1 for i in range(start, stop) if i not in removed)
+                    buf = buffers.setdefault((name, k), _ShardBuffer(start, stop, expected))
                     rows = (out.indices >= start) & (out.indices < stop)
                     seen = int(((batch_arr >= start) & (batch_arr < stop)).sum())
                     buf.add(out.indices[rows], out.features[name][rows],

@@ -13,9 +13,21 @@ from featx.data import load_image
 from featx.errors import FeatxError
 from featx.models.weights import Preprocess
 
+ASPECT_LIMIT = 4  # a longer side beyond 4x the shorter one is cut before the resize
+
 
 def prepare(preprocess: Preprocess, image: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> uint8 tensor (3, crop, crop), resized as torchvision's transforms do."""
+    """PIL RGB image -> uint8 tensor (3, crop, crop), resized as torchvision's transforms do.
+
+    An image more than ASPECT_LIMIT times as long as it is wide (a 20000x1 strip) has its long
+    side cut around the centre first: the centre crop never reaches that far, and the resize of
+    the shorter side would otherwise make billions of pixels."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long > ASPECT_LIMIT * short:
+        keep = ASPECT_LIMIT * short
+        cut = (long - keep) // 2
+        image = image.crop((cut, 0, cut + keep, height) if width > height else (0, cut, width, cut + keep))
     mode = TF.InterpolationMode(preprocess.interpolation)
     image = TF.resize(image, [preprocess.resize], interpolation=mode, antialias=True)
     image = TF.center_crop(image, [preprocess.crop])
@@ -25,7 +37,7 @@ def prepare(preprocess: Preprocess, image: Image.Image) -> torch.Tensor:
 def load(preprocess: Preprocess, path: str | Path) -> torch.Tensor:
     """Read one image file and prepare it; an unreadable file is a FeatxError naming it."""
     try:
-        return prepare(preprocess, load_image(path))
+        return prepare(preprocess, load_image(path, preprocess.resize))
     except (OSError, ValueError) as exc:
         raise FeatxError(f"cannot read image {path}: {exc}") from None
 

@@ -88,7 +88,7 @@ class Report:
     layers: list[LayerReport]
     split: str
     seed: int
-    train_per_class: int
+    train_per_class: int | None
     split_file: str | None
     splits: int
     scaling: str

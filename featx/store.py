@@ -50,12 +50,11 @@ class CacheKey:
     preprocess: dict
     precision: str
     dtype: str
-    images_fingerprint: str
 
     @classmethod
-    def of(cls, images: ImageSet, weights: Weights, precision: str, dtype: str) -> CacheKey:
+    def of(cls, weights: Weights, precision: str, dtype: str) -> CacheKey:
         return cls(weights.model, weights.name, weights.checksum, weights.preprocess.to_dict(),
-                   precision, dtype, images.fingerprint())
+                   precision, dtype)
 
     @property
     def folder(self) -> str:
@@ -69,6 +68,37 @@ class CacheKey:
         stored = json.loads(json.dumps(asdict(self)))  # compare as stored: tuples become lists
         return [f"{f.name.replace('_', ' ')} ({manifest.get(f.name)} there, {stored[f.name]} now)"
                 for f in fields(self) if manifest.get(f.name) != stored[f.name]]
+
+
+@dataclass(frozen=True)
+class ImageChanges:
+    """How a dataset differs from the cache's record of it, as relative paths."""
+
+    changed: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.changed or self.added or self.removed)
+
+    def describe(self) -> str:
+        parts = [f"{len(paths)} {what} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})"
+                 for what, paths in (("changed", self.changed), ("added", self.added),
+                                     ("removed", self.removed)) if paths]
+        return "; ".join(parts)
+
+
+def dataset_folder(root: Path, images: ImageSet) -> str:
+    """The dataset's folder in a cache: its name, or name-<hash of its path> when another dataset
+    of the same name is cached there already (a/test and b/test)."""
+    for manifest in Path(root).glob(f"{images.name}/*/manifest.json"):
+        try:
+            other = json.loads(manifest.read_text()).get("dataset_root")
+        except (OSError, ValueError):
+            continue
+        if other and other != str(images.root):
+            return f"{images.name}-{xxhash.xxh3_64_hexdigest(str(images.root).encode())[:8]}"
+    return images.name
 
 
 def default_cache_root() -> Path:
@@ -130,16 +160,17 @@ class FeatureStore:
     # --- creation ----------------------------------------------------------------------------
     @classmethod
     def open_for(cls, root: Path, images: ImageSet, weights: Weights, precision: str,
-                 layer_names: list[str], dtype: str = "float32",
-                 imagenet_default: bool = False) -> FeatureStore:
+                 layer_names: list[str], dtype: str = "float32", imagenet_default: bool = False,
+                 verify: str = "size") -> FeatureStore:
         """Open (or create) the cache for these images and these weights; refuse a cache whose
-        weights, preprocessing, precision, dtype or image list differ, saying what differs.
-        `layer_names` is the model's whole layer table, recorded to check names later;
-        `imagenet_default` says the weights are the ones `--weights imagenet` names."""
+        weights, preprocessing, precision or dtype differ, saying what differs (a changed image
+        list is `sync_images`' business). `layer_names` is the model's whole layer table,
+        recorded to check names later; `imagenet_default` says the weights are the ones
+        `--weights imagenet` names; `verify` how images are recognised (see ImageSet.file_stats)."""
         if dtype not in DTYPES:
             raise FeatxError(f"unknown dtype {dtype!r}; use float32 or float16")
-        key = CacheKey.of(images, weights, precision, dtype)
-        folder = Path(root) / images.name / key.folder
+        key = CacheKey.of(weights, precision, dtype)
+        folder = Path(root) / dataset_folder(Path(root), images) / key.folder
         if (folder / "manifest.json").is_file():
             store = cls(folder)
             changed = key.differences(store.manifest)
@@ -163,13 +194,76 @@ class FeatureStore:
             "paths": list(images.paths),
             "labels": images.labels.tolist(),
             "fixed_split": list(images.fixed_split) if images.fixed_split else None,
+            "stats": images.file_stats(verify),
+            "removed": [],
             "layers": {},
             "runs": [],
             "skipped": dict(images.skipped),
+            "notes": dict(images.notes),
             "created": _now(),
         }
         _write_json_atomic(folder / "manifest.json", manifest)
         return cls(folder)
+
+    # --- the images ---------------------------------------------------------------------------
+    def images(self) -> ImageSet:
+        """The cached rows as an image set (row order; removed rows included, never read)."""
+        m = self.manifest
+        return ImageSet(Path(m["dataset_root"]), tuple(m["paths"]), self.labels, self.classes,
+                        tuple(m["fixed_split"]) if m["fixed_split"] else None)
+
+    @property
+    def removed(self) -> set[int]:
+        return set(self.manifest["removed"])
+
+    def compare_images(self, images: ImageSet, verify: str = "size") -> ImageChanges:
+        """What differs between the dataset as scanned now and the cache's record of it."""
+        m = self.manifest
+        now = dict(zip(images.paths, images.file_stats(verify)))
+        rows = {path: i for i, path in enumerate(m["paths"])}
+        changed = [p for p, i in rows.items() if p in now and
+                   (i in self.removed or not _same_file(m["stats"][i], now[p]))]
+        added = [p for p in images.paths if p not in rows]
+        removed = [p for p, i in rows.items() if p not in now and i not in self.removed]
+        return ImageChanges(tuple(changed), tuple(added), tuple(removed))
+
+    def sync_images(self, images: ImageSet, verify: str = "size") -> ImageChanges:
+        """Bring the cache's record up to the dataset: a changed image invalidates its shards
+        (deleted, to be extracted again), an added one becomes a new row at the end, a removed
+        one is marked and no longer read. Nothing else is touched."""
+        changes = self.compare_images(images, verify)
+        now = dict(zip(images.paths, images.file_stats(verify)))
+        if not changes:
+            if verify == "hash" and any(stats[2] is None for stats in self.manifest["stats"]):
+                self.update_manifest(lambda m: m.update(stats=[now.get(path, stats) for path, stats
+                                                               in zip(m["paths"], m["stats"])]))
+            return changes
+        split = dict(zip(images.paths, images.fixed_split or [None] * len(images)))
+
+        def apply(m: dict) -> None:
+            rows = {path: i for i, path in enumerate(m["paths"])}
+            stale = {rows[p] for p in changes.changed}
+            if changes.added:
+                stale.add(len(m["paths"]) - 1)  # the last shard's range grows
+            for path in changes.added:
+                label = images.classes[images.labels[images.paths.index(path)]]
+                if label not in m["classes"]:
+                    m["classes"].append(label)
+                m["paths"].append(path)
+                m["labels"].append(m["classes"].index(label))
+                m["stats"].append(now[path])
+                if m["fixed_split"] is not None:
+                    m["fixed_split"].append(split[path])
+            for path in changes.changed:
+                m["stats"][rows[path]] = now[path]
+                m["skipped"].pop(path, None)
+            m["removed"] = sorted((set(m["removed"]) - stale) | {rows[p] for p in changes.removed})
+            for name, meta in m["layers"].items():
+                for shard in {row // meta["shard_size"] for row in stale if row >= 0}:
+                    self.shard_path(name, shard).unlink(missing_ok=True)
+
+        self.update_manifest(apply)
+        return changes
 
     # --- description -------------------------------------------------------------------------
     @property
@@ -375,7 +469,8 @@ class FeatureStore:
                 features, index = f["features"][...], f["index"][...]
                 expected = f.attrs["checksum"]
         except (OSError, KeyError, ValueError) as exc:
-            raise DamagedShard(path, f"unreadable ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DamagedShard(path, f"unreadable ({reason})") from None
         dim = self.manifest["layers"][layer]["dim"]
         if features.ndim != 2 or features.shape[1] != dim or len(index) != len(features):
             raise DamagedShard(path, f"shape {features.shape} where {dim} columns belong")
@@ -403,7 +498,11 @@ class FeatureStore:
             parts.append(features.astype(np.float32, copy=False))
             index.append(rows)
         idx = np.concatenate(index)
-        return LayerFeatures(layer, np.concatenate(parts), idx, self.labels[idx])
+        features = np.concatenate(parts)
+        if self.removed:  # images gone from the dataset are not read
+            keep = ~np.isin(idx, list(self.removed))
+            features, idx = features[keep], idx[keep]
+        return LayerFeatures(layer, features, idx, self.labels[idx])
 
 
 class DamagedShard(FeatxError):
@@ -421,6 +520,13 @@ def shard_checksum(features: np.ndarray, index: np.ndarray) -> str:
     h.update(np.ascontiguousarray(features).data)
     h.update(np.ascontiguousarray(index, dtype=np.int64).data)
     return h.hexdigest()
+
+
+def _same_file(stored: list, now: list) -> bool:
+    """Size and mtime equal, and the content hash too where both sides have one."""
+    if stored[:2] != now[:2]:
+        return False
+    return stored[2] is None or now[2] is None or stored[2] == now[2]
 
 
 def _as_stored(layer: str, features: np.ndarray, dtype: str) -> np.ndarray:
@@ -444,7 +550,8 @@ def _now() -> str:
 
 
 MANIFEST_KEYS = ("format", "model", "weights", "weights_info", "dataset", "dataset_root", "classes",
-                 "paths", "labels", "layers", "runs", "skipped", "dtype", "model_layers")
+                 "paths", "labels", "stats", "removed", "layers", "runs", "skipped", "dtype",
+                 "model_layers")
 
 
 def read_manifest(path: Path) -> dict:

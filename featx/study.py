@@ -28,13 +28,16 @@ from featx.store import FeatureStore, default_cache_root, list_stores
 __all__ = ["ExtractOptions", "SvmOptions", "evaluate", "extract", "find_store", "run_table"]
 
 
+C_RANGE = (1e-6, 1e6)  # values of C a linear SVM on l2-scaled features can tell apart
+
+
 @dataclass(frozen=True)
 class SvmOptions:
     """How to train and test: the probe, C, scaling and the split; checked once when made."""
 
     C: float | str = "auto"
     scaling: str = DEFAULT_SCALING
-    train_per_class: int = 100
+    train_per_class: int | None = None  # None: 100, or half of the smallest class (see seeded_split)
     seed: int = 0
     split_file: str | None = None
     splits: int = 1
@@ -48,11 +51,14 @@ class SvmOptions:
                 raise OptionError("C", f"must be a positive number or auto, not {self.C!r}") from None
             if not math.isfinite(value) or value <= 0:
                 raise OptionError("C", f"must be a positive finite number or auto, not {self.C!r}")
+            if not C_RANGE[0] <= value <= C_RANGE[1]:
+                raise OptionError("C", f"must lie between {C_RANGE[0]:g} and {C_RANGE[1]:g} (or be auto), "
+                                  f"not {value:g}: beyond that the solver only runs longer")
             object.__setattr__(self, "C", value)
         if self.scaling not in SCALINGS:
             raise OptionError("scaling", f"must be one of {', '.join(SCALINGS)}, not {self.scaling!r}")
         for name in ("train_per_class", "splits"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionError(name, f"must be at least 1, not {getattr(self, name)}")
         if self.probe not in PROBES:
             raise OptionError("probe", f"must be one of {', '.join(PROBES)}, not {self.probe!r}")
@@ -91,8 +97,10 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
         console.print(f"[yellow]warning:[/] {reason}; passed over")
     if not stores:
         raise FeatxError(f"no features cached under {root}; run featx extract DATASET first")
+    folder = Path(dataset).expanduser().resolve() if dataset and Path(dataset).expanduser().is_dir() else None
     matching = [s for s in stores
-                if (dataset is None or s.manifest["dataset"] == Path(dataset).name)
+                if (dataset is None or (s.manifest["dataset_root"] == str(folder) if folder
+                                        else s.manifest["dataset"] == dataset))
                 and (model is None or s.manifest["model"] == model.strip())
                 and (weights is None or s.holds_weights(weights))]
     if not matching:
@@ -104,6 +112,21 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
         raise FeatxError(f"the cache {root} holds several: " + ", ".join(s.label for s in matching)
                          + "; choose one by dataset, model or weights")
     return matching[0]
+
+
+def check_dataset(store: FeatureStore) -> None:
+    """Refuse to score a cache whose dataset changed since extraction, saying what changed; a
+    dataset folder that is not there (a cache moved alone) is said, then scored as extracted."""
+    root = Path(store.manifest["dataset_root"])
+    if not root.is_dir():
+        console.print(f"[yellow]warning:[/] the dataset folder {root} is not there: {store.label} is "
+                      "scored as it was extracted, unchecked")
+        return
+    changes = store.compare_images(find_images(root))
+    if changes:
+        raise FeatxError(f"the dataset {root} changed since {store.label} was extracted: "
+                         f"{changes.describe()}; run featx extract on it again (only the shards "
+                         "concerned are redone)")
 
 
 def default_out_dir(store: FeatureStore) -> Path:
@@ -132,8 +155,9 @@ def split_rows(store: FeatureStore, index: np.ndarray, svm: SvmOptions) -> list[
     parts = [seeded_split(labels, store.classes, svm.train_per_class, s) for s in seeds]
     if svm.splits == 1:
         return parts
+    per_class = parts[0].description.split(", seed ")[0]
     description = (f"{svm.splits} random splits (seeds {svm.seed}..{svm.seed + svm.splits - 1}) of "
-                   f"{svm.train_per_class} training images per class, the rest for test")
+                   f"{per_class}, the rest for test")
     return [Split(p.train, p.test, description) for p in parts]
 
 
@@ -147,6 +171,7 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
     if not names:
         raise FeatxError(f"no complete layer in the cache {store.label}; run featx extract first")
     store.check_layers(names)
+    check_dataset(store)
     out = writable_folder(Path(out_dir) if out_dir else default_out_dir(store), "out")
     train = get_probe(svm.probe)
     entries, description = [], ""

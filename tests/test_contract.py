@@ -96,6 +96,7 @@ BAD = [
     (["svm", "--cache", "{cache}", "--C", "0"], "--C must be a positive"),
     (["svm", "--cache", "{cache}", "--C", "nan"], "--C must be a positive finite"),
     (["svm", "--cache", "{cache}", "--C", "inf"], "--C must be a positive finite"),
+    (["svm", "--cache", "{cache}", "--C", "1e300"], "--C must lie between 1e-06 and 1e+06"),
     (["svm", "--cache", "{cache}", "--scaling", "cube"], "--scaling must be one of"),
     (["svm", "--cache", "{cache}", "--train-per-class", "0"], "--train-per-class must be"),
     (["svm", "--cache", "{cache}", "--train-per-class", "100"], "--train-per-class 100 leaves no test"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -35,13 +37,21 @@ def test_train_and_test_folders_give_a_fixed_split(tmp_path) -> None:
     assert all(p.startswith(s + "/") for p, s in zip(images.paths, images.fixed_split))
 
 
-def test_fingerprint_changes_when_the_image_list_changes(tmp_path) -> None:
+def test_file_stats_tell_a_replaced_image_by_time_or_by_content(tmp_path) -> None:
     root = write_images(tmp_path / "set", {"a": 2, "b": 2})
-    before = find_images(root).fingerprint()
-    assert find_images(root).fingerprint() == before
-    write_images(tmp_path / "extra", {"a": 3})
-    (tmp_path / "extra" / "a" / "img_002.jpg").rename(root / "a" / "new.jpg")
-    assert find_images(root).fingerprint() != before
+    images = find_images(root)
+    size, by_hash = images.file_stats(), images.file_stats("hash")
+    assert [s[:2] for s in size] == [s[:2] for s in by_hash] and size[0][2] is None
+    first = root / images.paths[0]
+    stat = first.stat()
+    data = bytearray(first.read_bytes())
+    data[-3] ^= 0xFF  # same size, other content, same modification time
+    first.write_bytes(bytes(data))
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert images.file_stats()[0] == size[0]  # size and time cannot see it
+    assert images.file_stats("hash")[0][2] != by_hash[0][2]  # the content hash does
+    with pytest.raises(FeatxError, match="verify must be one of size, hash"):
+        images.file_stats("crc")
 
 
 @pytest.mark.parametrize("make, message", [

@@ -1,0 +1,220 @@
+"""No silent wrong answer: the cache under changed, added, removed and replaced images, damaged
+shards, concurrent runs, broken manifests, killed runs and awkward images. Each case ends with one
+clear line or a correct result, and every shard it should not touch stays as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from featx.store import FeatureStore
+
+from conftest import assert_clean_error, run_cli, write_images
+
+LITE_RANDOM = ["--model", "efficientnet_lite0", "--weights", "random"]
+FOLDER = "efficientnet_lite0-random-seed0"
+
+
+def shard_sums(store_folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store_folder.glob("pool/*.h5"))}
+
+
+@pytest.fixture
+def cached(tmp_path):
+    """A dataset of 3 classes x 6 images cached in shards of 4 (pool layer), and a runner."""
+    data = write_images(tmp_path / "data", {"a": 6, "b": 6, "c": 6})
+
+    def featx(*args: str):
+        return run_cli(*args, cwd=tmp_path)
+
+    def extract(*extra: str):
+        result = featx("extract", str(data), *LITE_RANDOM, "--layer", "pool", "--batch-size", "4",
+                       "--shard-size", "4", "--workers", "0", *extra)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    extract()
+    store = tmp_path / "featx-cache" / "data" / FOLDER
+    return data, store, featx, extract
+
+
+def _replace_pixels(path: Path, seed: int) -> None:
+    """Another picture under the same file name: a smooth gradient instead of noise."""
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(ramp, (64, 1))] * 3, axis=2) // (seed % 3 + 1)).save(path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+
+
+def test_a_replaced_image_is_named_by_svm_and_only_its_shard_is_redone(cached) -> None:
+    data, store, featx, extract = cached
+    before, features = shard_sums(store), FeatureStore(store).read_layer("pool")
+    _replace_pixels(data / "b" / "img_002.jpg", seed=99)  # row 8: shard 2
+    refused = featx("svm", "--train-per-class", "2")
+    assert_clean_error(refused, "changed since", "1 changed (b/img_002.jpg)", "run featx extract")
+    result = extract()
+    assert "1 changed (b/img_002.jpg)" in result.stderr and "4 images" in result.stderr
+    after = shard_sums(store)
+    assert {name for name in before if before[name] != after[name]} == {"shard-00002.h5"}
+    now = FeatureStore(store).read_layer("pool")
+    changed = np.flatnonzero((now.features != features.features).any(axis=1))
+    assert changed.tolist() == [8]
+    assert featx("svm", "--train-per-class", "2").returncode == 0
+
+
+def test_removed_and_added_images_are_named_then_synced_without_touching_other_shards(cached) -> None:
+    data, store, featx, extract = cached
+    before = shard_sums(store)
+    (data / "a" / "img_001.jpg").unlink()
+    write_images(data.parent / "more", {"c": 8})
+    (data.parent / "more" / "c" / "img_007.jpg").rename(data / "c" / "new.jpg")
+    assert_clean_error(featx("svm", "--train-per-class", "2"), "1 added (c/new.jpg)",
+                       "1 removed (a/img_001.jpg)")
+    extract()
+    after = shard_sums(store)
+    assert {n for n in before if before[n] == after.get(n)} == {f"shard-0000{k}.h5" for k in range(4)}
+    layer = FeatureStore(store).read_layer("pool")
+    paths = [FeatureStore(store).manifest["paths"][i] for i in layer.index]
+    assert "a/img_001.jpg" not in paths and paths[-1] == "c/new.jpg" and len(paths) == 18
+    assert featx("svm", "--train-per-class", "2").returncode == 0
+
+
+def test_verify_hash_sees_new_bytes_behind_the_same_size_and_time(cached) -> None:
+    data, store, featx, extract = cached
+    extract("--verify", "hash")
+    path = data / "a" / "img_000.jpg"
+    stat, raw = path.stat(), bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x55
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert "already cached" in extract().stderr  # size and time cannot see it
+    assert "1 changed (a/img_000.jpg)" in extract("--verify", "hash").stderr
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "width"])
+def test_a_damaged_shard_is_named_and_extract_writes_it_anew(cached, damage) -> None:
+    data, store, featx, extract = cached
+    before = shard_sums(store)
+    reference = FeatureStore(store).read_layer("pool").features
+    shard = store / "pool" / "shard-00001.h5"
+    raw = bytearray(shard.read_bytes())
+    if damage == "flip":
+        with h5py.File(shard, "r") as f:
+            offset = f["features"].id.get_chunk_info(0).byte_offset
+        raw[offset + 10] ^= 0x01
+        shard.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        shard.write_bytes(bytes(raw[: len(raw) // 2]))
+    else:
+        with h5py.File(shard, "r+") as f:
+            del f["features"]
+            f.create_dataset("features", data=np.zeros((4, 7), np.float32))
+    result = featx("svm", "--train-per-class", "2")
+    assert_clean_error(result, str(shard), "is damaged", "run the same featx extract again")
+    fixed = extract()
+    assert f"{shard} is damaged" in fixed.stderr and "written again" in fixed.stderr
+    assert shard_sums(store) == before
+    assert np.array_equal(FeatureStore(store).read_layer("pool").features, reference)
+
+
+def test_a_broken_manifest_is_passed_over_and_the_others_still_work(cached, tmp_path) -> None:
+    data, store, featx, extract = cached
+    other = write_images(tmp_path / "other", {"x": 4, "y": 4})
+    assert featx("extract", str(other), *LITE_RANDOM, "--layer", "pool").returncode == 0
+    for content in ("{not json", "{}"):
+        (store / "manifest.json").write_text(content)
+        result = featx("svm", "--train-per-class", "2")
+        assert result.returncode == 0, result.stderr
+        assert "passed over" in result.stderr and str(store) in result.stderr
+        info = featx("info")
+        assert info.returncode == 0 and "other/" in info.stdout and "passed over" in info.stdout
+
+
+def test_concurrent_extracts_of_the_same_layer_do_the_work_once(tmp_path, demo_dir) -> None:
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "featx", "extract", str(demo_dir), *LITE_RANDOM, "--layer", "pool",
+            "--cache", str(cache), "--workers", "0"]
+    runs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[1] for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs
+    joined = "\n".join(outputs)
+    assert "waiting for it to finish" in joined and "already cached" in joined
+    store = FeatureStore(cache / "demo" / FOLDER)
+    assert [run["status"] for run in store.manifest["runs"]] == ["done"]
+
+
+def test_a_killed_run_is_recorded_with_its_time(tmp_path, demo_dir) -> None:
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "featx", "extract", str(demo_dir), *LITE_RANDOM, "--layer", "pool",
+            "--cache", str(cache), "--batch-size", "8", "--shard-size", "8", "--workers", "0",
+            "--precision", "fp32"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = cache / "demo" / FOLDER
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        manifest = folder / "manifest.json"
+        runs = json.loads(manifest.read_text())["runs"] if manifest.exists() else []
+        if runs and runs[-1]["images"] > 0:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = FeatureStore(folder).manifest["runs"][0]
+    assert killed["status"] == "running" and killed["seconds"] > 0 and killed["images"] > 0
+    assert subprocess.run(args, capture_output=True, check=False).returncode == 0
+    store = FeatureStore(folder)
+    seconds, _ = store.feature_time("pool")
+    assert seconds == pytest.approx(sum(run["seconds"] for run in store.manifest["runs"]))
+    assert [run["status"] for run in store.manifest["runs"]] == ["running", "done"]
+
+
+def test_awkward_images_are_decoded_within_bounds_or_named(tmp_path) -> None:
+    data = write_images(tmp_path / "data", {"a": 3, "b": 3})
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (1, 20000, 3), dtype=np.uint8)).save(data / "a" / "thin.png")
+    Image.new("RGB", (10000, 10000), (20, 120, 220)).save(data / "b" / "huge.jpg", quality=70)
+    frames = [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(3)]
+    frames[0].save(data / "b" / "moving.gif", save_all=True, append_images=frames[1:])
+    (data / "a" / "folder.jpg").mkdir()  # a folder with an image's name is not an image
+    started = time.perf_counter()
+    result = run_cli("extract", str(data), *LITE_RANDOM, "--layer", "pool", "--workers", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - started < 60
+    assert "b/moving.gif: 3 frames: the first one is used" in result.stderr
+    manifest = json.loads((tmp_path / "featx-cache" / "data" / FOLDER / "manifest.json").read_text())
+    assert {"a/thin.png", "b/huge.jpg", "b/moving.gif"} <= set(manifest["paths"])
+    assert "a/folder.jpg" not in manifest["paths"] and not manifest["skipped"]
+    assert manifest["notes"] == {"b/moving.gif": "3 frames: the first one is used"}
+
+
+def test_two_datasets_with_one_name_get_two_caches(tmp_path) -> None:
+    first = write_images(tmp_path / "one" / "test", {"a": 3, "b": 3})
+    second = write_images(tmp_path / "two" / "test", {"x": 3, "y": 3}, seed=5)
+    for data in (first, second):
+        assert run_cli("extract", str(data), *LITE_RANDOM, "--layer", "pool", cwd=tmp_path).returncode == 0
+    folders = sorted(p.name for p in (tmp_path / "featx-cache").iterdir())
+    assert len(folders) == 2 and folders[0] == "test" and folders[1].startswith("test-")
+    chosen = run_cli("svm", "--dataset", str(second), "--train-per-class", "1", "--C", "1", cwd=tmp_path)
+    assert chosen.returncode == 0, chosen.stderr
+    assert "| pool |" in chosen.stdout
+    assert_clean_error(run_cli("svm", "--dataset", "test", cwd=tmp_path), "holds several")
+
+
+def test_the_default_split_falls_back_to_half_the_smallest_class_and_says_so(tmp_path) -> None:
+    data = write_images(tmp_path / "data", {"a": 12, "b": 10})
+    result = run_cli("table", str(data), *LITE_RANDOM, "--layer", "pool", "--C", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "5 training images per class (half of the smallest class, b with 10 images" in result.stdout
