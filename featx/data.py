@@ -85,6 +85,8 @@ def _images_in(folder: Path, root: Path, seen: dict[Path, str], skipped: dict[st
             continue
         elif path.is_symlink() and not path.exists():
             skipped[rel] = "a broken link"
+        elif not path.is_file():
+            skipped[rel] = "a folder, not an image file" if path.is_dir() else "not a regular file"
         elif path.is_file():
             target = path.resolve()
             if target in seen:

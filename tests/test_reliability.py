@@ -196,7 +196,9 @@ def test_awkward_images_are_decoded_within_bounds_or_named(tmp_path) -> None:
     assert "b/moving.gif: 3 frames: the first one is used" in result.stderr
     manifest = json.loads((tmp_path / "featx-cache" / "data" / FOLDER / "manifest.json").read_text())
     assert {"a/thin.png", "b/huge.jpg", "b/moving.gif"} <= set(manifest["paths"])
-    assert "a/folder.jpg" not in manifest["paths"] and not manifest["skipped"]
+    assert "a/folder.jpg" not in manifest["paths"]
+    assert manifest["skipped"] == {"a/folder.jpg": "a folder, not an image file"}
+    assert "skipped a/folder.jpg: a folder, not an image file" in result.stderr
     assert manifest["notes"] == {"b/moving.gif": "3 frames: the first one is used"}
 
 
@@ -218,3 +220,32 @@ def test_the_default_split_falls_back_to_half_the_smallest_class_and_says_so(tmp
     result = run_cli("table", str(data), *LITE_RANDOM, "--layer", "pool", "--C", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "5 training images per class (half of the smallest class, b with 10 images" in result.stdout
+
+
+def test_a_disk_filling_up_during_a_run_is_one_line_and_keeps_the_shards_before(cached, monkeypatch) -> None:
+    import errno
+
+    from featx.store import FeatureStore as Store
+
+    data, store, featx, extract = cached
+    (store / "pool" / "shard-00003.h5").unlink()
+    (store / "pool" / "shard-00004.h5").unlink()
+    before = shard_sums(store)
+    write = Store._write_h5
+
+    def full_after_one(self, tmp, *args):
+        if tmp.name.startswith("shard-00004"):
+            tmp.write_bytes(b"partial")  # what a full disk leaves behind
+            raise OSError(errno.ENOSPC, "Driver write request failed")
+        return write(self, tmp, *args)
+
+    monkeypatch.setattr(Store, "_write_h5", full_after_one)
+    result = featx("extract", str(data), *LITE_RANDOM, "--layer", "pool", "--batch-size", "4",
+                   "--shard-size", "4", "--workers", "0")
+    assert result.returncode == 2
+    assert_clean_error(result, "No space left on device", "shard-00004.h5.tmp")
+    after = shard_sums(store)
+    assert {name: after[name] for name in before} == before and "shard-00003.h5" in after
+    assert not list(store.rglob("*.tmp"))
+    monkeypatch.setattr(Store, "_write_h5", write)
+    assert "4 images" in extract().stderr  # the rerun writes the one shard that is missing
