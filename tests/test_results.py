@@ -93,20 +93,22 @@ def _report_page(work, out):
 
 
 def test_several_models_in_one_table(tmp_path, demo_dir) -> None:
-    result = run_cli("table", str(demo_dir), "--model", "efficientnet_lite0", "--model", "resnet50",
-                     "--weights", "random", "--layer", "pool", "--train-per-class", "12", "--C", "1",
-                     cwd=tmp_path)
+    result = run_cli("table", str(demo_dir), "--model", "efficientnet_lite0", "--model",
+                     "mobilenet_v3_small", "--weights", "random", "--layer", "pool",
+                     "--train-per-class", "12", "--C", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if line.startswith("| Model"))
     assert header.startswith("| Model | Layer | Accuracy")
-    out = tmp_path / "featx-results" / "demo" / "efficientnet_lite0-random-seed0+resnet50-random-seed0"
+    both = "efficientnet_lite0-random-seed0+mobilenet_v3_small-random-seed0"
+    out = tmp_path / "featx-results" / "demo" / both
     report = json.loads((out / "table.json").read_text())
     assert report["multi_model"] and [e["model"] for e in report["layers"]] == [
-        "efficientnet_lite0", "resnet50"]
-    assert {m["model"] for m in report["models"]} == {"efficientnet_lite0", "resnet50"}
-    assert (out / "resnet50-random-seed0" / "pool.joblib").is_file()
+        "efficientnet_lite0", "mobilenet_v3_small"]
+    assert {m["model"] for m in report["models"]} == {"efficientnet_lite0", "mobilenet_v3_small"}
+    assert (out / "mobilenet_v3_small-random-seed0" / "pool.joblib").is_file()
     cache = tmp_path / "featx-cache" / "demo"
-    assert (cache / "efficientnet_lite0-random-seed0").is_dir() and (cache / "resnet50-random-seed0").is_dir()
+    for folder in ("efficientnet_lite0-random-seed0", "mobilenet_v3_small-random-seed0"):
+        assert (cache / folder).is_dir()
 
 
 def test_info_lists_datasets_models_layers_and_sizes(splits_run) -> None:
