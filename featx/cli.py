@@ -313,8 +313,9 @@ def info(cache: Annotated[Path | None, typer.Argument(
             typer.echo(f"  {name:<12} dim {layer['dim']:>7}  shards {layer['shards']}/"
                        f"{layer['shards_total']}  {layer['bytes'] / 2**20:8.1f} MiB")
         for run in s["runs"]:
+            status = {"done": "", "stopped": ", stopped", "running": ", running or killed"}[run["status"]]
             typer.echo(f"  run {run['when']}: {run['images']} images in {run['seconds']:.1f} s "
-                       f"on {run['device']} {run['precision']} ({', '.join(run['layers'])})")
+                       f"on {run['device']} {run['precision']} ({', '.join(run['layers'])}{status})")
         for path, reason in s["skipped"].items():
             typer.echo(f"  skipped {path}: {reason}")
 
