@@ -194,9 +194,9 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
         for k in sorted(todo[name]):
             if all(i in removed for i in range(*store.shard_ranges(name)[k])):
                 writer.submit(name, k, np.zeros(0, np.int64), np.zeros((0, dim), np.float32), {})
-    run = store.start_run(layers, len(needed), {"device": str(extractor.device), "precision":
-                                                extractor.precision, "batch_size": batch_size,
-                                                "workers": workers})
+    settings = {"device": str(extractor.device), "precision": extractor.precision,
+                "batch_size": batch_size, "workers": workers}
+    run = store.start_run([name for name in layers if todo[name]], len(needed), settings)
     started = noted = time.perf_counter()
     skipped_all: dict[int, str] = {}
     done_images = 0

@@ -179,6 +179,11 @@ def notes(report: Report) -> list[str]:
         where = f"{best.model} {best.layer}" if report.multi_model else best.layer
         lines.append(f"Best: {where} at {best.accuracy:.4f}, "
                      f"{100 * (best.accuracy - runner_up):.2f} points above the next layer.")
+    if report.multi_model:
+        per_model = [max((layer for layer in report.layers if layer.model == m.model),
+                         key=lambda layer: layer.accuracy) for m in report.models]
+        lines.append("Best layer per model: " + "; ".join(f"{layer.model} {layer.layer} {layer.accuracy:.4f}"
+                                                          for layer in per_model) + ".")
     shared = {tuple(layer.feature_shared_with) for layer in report.layers
               if len(layer.feature_shared_with) > 1}
     for group in sorted(shared):

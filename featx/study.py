@@ -23,7 +23,7 @@ from featx.places import writable_folder
 from featx.probes import PROBES, ProbeResult, get_probe
 from featx.probes.svm import DEFAULT_SCALING, SCALINGS
 from featx.report import LayerReport, ModelIdentity, Report, write_table
-from featx.store import FeatureStore, default_cache_root, list_stores
+from featx.store import FeatureStore, LayerFeatures, default_cache_root, list_stores
 
 __all__ = ["ExtractOptions", "SvmOptions", "evaluate", "extract", "find_store", "run_table"]
 
@@ -170,13 +170,13 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
     names = list(dict.fromkeys(layers)) if layers else store.complete_layers()
     if not names:
         raise FeatxError(f"no complete layer in the cache {store.label}; run featx extract first")
-    store.check_layers(names)
+    store.check_layers(layer_parts(names))
     check_dataset(store)
     out = writable_folder(Path(out_dir) if out_dir else default_out_dir(store), "out")
     train = get_probe(svm.probe)
     entries, description = [], ""
     for name in names:
-        data = store.read_layer(name)
+        data = read_features(store, name)
         splits = split_rows(store, data.index, svm)
         description = splits[0].description
         paths = [store.manifest["paths"][i] for i in data.index]
@@ -190,12 +190,41 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
                 joblib.dump(model, out / f"{name}.joblib")
             if on_layer:
                 on_layer(result)
-        seconds, shared = store.feature_time(name)
+        seconds, shared = combined_feature_time(store, name)
         entry = LayerReport.from_results(results, store.manifest["model"], store.manifest["weights"],
                                          seconds, shared)
         entries.append(entry)
         (out / f"{name}.json").write_text(json.dumps(asdict(entry), indent=1))
     return build_report(store, entries, svm, description)
+
+
+def layer_parts(names: list[str]) -> list[str]:
+    """The cached layers that `names` need: a combination `pool5+relu7` needs both."""
+    return list(dict.fromkeys(part for name in names for part in name.split("+")))
+
+
+def read_features(store: FeatureStore, name: str) -> LayerFeatures:
+    """One cached layer, or a combination `a+b`: each layer's rows scaled to unit length, then
+    placed side by side, so that no layer outweighs another by its size or scale."""
+    parts = [store.read_layer(part) for part in name.split("+")]
+    if len(parts) == 1:
+        return parts[0]
+    common = parts[0].index
+    for part in parts[1:]:
+        common = np.intersect1d(common, part.index)
+    blocks = []
+    for part in parts:
+        rows = part.features[np.isin(part.index, common)]
+        blocks.append(rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12))
+    return LayerFeatures(name, np.hstack(blocks).astype(np.float32), common, store.labels[common])
+
+
+def combined_feature_time(store: FeatureStore, name: str) -> tuple[float, list[str]]:
+    """Extraction time of a layer, or of every pass a combination's layers came from."""
+    times = [store.feature_time(part) for part in name.split("+")]
+    seconds = {tuple(shared): s for s, shared in times}  # a pass shared by two parts counts once
+    shared = list(dict.fromkeys(layer for _, group in times for layer in group))
+    return sum(seconds.values()), shared
 
 
 def build_report(store: FeatureStore, entries: list[LayerReport], svm: SvmOptions, split: str) -> Report:
@@ -232,15 +261,18 @@ def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
     images = find_images(dataset)
     check_split(images, svm)
     specs = [get_model(name, weights, svm.seed) for name in models]  # bad names fail before any work
+    parts = layer_parts(layers) if layers else None
     for spec in specs:
-        spec.resolve_layers(layers)
+        spec.resolve_layers(parts)
     if out_dir:
         writable_folder(out_dir, "out")
     reports = []
     for spec in specs:
-        store = extract_images(images, spec.name, layers, weights, cache, svm.seed,
+        store = extract_images(images, spec.name, parts, weights, cache, svm.seed,
                                extract_options or ExtractOptions(), progress)
-        names = [layer.name for layer in spec.resolve_layers(layers)]
+        singles = [name for name in layers or [] if "+" not in name]
+        names = [layer.name for layer in spec.resolve_layers(singles)] if singles or not layers else []
+        names += [name for name in layers or [] if "+" in name]  # combinations after the layers
         if len(specs) == 1:
             out = model_dir = Path(out_dir) if out_dir else default_out_dir(store)
         else:

@@ -164,3 +164,36 @@ def test_readme_api_examples_run(tmp_path, monkeypatch) -> None:
     assert namespace["spec"].layer("relu7").dim == 4096
     search = namespace["search"]
     assert 0 <= search.best_score_ <= 1 and search.best_params_["svm__C"] in (0.1, 1.0)
+
+
+def test_a_layer_combination_is_one_row_from_the_cached_layers(tmp_path, demo_dir) -> None:
+    args = ["table", str(demo_dir), *LITE, "--weights", "random", "--train-per-class", "12", "--C", "1"]
+    first = run_cli(*args, "--layer", "stage6_pool,pool", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    combined = run_cli(*args, "--layer", "stage6_pool+pool", cwd=tmp_path)
+    assert combined.returncode == 0, combined.stderr
+    assert "already cached" in combined.stderr  # nothing extracted again
+    report = json.loads((tmp_path / "featx-results" / "demo" / "efficientnet_lite0-random-seed0" /
+                         "table.json").read_text())
+    (row,) = report["layers"]
+    assert row["layer"] == "stage6_pool+pool" and row["dim"] == 192 + 1280
+    from featx.store import FeatureStore
+    from featx.study import read_features
+
+    store = FeatureStore(tmp_path / "featx-cache" / "demo" / "efficientnet_lite0-random-seed0")
+    both = read_features(store, "stage6_pool+pool").features
+    assert np.allclose(np.linalg.norm(both[:, :192], axis=1), 1) and np.allclose(np.linalg.norm(both[:, 192:],
+                                                                                                   axis=1), 1)
+    missing = run_cli("svm", "--layer", "pool+logits", cwd=tmp_path)
+    assert_clean_error(missing, "layer 'logits' is not in the cache")
+    unknown = run_cli("svm", "--layer", "pool+pool9", cwd=tmp_path)
+    assert_clean_error(unknown, "has no layer 'pool9'")
+
+
+def test_several_models_end_with_the_best_layer_of_each(tmp_path, demo_dir) -> None:
+    result = run_cli("table", str(demo_dir), "--model", "efficientnet_lite0", "--model", "mobilenet_v3_small",
+                     "--weights", "random", "--layer", "pool,logits", "--train-per-class", "12", "--C", "1",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("Best layer per model:"))
+    assert "efficientnet_lite0 " in line and "mobilenet_v3_small " in line
