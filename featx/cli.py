@@ -87,6 +87,8 @@ def _write_figures(report, out_dir: Path, html: Path | None) -> None:
         return
     plots = write_plots(report, out_dir)
     typer.echo(f"plots: {len(plots)} figures (PNG and SVG) in {out_dir}", err=True)
+    if (out_dir / "similarity.png").is_file():  # featx similarity was run into this folder
+        plots["similarity"] = [out_dir / "similarity.png"]
     if html:
         from featx.html import write_html
 
@@ -225,6 +227,39 @@ def layers(model: Model = "vgg16", weights: Weights = "imagenet") -> None:
 
 
 @app.command()
+def similarity(
+    layer: Layers = None, dataset: Annotated[str | None, typer.Option(
+        help="Dataset in the cache, when it holds several: its name, or its folder.")] = None,
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", "-m", help="Model in the cache; repeat to compare the layers of several.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Weights in the cache, when several.")] = None,
+    cache: Cache = None, out: OutDir = None,
+) -> None:
+    """Linear CKA between every pair of cached layers (of one model, or of several on the same
+    images): a table, similarity.csv and a heatmap similarity.png, which the HTML report shows.
+
+    Examples: `featx similarity` ; `featx similarity --model vgg16 --model resnet50 --dataset 15scene`.
+    """
+    from featx.similarity import heatmap
+    from featx.study import default_out_dir, find_store, layer_similarity
+
+    stores = [find_store(cache, dataset, name, weights) for name in (model or [None])]
+    folder = writable_folder(out or default_out_dir(stores[0]), "out")
+    result = layer_similarity(stores, _layer_names(layer))
+    width = max(len(name) for name in result.names)
+    typer.echo(" " * width + "  " + "  ".join(f"{i:>5}" for i in range(len(result.names))))
+    for i, (name, row) in enumerate(zip(result.names, result.matrix)):
+        typer.echo(f"{name:>{width}}  " + "  ".join(f"{v:5.2f}" for v in row) + f"   ({i})")
+    paths = [result.write_csv(folder / "similarity.csv")]
+    try:
+        paths.append(heatmap(result, folder / "similarity.png",
+                             f"linear CKA on {result.n_images} images of {stores[0].manifest['dataset']}"))
+    except ImportError:
+        typer.echo("note: no heatmap (matplotlib is missing: pip install 'featx[plot]')", err=True)
+    typer.echo(f"written: {', '.join(map(str, paths))}", err=True)
+
+
+@app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     model: Model = "efficientnet_lite0", weights: Weights = "imagenet",
@@ -285,8 +320,11 @@ def html_report(report: ReportArg, html: Annotated[Path | None, typer.Option(
     from featx.html import write_html
 
     data = _read_report(report)
-    target = writable_file(html or _report_path(report).parent / "report.html", "html")
-    typer.echo(f"report: {write_html(data, target)}")
+    folder = _report_path(report).parent
+    target = writable_file(html or folder / "report.html", "html")
+    similar = folder / "similarity.png"
+    extra = {"similarity": [similar]} if similar.is_file() else None
+    typer.echo(f"report: {write_html(data, target, extra=extra)}")
 
 
 @app.command()

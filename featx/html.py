@@ -26,17 +26,20 @@ img { max-width: 100%; height: auto; }
 """
 
 
-def write_html(report: Report, path: Path, plots: dict[str, list[Path]] | None = None) -> Path:
+def write_html(report: Report, path: Path, plots: dict[str, list[Path]] | None = None,
+               extra: dict[str, list[Path]] | None = None) -> Path:
     """Write the report as one HTML file; `plots` as returned by `featx.plots.write_plots`
-    (drawn into a temporary folder when None, which needs matplotlib)."""
+    (drawn into a temporary folder when None, which needs matplotlib), `extra` figures made
+    elsewhere (the layer similarity heatmap)."""
     path = Path(path)
     if plots is None:
         from featx.plots import write_plots  # matplotlib is only needed to draw
 
         with tempfile.TemporaryDirectory() as tmp:
-            page = render_html(report, png_data_uris(write_plots(report, Path(tmp))))
+            drawn = {**write_plots(report, Path(tmp)), **(extra or {})}
+            page = render_html(report, png_data_uris(drawn))
     else:
-        page = render_html(report, png_data_uris(plots))
+        page = render_html(report, png_data_uris({**plots, **(extra or {})}))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
@@ -66,6 +69,9 @@ def render_html(report: Report, images: dict[str, str]) -> str:
     if "accuracy" in images:
         parts += ["<h2>Accuracy, feature dimension and time per layer</h2>",
                   _img(images["accuracy"], "accuracy, feature dimension and time per layer")]
+    if "similarity" in images:  # written by featx similarity into the same folder
+        parts += ["<h2>What the layers share (linear CKA)</h2>",
+                  _img(images["similarity"], "linear CKA between every pair of layers")]
     parts += [_layer_section(report, layer, images) for layer in report.layers]
     parts += ["<h2>Settings</h2>", _settings(report), "<h2>Skipped images</h2>",
               _skipped(report.skipped)]

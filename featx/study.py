@@ -23,6 +23,7 @@ from featx.places import writable_folder
 from featx.probes import PROBES, ProbeResult, get_probe
 from featx.probes.svm import DEFAULT_SCALING, SCALINGS
 from featx.report import LayerReport, ModelIdentity, Report, write_table
+from featx.similarity import Similarity, similarity
 from featx.store import FeatureStore, LayerFeatures, default_cache_root, list_stores
 
 __all__ = ["ExtractOptions", "SvmOptions", "evaluate", "extract", "find_store", "run_table"]
@@ -225,6 +226,30 @@ def combined_feature_time(store: FeatureStore, name: str) -> tuple[float, list[s
     seconds = {tuple(shared): s for s, shared in times}  # a pass shared by two parts counts once
     shared = list(dict.fromkeys(layer for _, group in times for layer in group))
     return sum(seconds.values()), shared
+
+
+def layer_similarity(stores: list[FeatureStore], layers: list[str] | None = None) -> Similarity:
+    """Linear CKA between every pair of cached layers of these caches (one dataset), on the
+    images all of them hold; names are `model/layer` when there are several models."""
+    roots = {store.manifest["dataset_root"] for store in stores}
+    if len(roots) > 1:
+        raise FeatxError("layer similarity compares layers on the same images; these caches hold "
+                         f"{len(roots)} datasets: {', '.join(sorted(roots))}")
+    rows: dict[str, tuple[list[str], np.ndarray]] = {}
+    for store in stores:
+        names = layers or store.complete_layers()
+        store.check_layers(names)
+        check_dataset(store)
+        for name in names:
+            data = store.read_layer(name)
+            label = f"{store.manifest['model']}/{name}" if len(stores) > 1 else name
+            rows[label] = ([store.manifest["paths"][i] for i in data.index], data.features)
+    common = sorted(set.intersection(*(set(paths) for paths, _ in rows.values())))
+    aligned = {}
+    for label, (paths, features) in rows.items():
+        position = {path: i for i, path in enumerate(paths)}
+        aligned[label] = features[[position[path] for path in common]]
+    return similarity(aligned)
 
 
 def build_report(store: FeatureStore, entries: list[LayerReport], svm: SvmOptions, split: str) -> Report:

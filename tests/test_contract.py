@@ -147,6 +147,9 @@ BAD = [
      "--channels must be at least 1"),
     (["activations", "{image}", "--model", "efficientnet_lite0", "--layer", "stem", "--out", "{root}/adir"],
      "--out {root}/adir is a folder"),
+    (["similarity", "--cache", "{cache}", "--layer", "pool"], "at least two layers"),
+    (["similarity", "--cache", "{cache}", "--layer", "pool,stem"], "layer 'stem' is not in the cache"),
+    (["similarity", "--cache", "{root}/emptycache"], "no features cached"),
     (["nothing"], "No such command 'nothing'"),
 ]
 
