@@ -43,6 +43,9 @@ BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
 Workers = Annotated[int | None, typer.Option(help="Image-decoding worker processes. Default: cores - 1.")]
 ShardSize = Annotated[int, typer.Option(help="Images per HDF5 shard (at most; large layers get fewer).")]
 Dtype = Annotated[str, typer.Option(help="Cached feature type: float32 or float16.")]
+Tta = Annotated[str, typer.Option(
+    help="none, or flip: each image's features averaged with its mirror's (one pass over a batch "
+         "twice the size); a cache of its own.")]
 Verify = Annotated[str, typer.Option(
     help="How a cached image is recognised: size (size and modification time) or hash (its bytes "
          "too, read once per run).")]
@@ -59,11 +62,12 @@ OutDir = Annotated[Path | None, typer.Option(
     "--out", help="Results folder. Default: featx-results/DATASET/MODEL-WEIGHTS.")]
 
 
-def _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify="size"):
+def _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify="size",
+                     tta="none"):
     from featx.study import ExtractOptions
 
-    return ExtractOptions(device=device, precision=precision, batch_size=batch_size,
-                          workers=workers, shard_size=shard_size, dtype=dtype, verify=verify)
+    return ExtractOptions(device=device, precision=precision, batch_size=batch_size, workers=workers,
+                          shard_size=shard_size, dtype=dtype, verify=verify, tta=tta)
 
 
 def _svm_options(C, scaling, train_per_class, seed, split, splits=1):
@@ -109,7 +113,7 @@ def extract(
     layer: Layers = None, model: Model = "vgg16", weights: Weights = "imagenet",
     cache: Cache = None, device: Device = "auto", precision: Precision = "auto",
     batch_size: BatchSize = 32, workers: Workers = None, shard_size: ShardSize = 512,
-    dtype: Dtype = "float32", seed: Seed = 0, verify: Verify = "size",
+    dtype: Dtype = "float32", seed: Seed = 0, verify: Verify = "size", tta: Tta = "none",
 ) -> None:
     """Run the network once over DATASET and cache the requested layers to HDF5 shards.
 
@@ -120,7 +124,7 @@ def extract(
     from featx.study import extract as run_extract
 
     run_extract(dataset, model, _layer_names(layer), weights, cache, seed,
-                _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify))
+                _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta))
 
 
 @app.command()
@@ -131,6 +135,8 @@ def svm(
         "--model", "-m", help="Model in the cache, when it holds several.")] = None,
     weights: Annotated[str | None, typer.Option(
         help="Weights in the cache (imagenet, random, ...), when several.")] = None,
+    tta: Annotated[str | None, typer.Option(
+        help="none or flip: the cache made with that --tta, when there are both.")] = None,
     cache: Cache = None, C: CValue = "auto", scaling: Scaling = "l2",
     train_per_class: TrainPerClass = None, seed: Seed = 0, split: SplitFile = None,
     splits: Splits = 1, out: OutDir = None,
@@ -145,7 +151,7 @@ def svm(
     from featx.study import default_out_dir, evaluate, find_store
 
     options = _svm_options(C, scaling, train_per_class, seed, split, splits)
-    store = find_store(cache, dataset, model, weights)
+    store = find_store(cache, dataset, model, weights, tta)
     out_dir = out or default_out_dir(store)
     report = evaluate(store, _layer_names(layer), options, out_dir, _print_layer)
     paths = write_table(report, out_dir, stem="svm")
@@ -164,7 +170,7 @@ def table(
     html: Annotated[Path | None, typer.Option(help="Also write the one-page HTML report here.")] = None,
     device: Device = "auto",
     precision: Precision = "auto", batch_size: BatchSize = 32, workers: Workers = None,
-    shard_size: ShardSize = 512, dtype: Dtype = "float32", verify: Verify = "size",
+    shard_size: ShardSize = 512, dtype: Dtype = "float32", verify: Verify = "size", tta: Tta = "none",
 ) -> None:
     """The layer-comparison table: extract all layers in one pass (or reuse the cache), train an
     SVM per layer, print the table and write it as Markdown, CSV and JSON.
@@ -181,7 +187,7 @@ def table(
         writable_file(html, "html")
     report, paths = run_table(
         dataset, model, _layer_names(layer), weights, cache, out,
-        _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify),
+        _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta),
         _svm_options(C, scaling, train_per_class, seed, split, splits), on_layer=_print_layer)
     typer.echo(render_markdown(report))
     typer.echo(f"written: {paths['md']}, {paths['csv']}, {paths['json']}", err=True)

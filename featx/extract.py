@@ -27,6 +27,7 @@ from featx.models import Layer, LoadedModel, Preprocess
 from featx.preprocess import normalize, prepare
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TTA = ("none", "flip")  # flip: each image's features averaged with its mirror's
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -67,12 +68,15 @@ class LayerExtractor:
     """One traced forward pass that returns the requested layers as float32 host tensors."""
 
     def __init__(self, model: LoadedModel, layers: Sequence[Layer], device: str = "auto",
-                 precision: str = "auto", channels_last: bool = True) -> None:
+                 precision: str = "auto", channels_last: bool = True, tta: str = "none") -> None:
         self.model = model
         self.layers = list(layers)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device, model.spec.cpu_bf16)
         self.channels_last = channels_last
+        if tta not in TTA:
+            raise OptionError("tta", f"must be one of {', '.join(TTA)}, not {tta!r}")
+        self.tta = tta
         module = _without_inplace(model.module)
         nodes = {layer.node: layer.node for layer in self.layers}
         tracer_kwargs = None
@@ -101,11 +105,17 @@ class LayerExtractor:
         """uint8 images (N, 3, H, W) -> {layer name: (N, dim)} on the device, in the compute
         precision, each layer reduced to a vector as its table says."""
         x = normalize(self.preprocess, images.to(self.device, non_blocking=True))
+        if self.tta == "flip":  # each image and its mirror in one batch twice the size
+            x = torch.cat([x, x.flip(-1)])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             out = self.graph(x)
-        return {layer.name: to_vectors(layer, out[layer.node]) for layer in self.layers}
+        vectors = {layer.name: to_vectors(layer, out[layer.node]) for layer in self.layers}
+        if self.tta == "flip":
+            n = len(images)
+            vectors = {name: (v[:n] + v[n:]) / 2 for name, v in vectors.items()}
+        return vectors
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 images (N, 3, H, W) -> {layer name: float32 (N, dim) on the host}."""

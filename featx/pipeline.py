@@ -20,7 +20,7 @@ from rich.console import Console
 
 from featx.data import VERIFY, ImageSet
 from featx.errors import OptionError
-from featx.extract import PRECISIONS, LayerExtractor, extract_batches
+from featx.extract import PRECISIONS, TTA, LayerExtractor, extract_batches
 from featx.models import get_model, load_model
 from featx.places import describe, writable_folder
 from featx.progress import extraction_progress
@@ -44,6 +44,7 @@ class ExtractOptions:
     dtype: str = "float32"
     channels_last: bool = True
     verify: str = "size"
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "shard_size"):
@@ -56,6 +57,8 @@ class ExtractOptions:
             raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.dtype not in DTYPES:
             raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.tta not in TTA:
+            raise OptionError("tta", f"must be one of {', '.join(TTA)}, not {self.tta!r}")
         if self.verify not in VERIFY:
             raise OptionError("verify", f"must be one of {', '.join(VERIFY)}, not {self.verify!r}")
 
@@ -79,13 +82,13 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
         console.print(f"[yellow]note:[/] {spec.name} with RANDOM weights ({loaded.weights.name}); "
                       "features are a baseline, not pretrained")
     extractor = LayerExtractor(loaded, requested, options.device, options.precision,
-                               options.channels_last)
+                               options.channels_last, options.tta)
     pretrained = loaded.weights.source not in ("random", "file")
     try:
         store = FeatureStore.open_for(
             root, images, loaded.weights, extractor.precision, [layer.name for layer in spec.layers],
             options.dtype, pretrained and get_model(model).weights.tag == loaded.weights.tag,
-            options.verify)
+            options.verify, options.tta)
     except OSError as exc:
         raise OptionError("cache", f"cannot write in {exc.filename or root}: {describe(exc)}") from None
     names = ", ".join(layer.name for layer in requested)

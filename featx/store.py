@@ -50,18 +50,20 @@ class CacheKey:
     preprocess: dict
     precision: str
     dtype: str
+    tta: str = "none"
 
     @classmethod
-    def of(cls, weights: Weights, precision: str, dtype: str) -> CacheKey:
+    def of(cls, weights: Weights, precision: str, dtype: str, tta: str = "none") -> CacheKey:
         return cls(weights.model, weights.name, weights.checksum, weights.preprocess.to_dict(),
-                   precision, dtype)
+                   precision, dtype, tta)
 
     @property
     def folder(self) -> str:
         """<model>-<weights tag>[-float16], as Weights.folder names it."""
         tag = self.weights.removeprefix(self.model + ".")
         name = f"{self.model}-{tag}".replace(":", "-").replace("/", "-")
-        return name + ("-float16" if self.dtype == "float16" else "")
+        dtype = "-float16" if self.dtype == "float16" else ""
+        return name + dtype + (f"-{self.tta}" if self.tta != "none" else "")
 
     def differences(self, manifest: dict) -> list[str]:
         """What a cache's manifest says differently, as 'field (there X, now Y)'."""
@@ -161,7 +163,7 @@ class FeatureStore:
     @classmethod
     def open_for(cls, root: Path, images: ImageSet, weights: Weights, precision: str,
                  layer_names: list[str], dtype: str = "float32", imagenet_default: bool = False,
-                 verify: str = "size") -> FeatureStore:
+                 verify: str = "size", tta: str = "none") -> FeatureStore:
         """Open (or create) the cache for these images and these weights; refuse a cache whose
         weights, preprocessing, precision or dtype differ, saying what differs (a changed image
         list is `sync_images`' business). `layer_names` is the model's whole layer table,
@@ -169,7 +171,7 @@ class FeatureStore:
         `--weights imagenet` names; `verify` how images are recognised (see ImageSet.file_stats)."""
         if dtype not in DTYPES:
             raise FeatxError(f"unknown dtype {dtype!r}; use float32 or float16")
-        key = CacheKey.of(weights, precision, dtype)
+        key = CacheKey.of(weights, precision, dtype, tta)
         folder = Path(root) / dataset_folder(Path(root), images) / key.folder
         if (folder / "manifest.json").is_file():
             store = cls(folder)

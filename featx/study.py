@@ -87,7 +87,8 @@ def extract(dataset: str | Path, model: str = "vgg16", layers: list[str] | None 
 
 
 def find_store(cache: str | Path | None = None, dataset: str | None = None,
-               model: str | None = None, weights: str | None = None) -> FeatureStore:
+               model: str | None = None, weights: str | None = None,
+               tta: str | None = None) -> FeatureStore:
     """The one cached dataset/model/weights matching the filters; a clear error when none or
     several. `weights` is matched as `imagenet`, `random`, a tag, a full name or a file."""
     root = Path(cache) if cache else default_cache_root()
@@ -103,10 +104,11 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
                 if (dataset is None or (s.manifest["dataset_root"] == str(folder) if folder
                                         else s.manifest["dataset"] == dataset))
                 and (model is None or s.manifest["model"] == model.strip())
+                and (tta is None or s.manifest.get("tta", "none") == tta)
                 and (weights is None or s.holds_weights(weights))]
     if not matching:
         wanted = " ".join(f"{k} {v}" for k, v in
-                          (("dataset", dataset), ("model", model), ("weights", weights)) if v)
+                          (("dataset", dataset), ("model", model), ("weights", weights), ("tta", tta)) if v)
         raise FeatxError(f"the cache {root} holds no features for {wanted}; it holds: "
                          + ", ".join(s.label for s in stores))
     if len(matching) > 1:

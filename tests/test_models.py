@@ -290,3 +290,18 @@ def test_pretrained_weights_are_assigned_to_a_meta_architecture(tmp_path, monkey
     assert devices and set(devices) == {"meta"}  # the initialisation ran on no real memory
     parameters = list(loaded.module.parameters()) + list(loaded.module.buffers())
     assert all(t.device.type == "cpu" for t in parameters)
+
+
+def test_flip_averaging_is_the_mean_of_each_image_and_its_mirror() -> None:
+    model = load_model("efficientnet_lite0", "random")
+    layers = model.spec.resolve_layers(["stage6_pool", "pool"])
+    images = _images(3)
+    plain = LayerExtractor(model, layers, "cpu", "fp32")
+    mirror = plain(images.flip(-1))
+    flipped = LayerExtractor(model, layers, "cpu", "fp32", tta="flip")(images)
+    for name, value in plain(images).items():
+        scale = value.abs().max()
+        assert (flipped[name] - (value + mirror[name]) / 2).abs().max() <= 1e-4 * scale
+        assert (flipped[name] - value).abs().max() > 1e-2 * scale  # the mirror does count
+    with pytest.raises(FeatxError, match="tta must be one of none, flip"):
+        LayerExtractor(model, layers, "cpu", "fp32", tta="rotate")
