@@ -34,6 +34,8 @@ from PIL import Image
 
 SIZE = 128
 JPEG_QUALITY = 90
+MIX = 0.5  # each image carries up to this share of another class's texture
+NOISE = 30.0  # pixel noise, standard deviation on 0..255
 DEFAULT_OUT = Path(__file__).resolve().parent / "demo"
 
 Array = np.ndarray
@@ -142,14 +144,19 @@ CLASSES: dict[str, Drawer] = {
 }
 
 
-def render(drawer: Drawer, rng: np.random.Generator) -> Image.Image:
-    """Draw one image with ``drawer``, add mild noise and return an RGB PIL image."""
+def render(drawer: Drawer, rng: np.random.Generator, others: list[Drawer], mix: float,
+           noise: float) -> Image.Image:
+    """Draw one image with ``drawer``, blend in a texture of another class with a weight drawn
+    from [0, ``mix``], add pixel noise of standard deviation ``noise``; return an RGB image."""
     img = drawer(rng)
-    img = img + rng.normal(0.0, 4.0, size=img.shape)
+    if mix > 0:
+        weight = rng.uniform(0.0, mix)
+        img = (1.0 - weight) * img + weight * others[int(rng.integers(len(others)))](rng)
+    img = img + rng.normal(0.0, noise, size=img.shape)
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
 
 
-def generate(out: Path, per_class: int, seed: int) -> list[Path]:
+def generate(out: Path, per_class: int, seed: int, mix: float = MIX, noise: float = NOISE) -> list[Path]:
     """Write ``per_class`` images for every class under ``out``; return written paths."""
     written: list[Path] = []
     seeds = np.random.SeedSequence(seed).spawn(len(CLASSES))
@@ -161,7 +168,9 @@ def generate(out: Path, per_class: int, seed: int) -> list[Path]:
             stale.unlink()
         for i in range(per_class):
             path = class_dir / f"img_{i:03d}.jpg"
-            render(drawer, rng).save(path, format="JPEG", quality=JPEG_QUALITY, optimize=False)
+            others = [other for other in CLASSES.values() if other is not drawer]
+            render(drawer, rng, others, mix, noise).save(path, format="JPEG", quality=JPEG_QUALITY,
+                                                         optimize=False)
             written.append(path)
     return written
 
@@ -172,10 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--per-class", type=int, default=24, help="images per class")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--mix", type=float, default=MIX, help="largest weight of another class's texture")
+    parser.add_argument("--noise", type=float, default=NOISE, help="pixel noise standard deviation")
     args = parser.parse_args(argv)
     if args.per_class < 1:
         parser.error("--per-class must be at least 1")
-    paths = generate(args.out, args.per_class, args.seed)
+    paths = generate(args.out, args.per_class, args.seed, args.mix, args.noise)
     total = sum(p.stat().st_size for p in paths)
     print(f"wrote {len(paths)} images ({total / 1024:.0f} KiB) to {args.out}")
 

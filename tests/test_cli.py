@@ -58,12 +58,14 @@ def test_svm_after_extract_finds_the_cache_with_no_other_argument(demo_workdir) 
     assert "| pool |" in result.stdout and "Feature Dim" in result.stdout
     out = demo_workdir / "featx-results" / "demo" / "efficientnet_lite0-imagenet"
     report = json.loads((out / "pool.json").read_text())
-    assert report["accuracy"] >= 0.9 and report["dim"] == 1280 and report["n_train"] == 48
+    assert report["accuracy"] >= 0.6 and report["dim"] == 1280 and report["n_train"] == 48  # chance: 0.25
     model = joblib.load(out / "pool.joblib")
-    data = FeatureStore(demo_workdir / "featx-cache" / "demo" / "efficientnet_lite0-imagenet"
-                        ).read_layer("pool")
-    predictions = model.predict(data.features)
-    assert (predictions == data.labels).mean() >= 0.9
+    store = FeatureStore(demo_workdir / "featx-cache" / "demo" / "efficientnet_lite0-imagenet")
+    data = store.read_layer("pool")
+    row = {store.manifest["paths"][i]: k for k, i in enumerate(data.index)}
+    test_rows = [row[path] for path in report["test_paths"]]
+    # the saved model applies to raw features and predicts what the report says it predicted
+    assert model.predict(data.features[test_rows]).tolist() == report["y_pred"]
 
 
 def test_table_on_the_demo_data_writes_md_csv_json(demo_workdir, demo_dir) -> None:
@@ -78,7 +80,7 @@ def test_table_on_the_demo_data_writes_md_csv_json(demo_workdir, demo_dir) -> No
     report = json.loads((out / "table.json").read_text())
     for layer in report["layers"]:  # the JSON recomputes the table
         assert np.mean(np.equal(layer["y_true"], layer["y_pred"])) == pytest.approx(layer["accuracy"])
-        assert layer["accuracy"] >= 0.9
+        assert 0.6 <= layer["accuracy"] < 1.0  # the demo is hard enough that layers differ
     assert report["weights_random"] is False and report["split"].startswith("12 training images")
 
 
