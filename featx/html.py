@@ -69,6 +69,8 @@ def render_html(report: Report, images: dict[str, str]) -> str:
     if "accuracy" in images:
         parts += ["<h2>Accuracy, feature dimension and time per layer</h2>",
                   _img(images["accuracy"], "accuracy, feature dimension and time per layer")]
+    if "best_per_model" in images:
+        parts += ["<h2>Best layer per model</h2>", _img(images["best_per_model"], "best layer per model")]
     if "similarity" in images:  # written by featx similarity into the same folder
         parts += ["<h2>What the layers share (linear CKA)</h2>",
                   _img(images["similarity"], "linear CKA between every pair of layers")]

@@ -66,11 +66,40 @@ def write_plots(report: Report, out_dir: Path) -> dict[str, list[Path]]:
     if not report.layers:
         return {}
     written = {"accuracy": _save(_accuracy_figure(report), out_dir, "accuracy")}
+    if report.multi_model:
+        written["best_per_model"] = _save(_best_per_model_figure(report), out_dir, "best_per_model")
     for layer in report.layers:
         for kind, draw in (("confusion", _confusion_figure), ("per_class", _per_class_figure)):
             stem = plot_stem(kind, layer)
             written[stem] = _save(draw(report, layer), out_dir, stem)
     return written
+
+
+def best_per_model(report: Report) -> list[LayerReport]:
+    """Each model's best layer, best model first."""
+    models = list(dict.fromkeys(layer.model for layer in report.layers))
+    best = [max((layer for layer in report.layers if layer.model == m), key=lambda layer: layer.accuracy)
+            for m in models]
+    return sorted(best, key=lambda layer: -layer.accuracy)
+
+
+def _best_per_model_figure(report: Report) -> Figure:
+    """One bar per model: the test accuracy of its best layer, named on the bar."""
+    best = best_per_model(report)
+    fig = _figure(7.5, 1.2 + 0.55 * len(best))
+    ax = fig.add_subplot()
+    names = [layer.model for layer in best][::-1]
+    values = [100 * layer.accuracy for layer in best][::-1]
+    bars = ax.barh(names, values, color="tab:blue")
+    for bar, layer in zip(bars, best[::-1]):
+        ax.text(bar.get_width() - 0.5, bar.get_y() + bar.get_height() / 2,
+                f"{layer.layer}  {100 * layer.accuracy:.2f}%", ha="right", va="center", color="white",
+                fontsize=9, fontweight="bold")
+    low = min(values)
+    ax.set_xlim(max(0.0, low - 10), 100)
+    ax.set_xlabel("test accuracy of the best layer (%)")
+    ax.set_title(f"Best layer per model on {report.dataset} ({_weights(report)})", fontsize=10)
+    return fig
 
 
 def _figure(width: float, height: float) -> Figure:

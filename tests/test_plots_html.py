@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from featx.html import write_html
-from featx.plots import confusion_matrix, per_class_accuracy, plot_stem, write_plots
+from featx.plots import best_per_model, confusion_matrix, per_class_accuracy, plot_stem, write_plots
 from featx.report import LayerReport, ModelIdentity, Report, table_rows
 
 CLASSES = ["MITcoast", "MITforest", "MIThighway", "MITinsidecity", "MITmountain",
@@ -188,9 +188,16 @@ def test_html_with_given_plots(report: Report, plots: dict[str, list[Path]],
 def test_multi_model(tmp_path: Path) -> None:
     report = make_report({**VGG, "resnet50": [("layer3", 1024, 0.75), ("avgpool", 2048, 0.9)]})
     plots = write_plots(report, tmp_path / "plots")
-    assert {"confusion_resnet50_avgpool", "per_class_vgg16_features.16"} <= set(plots)
-    assert len(plots) == 1 + 2 * 5
+    assert {"confusion_resnet50_avgpool", "per_class_vgg16_features.16", "best_per_model"} <= set(plots)
+    assert len(plots) == 2 + 2 * 5
+    best = best_per_model(report)
+    assert [layer.model for layer in best] == sorted({"vgg16", "resnet50"},
+                                                     key=lambda m: -max(x.accuracy for x in report.layers
+                                                                        if x.model == m))
+    assert all(layer.accuracy == max(x.accuracy for x in report.layers if x.model == layer.model)
+               for layer in best)
     page = write_html(report, tmp_path / "r.html", plots).read_text()
+    assert "<h2>Best layer per model</h2>" in page
     assert "<th>Model</th>" in page
     assert "<td>resnet50</td>" in page and "<td>vgg16</td>" in page
     assert "<h2>resnet50 avgpool:" in page
