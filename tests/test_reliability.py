@@ -248,4 +248,6 @@ def test_a_disk_filling_up_during_a_run_is_one_line_and_keeps_the_shards_before(
     assert {name: after[name] for name in before} == before and "shard-00003.h5" in after
     assert not list(store.rglob("*.tmp"))
     monkeypatch.setattr(Store, "_write_h5", write)
-    assert "4 images" in extract().stderr  # the rerun writes the one shard that is missing
+    rerun = extract().stderr
+    assert ": 2 images, pool" in rerun  # the rerun writes the one shard missing (rows 16 and 17)
+    assert FeatureStore(store).read_layer("pool").index.tolist() == list(range(18))
