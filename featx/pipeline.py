@@ -212,8 +212,10 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
                     if k not in todo[name]:
                         continue
                     start, stop = store.shard_ranges(name)[k]
-                    expected = sum(1 for i in range(start, stop) if i not in removed)
-                    buf = buffers.setdefault((name, k), _ShardBuffer(start, stop, expected))
+                    if (name, k) not in buffers:
+                        expected = sum(1 for i in range(start, stop) if i not in removed)
+                        buffers[(name, k)] = _ShardBuffer(start, stop, expected)
+                    buf = buffers[(name, k)]
                     rows = (out.indices >= start) & (out.indices < stop)
                     seen = int(((batch_arr >= start) & (batch_arr < stop)).sum())
                     buf.add(out.indices[rows], out.features[name][rows],

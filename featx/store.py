@@ -220,13 +220,13 @@ class FeatureStore:
 
     def compare_images(self, images: ImageSet, verify: str = "size") -> ImageChanges:
         """What differs between the dataset as scanned now and the cache's record of it."""
-        m = self.manifest
+        m, gone = self.manifest, self.removed
         now = dict(zip(images.paths, images.file_stats(verify)))
         rows = {path: i for i, path in enumerate(m["paths"])}
         changed = [p for p, i in rows.items() if p in now and
-                   (i in self.removed or not _same_file(m["stats"][i], now[p]))]
+                   (i in gone or not _same_file(m["stats"][i], now[p]))]
         added = [p for p in images.paths if p not in rows]
-        removed = [p for p, i in rows.items() if p not in now and i not in self.removed]
+        removed = [p for p, i in rows.items() if p not in now and i not in gone]
         return ImageChanges(tuple(changed), tuple(added), tuple(removed))
 
     def sync_images(self, images: ImageSet, verify: str = "size") -> ImageChanges:

@@ -117,15 +117,16 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
     return matching[0]
 
 
-def check_dataset(store: FeatureStore) -> None:
+def check_dataset(store: FeatureStore, images: ImageSet | None = None) -> None:
     """Refuse to score a cache whose dataset changed since extraction, saying what changed; a
-    dataset folder that is not there (a cache moved alone) is said, then scored as extracted."""
+    dataset folder that is not there (a cache moved alone) is said, then scored as extracted.
+    `images` is a scan made already in this run (the dataset is scanned here otherwise)."""
     root = Path(store.manifest["dataset_root"])
     if not root.is_dir():
         console.print(f"[yellow]warning:[/] the dataset folder {root} is not there: {store.label} is "
                       "scored as it was extracted, unchecked")
         return
-    changes = store.compare_images(find_images(root))
+    changes = store.compare_images(images or find_images(root))
     if changes:
         raise FeatxError(f"the dataset {root} changed since {store.label} was extracted: "
                          f"{changes.describe()}; run featx extract on it again (only the shards "
@@ -166,15 +167,17 @@ def split_rows(store: FeatureStore, index: np.ndarray, svm: SvmOptions) -> list[
 
 def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptions | None = None,
              out_dir: str | Path | None = None,
-             on_layer: Callable[[ProbeResult], None] | None = None) -> Report:
+             on_layer: Callable[[ProbeResult], None] | None = None,
+             images: ImageSet | None = None) -> Report:
     """Train and test the probe on each cached layer (on each split when several); save each
-    layer's model (first split) with joblib beside its JSON in `out_dir`; return the report."""
+    layer's model (first split) with joblib beside its JSON in `out_dir`; return the report.
+    `images` is the dataset as scanned already in this run, to check the cache against."""
     svm = svm or SvmOptions()
     names = list(dict.fromkeys(layers)) if layers else store.complete_layers()
     if not names:
         raise FeatxError(f"no complete layer in the cache {store.label}; run featx extract first")
     store.check_layers(layer_parts(names))
-    check_dataset(store)
+    check_dataset(store, images)
     out = writable_folder(Path(out_dir) if out_dir else default_out_dir(store), "out")
     train = get_probe(svm.probe)
     entries, description = [], ""
@@ -306,6 +309,6 @@ def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
             joined = "+".join(s.weights.folder for s in specs)
             out = Path(out_dir) if out_dir else default_out_dir(store).parent / joined
             model_dir = out / spec.weights.folder
-        reports.append(evaluate(store, names, svm, model_dir, on_layer))
+        reports.append(evaluate(store, names, svm, model_dir, on_layer, images))
     report = reports[0] if len(reports) == 1 else Report.merge(reports)
     return report, write_table(report, out)

@@ -44,7 +44,7 @@ def test_the_shipped_catalog_is_what_the_graphs_give_now() -> None:
             layers, defaults = torchvision_zoo.layer_table(name, spec.weights.tag, size)
             live_weights = torchvision_zoo.weight_sets(name)
         else:
-            (layers, defaults), live_weights = lite.layer_table(name, size), lite.weight_sets(name)
+            (layers, defaults), live_weights = lite.layer_table(name, None, size), lite.weight_sets(name)
         assert list(spec.layers) == layers, name
         assert list(spec.default_layers) == defaults, name
         assert catalog.weights_of(name, spec.source) == live_weights, name

@@ -8,6 +8,7 @@ torch); `load_model` builds the network on the meta device and loads the weights
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,13 +107,7 @@ def weight_sets(name: str) -> list[Weights]:
     found = catalog.weights_of(key, source)
     if found is not None:
         return found
-    if source == "timm":
-        from featx.models import timm_zoo as zoo
-    elif source == "lite":
-        from featx.models import lite as zoo
-    else:
-        from featx.models import torchvision_zoo as zoo
-    sets = zoo.weight_sets(key)
+    sets = zoo(source).weight_sets(key)
     catalog.remember(key, source, weights=sets)
     return sets
 
@@ -171,18 +166,18 @@ def get_model(name: str, weights: str = "imagenet", seed: int = 0) -> ModelSpec:
 
 
 def _derive_table(name: str, source: str, weights: Weights, size: int) -> tuple[list[Layer], list[str]]:
-    if source == "timm":
-        from featx.models import timm_zoo
+    tag = weights.tag if weights.source not in ("random", "file") else None
+    return zoo(source).layer_table(name, tag, size)
 
-        return timm_zoo.layer_table(name, size)
-    if source == "lite":
-        from featx.models import lite
 
-        return lite.layer_table(name, size)
-    from featx.models import torchvision_zoo
+ZOOS = {"torchvision": "featx.models.torchvision_zoo", "lite": "featx.models.lite",
+        "timm": "featx.models.timm_zoo"}
 
-    tag = weights.tag if weights.source == "torchvision" else None
-    return torchvision_zoo.layer_table(name, tag, size)
+
+def zoo(source: str):
+    """The module of a zoo: weight_sets(name), build(name, tag, device), layer_table(name, tag,
+    size); imported when first needed (each imports torch)."""
+    return importlib.import_module(ZOOS[source])
 
 
 def load_model(name: str, weights: str = "imagenet", seed: int = 0) -> LoadedModel:

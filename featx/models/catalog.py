@@ -103,21 +103,19 @@ def remember(name: str, source: str, weights: list[Weights] | None = None, size:
 
 def build() -> dict:
     """Derive every table (imports torch; about a minute)."""
-    from featx.models import lite, torchvision_zoo
+    from featx.models import lite, torchvision_zoo, zoo
 
     models = {}
     sources = [(name, "torchvision") for name in torchvision_zoo.model_names()]
     sources += [(name, "lite") for name in lite.SIZES]
     for name, source in sources:
-        zoo = torchvision_zoo if source == "torchvision" else lite
-        weights = zoo.weight_sets(name)
+        weights = zoo(source).weight_sets(name)
         tables = {}
         for w in weights or [None]:
             size = w.preprocess.crop if w else 224
             if str(size) in tables:
                 continue
-            layers, defaults = (torchvision_zoo.layer_table(name, w.tag if w else None, size)
-                                if source == "torchvision" else lite.layer_table(name, size))
+            layers, defaults = zoo(source).layer_table(name, w.tag if w else None, size)
             tables[str(size)] = {"layers": [layer.to_dict() for layer in layers], "defaults": defaults}
         models[name] = {"source": source, "weights": [w.to_dict() for w in weights], "layers": tables}
     return {"torchvision": metadata.version("torchvision"), "models": models}

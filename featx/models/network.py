@@ -10,31 +10,14 @@ import torch
 from torch import nn
 
 from featx.errors import FeatxError
-from featx.models import ModelSpec
+from featx.models import ModelSpec, zoo
 from featx.models.weights import Weights, state_dict_checksum
 
 
 def _architecture(spec: ModelSpec, on_meta: bool) -> nn.Module:
     """The architecture of the spec's weights, on the meta device or (initialised) on the CPU."""
-    if spec.source == "torchvision":
-        from featx.models import torchvision_zoo
-
-        tag = spec.weights.tag if spec.weights.source == "torchvision" else None
-        if on_meta:
-            return torchvision_zoo.build(spec.name, tag)
-        import torchvision
-
-        return torchvision.models.get_model(spec.name, weights=None,
-                                            **torchvision_zoo.architecture_kwargs(spec.name, tag))
-    if spec.source == "lite":
-        from featx.models import lite
-
-        return lite.build(spec.name, "meta" if on_meta else "cpu")
-    from featx.models import timm_zoo
-
-    if on_meta:
-        return timm_zoo.build(spec.name)
-    return timm_zoo._timm().create_model(timm_zoo.split_name(spec.name)[0], pretrained=False)
+    tag = spec.weights.tag if spec.weights.source == "torchvision" else None
+    return zoo(spec.source).build(spec.name, tag, "meta" if on_meta else "cpu")
 
 
 def _state(weights: Weights) -> tuple[dict, str]:

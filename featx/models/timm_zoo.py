@@ -53,10 +53,11 @@ def _weights(model: str, tag: str, cfg) -> Weights:
                    note=f"timm {model.removeprefix(PREFIX)}.{tag}")
 
 
-def build(name: str) -> nn.Module:
-    """The architecture on the meta device, no weights."""
+def build(name: str, tag: str | None = None, device: str = "meta") -> nn.Module:
+    """The architecture (one per timm name, whatever `tag`), on the meta device (no weights)
+    or initialised on the CPU."""
     arch, _ = split_name(name)
-    with torch.device("meta"):
+    with torch.device(device):
         return _timm().create_model(arch, pretrained=False)
 
 
@@ -78,7 +79,7 @@ def tracer_kwargs() -> dict:
     return {"leaf_modules": list(get_notrace_modules()), "autowrap_functions": list(get_notrace_functions())}
 
 
-def layer_table(name: str, size: int) -> tuple[list[Layer], list[str]]:
+def layer_table(name: str, tag: str | None, size: int) -> tuple[list[Layer], list[str]]:
     """Each feature_info stage (flattened and pooled, or class token and token mean), then the
     global pool, a hidden classifier layer and the logits."""
     module = build(name)

@@ -52,12 +52,12 @@ def _enum_name(name: str) -> str:
     return torchvision.models.get_model_weights(name).__name__
 
 
-def build(name: str, tag: str | None) -> nn.Module:
-    """The architecture with no weights: on the meta device (no random initialisation) where
-    the builder allows it, else on the CPU."""
+def build(name: str, tag: str | None, device: str = "meta") -> nn.Module:
+    """The architecture for weight set `tag` (None: the builder's defaults): on the meta device
+    (no random initialisation) where the builder allows it, else initialised on the CPU."""
     kwargs = architecture_kwargs(name, tag)
     try:
-        with torch.device("meta"):
+        with torch.device(device):
             return torchvision.models.get_model(name, weights=None, **kwargs)
     except (NotImplementedError, RuntimeError):  # a builder that computes with tensors (regnet)
         return torchvision.models.get_model(name, weights=None, **kwargs)
