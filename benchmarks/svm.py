@@ -1,15 +1,18 @@
-"""SVM speed: featx's SVM stage against sklearn's LinearSVC() with default settings, per layer of
-a cache, on the same features and split, in one run.
+"""SVM stage: the torch solver against liblinear, per layer of a cache, in one run.
 
-featx: its defaults (l2 scaling, C chosen by 3-fold cross-validation over 5 values, kernel form
-when a layer has more dimensions than training images). Baseline: LinearSVC() on the raw features.
+Both sides run featx's whole streamed SVM probe (l2 scaling, C chosen by 3-fold cross-validation
+over 5 values, kernel form when a layer has more values than training images); only the solver
+differs: `torch` solves every class, C and fold as one batched problem, `liblinear` fits
+scikit-learn's LinearSVC per C and fold in threads (featx's SVM stage before the torch solver).
+Then both solvers fit the same training rows at one C (the one torch chose) and their primal
+objectives (LinearSVC's: squared hinge plus half the squared norm, bias included) and test
+accuracies are compared.
 
-    python benchmarks/svm.py --cache featx-cache --dataset 15scene --model vgg16 \\
-        --split ../shared/data/15scene-split.csv --layers pool4
+    python benchmarks/svm.py --cache CACHE --dataset 15scene --model vgg16 \\
+        --split ../shared/data/15scene-split.csv
 
-With --breakdown it times featx's stages instead (scaling, Gram matrix and factorisation, the
-cross-validation fits, the final fit), and the final fit once more with liblinear's dual solver,
-the one LinearSVC picks when there are fewer samples than features.
+With --baseline, sklearn's LinearSVC() with default settings on the raw features of the layer
+(read whole) is timed too, in a child process stopped after --baseline-timeout seconds.
 """
 
 from __future__ import annotations
@@ -17,16 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import resource
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.svm import LinearSVC
 
-from featx.probes.svm import KernelProjection, choose_C, dual_for, scale, train_layer
-from featx.study import SvmOptions, find_store, split_rows
+from featx.probes import ProbeOptions, get_probe
+from featx.probes.linear import liblinear_solver, training_rows
+from featx.probes.solvers import fit_squared_hinge, primal_objective_svm
+from featx.probes.stream import LayerStream, parse_memory
+from featx.study import SvmOptions, check_dataset, find_store, split_rows
 
 from machine import cpu_name
 
@@ -56,58 +63,62 @@ def timed_baseline(x: np.ndarray, y: np.ndarray, split, timeout: float,
     return results.get()
 
 
-def first_split(store, data, args: argparse.Namespace):
-    options = SvmOptions(train_per_class=args.train_per_class, seed=args.seed, split_file=args.split)
-    return split_rows(store, data.index, options)[0]
+def same_C(stream: LayerStream, split, C: float, budget: int) -> dict:
+    """Both solvers on the same training rows at one C: objectives and test accuracies."""
+    training = training_rows(stream, split.train, budget)
+    n_classes = len(stream.store.classes)
+    ones = torch.ones((1, len(split.train)), dtype=torch.bool, device=training.x.device)
+    Cs = torch.tensor([C], dtype=torch.float64)
+    out = {}
+    for name, solve in (("torch", fit_squared_hinge), ("liblinear", liblinear_solver(0))):
+        started = time.perf_counter()
+        fit = solve(training.x, training.y, ones, Cs, n_classes)
+        seconds = time.perf_counter() - started
+        objective = primal_objective_svm(training.x, training.y, fit.coef[0], fit.intercept[0], C, n_classes)
+        out[name] = {"fit_s": seconds, "objective": float(objective), "coef": fit.coef[0],
+                     "intercept": fit.intercept[0]}
+    from featx.probes.linear import feature_weights, predict_rows
+
+    y_true = stream.labels[split.test]
+    for name in ("torch", "liblinear"):
+        weights = feature_weights(stream, training, out[name].pop("coef"), budget)
+        predicted = predict_rows(stream, split.test, weights, out[name].pop("intercept"), budget)
+        out[name]["accuracy"] = float((predicted == y_true).mean())
+    out["objective_gap"] = (out["torch"]["objective"] - out["liblinear"]["objective"]) / \
+        abs(out["liblinear"]["objective"])
+    out["accuracy_gap_points"] = 100 * (out["torch"]["accuracy"] - out["liblinear"]["accuracy"])
+    return out
 
 
 def compare_layer(store, name: str, args: argparse.Namespace) -> dict:
-    """Time featx's SVM stage and LinearSVC() on one cached layer; print and return the figures."""
-    data = store.read_layer(name)
-    split = first_split(store, data, args)
-    raw = data.features.copy()  # featx scales its copy in place
-    ours, _ = train_layer(replace(data, features=data.features), split, seed=args.seed)
-    print(f"{name:<12} dim {data.dim:>7}  featx {ours.train_seconds:7.2f} s acc {ours.accuracy:.4f} "
-          f"(C {ours.C:g}, {'kernel form' if ours.kernel_form else 'on the features'})", flush=True)
-    baseline_s, baseline_acc = timed_baseline(raw, data.labels, split, args.baseline_timeout)
-    if baseline_acc is None:
-        print(f"{'':<12} LinearSVC() did not finish in {args.baseline_timeout:.0f} s: featx is more "
-              f"than {args.baseline_timeout / ours.train_seconds:.1f}x faster", flush=True)
-    else:
-        print(f"{'':<12} LinearSVC() {baseline_s:7.2f} s acc {baseline_acc:.4f}  |  "
-              f"{baseline_s / ours.train_seconds:.1f}x", flush=True)
-    return {"layer": name, "dim": data.dim, "n_train": len(split.train),
-            "featx_s": ours.train_seconds, "featx_accuracy": ours.accuracy, "featx_C": ours.C,
-            "kernel_form": ours.kernel_form, "baseline_s": baseline_s,
-            "baseline_accuracy": baseline_acc, "baseline_timeout_s": args.baseline_timeout}
-
-
-def breakdown(store, name: str, args: argparse.Namespace) -> dict:
-    """Time each stage of featx's SVM on one layer, and the final fit in the primal and the dual."""
-    data = store.read_layer(name)
-    split = first_split(store, data, args)
-    times, started = {}, time.perf_counter()
-    scale(data.features, split.train, "l2")
-    times["scale_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    kernel_form = len(split.train) < data.dim
-    x = KernelProjection().fit_transform(data.features, split.train) if kernel_form else data.features
-    if kernel_form:
-        times["gram_s"] = time.perf_counter() - started
-    x_train, y_train = x[split.train], data.labels[split.train]
-    started = time.perf_counter()
-    C, _ = choose_C(x_train, y_train, args.seed, dual=dual_for("l2"))
-    times["cv_s"] = time.perf_counter() - started
-    accuracy = {}
-    for solver, dual in (("primal", False), ("dual", True)):
-        started = time.perf_counter()
-        clf = LinearSVC(C=C, dual=dual, max_iter=5000, random_state=args.seed).fit(x_train, y_train)
-        times[f"final_{solver}_s"] = time.perf_counter() - started
-        accuracy[solver] = float((clf.predict(x[split.test]) == data.labels[split.test]).mean())
-    print(f"{name:<12} C {C:g}: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in times.items())
-          + f"; accuracy primal {accuracy['primal']:.4f}, dual {accuracy['dual']:.4f}", flush=True)
-    return {"layer": name, "dim": data.dim, "kernel_form": kernel_form, "C": C, **times,
-            **{f"{k}_accuracy": v for k, v in accuracy.items()}}
+    """Both solvers through the whole probe, then at the same C; print and return the figures."""
+    stream = LayerStream(store, name, "l2", args.device)
+    options = SvmOptions(train_per_class=args.train_per_class, seed=args.seed, split_file=args.split)
+    split = split_rows(store, stream.index, options)[0]
+    memory = parse_memory(args.memory)
+    row = {"layer": name, "dim": stream.dim, "n_train": len(split.train), "n_test": len(split.test)}
+    for solver in ("torch", "liblinear"):
+        stream = LayerStream(store, name, "l2", args.device)  # nothing held over from the other side
+        options = ProbeOptions(seed=args.seed, solver=solver, memory=memory)
+        result, _ = get_probe("svm")(stream, split, options)
+        row[solver] = {"seconds": result.train_seconds, "accuracy": result.accuracy, "C": result.C,
+                       "kernel_form": result.kernel_form, "converged": result.converged}
+    row["speedup"] = row["liblinear"]["seconds"] / row["torch"]["seconds"]
+    stream = LayerStream(store, name, "l2", args.device)
+    row["same_C"] = {"C": row["torch"]["C"], **same_C(stream, split, row["torch"]["C"], memory)}
+    t, lib, same = row["torch"], row["liblinear"], row["same_C"]
+    print(f"{name:<12} dim {stream.dim:>7}  torch {t['seconds']:7.2f} s acc {t['accuracy']:.4f} "
+          f"C {t['C']:g}  "
+          f"liblinear {lib['seconds']:7.2f} s acc {lib['accuracy']:.4f} C {lib['C']:g}  "
+          f"{row['speedup']:.2f}x | at C {same['C']:g}: objective {same['objective_gap']:+.1e} rel, "
+          f"accuracy {same['accuracy_gap_points']:+.2f} points", flush=True)
+    if args.baseline:
+        data = store.read_layer(name)
+        seconds, accuracy = timed_baseline(data.features, data.labels, split, args.baseline_timeout)
+        row["baseline"] = {"seconds": seconds, "accuracy": accuracy, "timeout_s": args.baseline_timeout}
+        print(f"{'':<12} LinearSVC() " + (f"{seconds:.2f} s acc {accuracy:.4f}" if seconds else
+                                          f"did not finish in {args.baseline_timeout:.0f} s"), flush=True)
+    return row
 
 
 def main() -> None:
@@ -121,25 +132,26 @@ def main() -> None:
     parser.add_argument("--split", default=None, help="split CSV; default: the seeded protocol")
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--baseline-timeout", type=float, default=900,
-                        help="seconds before LinearSVC() is stopped and reported as a lower bound")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="time featx's stages (and the dual solver) instead of the baseline")
+    parser.add_argument("--memory", default="2G")
+    parser.add_argument("--device", default=None, help="default: cuda when there is one")
+    parser.add_argument("--baseline", action="store_true", help="also time LinearSVC() on the raw layer")
+    parser.add_argument("--baseline-timeout", type=float, default=900)
     args = parser.parse_args()
 
     store = find_store(args.cache, args.dataset, args.model, args.weights)
+    check_dataset(store)
     rows = []
-    print(f"{store.label}: " + ("featx SVM stages" if args.breakdown else
-                                "featx SVM stage vs LinearSVC() on the same features and split"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"{store.label} on {device}: featx's SVM probe with the torch solver vs liblinear")
     try:
         for name in args.layers or store.complete_layers():
-            rows.append((breakdown if args.breakdown else compare_layer)(store, name, args))
+            rows.append(compare_layer(store, name, args))
     finally:  # a run stopped by hand still records the layers it finished
         RESULTS.mkdir(exist_ok=True)
         record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "machine": cpu_name(), "cache": store.label,
-                  "weights": store.manifest["weights"], "split": args.split,
-                  "breakdown": args.breakdown, "layers": rows}
+                  "machine": cpu_name(), "device": device, "torch": torch.__version__,
+                  "cache": store.label, "weights": store.manifest["weights"], "split": args.split,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "layers": rows}
         with open(RESULTS / "svm.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 

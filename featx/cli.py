@@ -58,6 +58,15 @@ TrainPerClass = Annotated[int | None, typer.Option(
 SplitFile = Annotated[Path | None, typer.Option("--split", help="CSV with path,label,split (train/test).")]
 Splits = Annotated[int, typer.Option(
     help="Random splits to train and test on (mean +/- std); 1 with a fixed split.")]
+Probe = Annotated[str, typer.Option(
+    help="Probes, comma-separated, a column each: svm (linear SVM), logreg (logistic regression), "
+         "knn (20 nearest neighbours, cosine).")]
+Solver = Annotated[str, typer.Option(
+    help="SVM solver: auto, torch (every C and fold as one batched problem, GPU or CPU) or "
+         "liblinear (scikit-learn's LinearSVC).")]
+Memory = Annotated[str, typer.Option(
+    help="Memory budget of a probe (such as 2G or 512M): layers stream from the cache in blocks "
+         "within it, whatever their size.")]
 OutDir = Annotated[Path | None, typer.Option(
     "--out", help="Results folder. Default: featx-results/DATASET/MODEL-WEIGHTS.")]
 
@@ -70,11 +79,13 @@ def _extract_options(device, precision, batch_size, workers, shard_size, dtype, 
                           shard_size=shard_size, dtype=dtype, verify=verify, tta=tta)
 
 
-def _svm_options(C, scaling, train_per_class, seed, split, splits=1):
+def _svm_options(C, scaling, train_per_class, seed, split, splits=1, probe="svm", solver="auto",
+                 memory="2G", device="auto"):
     from featx.study import SvmOptions
 
     return SvmOptions(C=C, scaling=scaling, train_per_class=train_per_class, seed=seed,
-                      split_file=str(split) if split else None, splits=splits)
+                      split_file=str(split) if split else None, splits=splits, probe=probe,
+                      solver=solver, memory=memory, device=device)
 
 
 def _layer_names(layer: list[str] | None) -> list[str] | None:
@@ -101,8 +112,10 @@ def _write_figures(report, out_dir: Path, html: Path | None) -> None:
 
 def _print_layer(result) -> None:
     kind = "kernel form" if result.kernel_form else "on the features"
-    typer.echo(f"{result.layer:>12}  accuracy {result.accuracy:.4f}  dim {result.dim:>7}  "
-               f"C {result.C:g}  {result.probe} {result.train_seconds:.2f} s ({kind}, "
+    C = f"C {result.C:g}  " if result.C == result.C else ""
+    typer.echo(f"{result.layer:>12}  accuracy {result.accuracy:.4f}  "
+               f"balanced {result.balanced_accuracy:.4f}  "
+               f"dim {result.dim:>7}  {C}{result.probe} {result.train_seconds:.2f} s ({kind}, "
                f"{result.n_train} train / {result.n_test} test)", err=True)
 
 
@@ -139,7 +152,8 @@ def svm(
         help="none or flip: the cache made with that --tta, when there are both.")] = None,
     cache: Cache = None, C: CValue = "auto", scaling: Scaling = "l2",
     train_per_class: TrainPerClass = None, seed: Seed = 0, split: SplitFile = None,
-    splits: Splits = 1, out: OutDir = None,
+    splits: Splits = 1, out: OutDir = None, probe: Probe = "svm", solver: Solver = "auto",
+    memory: Memory = "2G", device: Device = "auto",
 ) -> None:
     """Train a LinearSVC per layer on cached features; print accuracy, dim, C and time.
 
@@ -150,7 +164,7 @@ def svm(
     from featx.report import render_markdown, write_table
     from featx.study import default_out_dir, evaluate, find_store
 
-    options = _svm_options(C, scaling, train_per_class, seed, split, splits)
+    options = _svm_options(C, scaling, train_per_class, seed, split, splits, probe, solver, memory, device)
     store = find_store(cache, dataset, model, weights, tta)
     out_dir = out or default_out_dir(store)
     report = evaluate(store, _layer_names(layer), options, out_dir, _print_layer)
@@ -167,6 +181,7 @@ def table(
     layer: Layers = None, weights: Weights = "imagenet", cache: Cache = None,
     C: CValue = "auto", scaling: Scaling = "l2", train_per_class: TrainPerClass = None,
     seed: Seed = 0, split: SplitFile = None, splits: Splits = 1, out: OutDir = None,
+    probe: Probe = "svm", solver: Solver = "auto", memory: Memory = "2G",
     html: Annotated[Path | None, typer.Option(help="Also write the one-page HTML report here.")] = None,
     device: Device = "auto",
     precision: Precision = "auto", batch_size: BatchSize = 32, workers: Workers = None,
@@ -188,7 +203,8 @@ def table(
     report, paths = run_table(
         dataset, model, _layer_names(layer), weights, cache, out,
         _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta),
-        _svm_options(C, scaling, train_per_class, seed, split, splits), on_layer=_print_layer)
+        _svm_options(C, scaling, train_per_class, seed, split, splits, probe, solver, memory, device),
+        on_layer=_print_layer)
     typer.echo(render_markdown(report))
     typer.echo(f"written: {paths['md']}, {paths['csv']}, {paths['json']}", err=True)
     _write_figures(report, paths["json"].parent, html)

@@ -18,7 +18,30 @@ import numpy as np
 from featx.errors import FeatxError
 from featx.probes import ProbeResult
 
-COLUMNS = ("Layer", "Accuracy", "Feature Dim", "Feature Time", "SVM Train Time", "C")
+COLUMNS = ("Layer", "Accuracy", "Balanced", "Feature Dim", "Feature Time", "SVM Train Time", "C")
+
+
+@dataclass
+class ProbeScore:
+    """A further probe's figures on a layer, beside the first probe's (`--probe svm,logreg,knn`):
+    means over splits when there are several."""
+
+    probe: str
+    accuracy: float
+    balanced_accuracy: float
+    C: float
+    train_seconds: float
+    accuracy_std: float | None = None
+    C_per_split: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_results(cls, results: list[ProbeResult]) -> ProbeScore:
+        several = len(results) > 1
+        return cls(probe=results[0].probe, accuracy=float(np.mean([r.accuracy for r in results])),
+                   balanced_accuracy=float(np.mean([r.balanced_accuracy for r in results])),
+                   C=results[0].C, train_seconds=float(np.mean([r.train_seconds for r in results])),
+                   accuracy_std=float(np.std([r.accuracy for r in results])) if several else None,
+                   C_per_split=[r.C for r in results] if several else [])
 
 
 @dataclass
@@ -34,6 +57,7 @@ class LayerReport(ProbeResult):
     accuracy_std: float | None = None
     split_accuracies: list[float] = field(default_factory=list)
     C_per_split: list[float] = field(default_factory=list)
+    other_probes: list[ProbeScore] = field(default_factory=list)
 
     @classmethod
     def from_results(cls, results: list[ProbeResult], model: str, weights: str,
@@ -46,6 +70,7 @@ class LayerReport(ProbeResult):
             accuracies = [r.accuracy for r in results]
             entry.accuracy = float(np.mean(accuracies))
             entry.accuracy_std = float(np.std(accuracies))
+            entry.balanced_accuracy = float(np.mean([r.balanced_accuracy for r in results]))
             entry.split_accuracies = accuracies
             entry.train_seconds = float(np.mean([r.train_seconds for r in results]))
             entry.C_per_split = [r.C for r in results]
@@ -59,7 +84,9 @@ class LayerReport(ProbeResult):
     def from_dict(cls, data: dict) -> LayerReport:
         data = {("train_seconds" if k == "svm_seconds" else k): v for k, v in data.items()}
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        entry = cls(**{k: v for k, v in data.items() if k in names})
+        entry.other_probes = [ProbeScore(**p) for p in data.get("other_probes", [])]
+        return entry
 
 
 @dataclass
@@ -93,6 +120,8 @@ class Report:
     splits: int
     scaling: str
     C_option: str
+    probes: list[str] = field(default_factory=lambda: ["svm"])
+    solver: str = "auto"
     featx_version: str = ""
     created: str = ""
     skipped: dict[str, str] = field(default_factory=dict)
@@ -141,28 +170,49 @@ class Report:
                       "skipped": {p: why for r in reports for p, why in r.skipped.items()}})
 
 
-def _accuracy_text(layer: LayerReport) -> str:
+def _accuracy_text(layer: LayerReport | ProbeScore) -> str:
     if layer.accuracy_std is not None:
         return f"{layer.accuracy:.4f} +/- {layer.accuracy_std:.4f}"
     return f"{layer.accuracy:.4f}"
 
 
+def _C_text(layer: LayerReport | ProbeScore) -> str:
+    if layer.C != layer.C:  # NaN: a probe without C (knn)
+        return "-"
+    if not layer.C_per_split or len(set(layer.C_per_split)) == 1:
+        return f"{layer.C:g}"
+    return "/".join(f"{c:g}" for c in layer.C_per_split)
+
+
 def table_rows(report: Report) -> list[dict[str, str]]:
-    """One row per layer with the columns of COLUMNS, formatted for people."""
+    """One row per layer with the columns of COLUMNS, formatted for people; with several probes,
+    accuracy, balanced accuracy, time and C per probe, the first probe's columns first."""
     rows = []
+    several = len(report.probes) > 1
     for layer in report.layers:
         shared = len(layer.feature_shared_with) > 1
-        rows.append({
-            **({"Model": layer.model} if report.multi_model else {}),
-            "Layer": layer.layer,
-            "Accuracy": _accuracy_text(layer),
-            "Feature Dim": str(layer.dim),
-            "Feature Time": f"{layer.feature_seconds:.2f} s" + ("*" if shared else ""),
-            "SVM Train Time": f"{layer.train_seconds:.2f} s",
-            "C": f"{layer.C:g}" if not layer.C_per_split or len(set(layer.C_per_split)) == 1
-            else "/".join(f"{c:g}" for c in layer.C_per_split),
-        })
+        row = {**({"Model": layer.model} if report.multi_model else {}), "Layer": layer.layer}
+        for score in [layer, *layer.other_probes]:
+            name = f"{score.probe} " if several else ""
+            row[f"{name}Accuracy"] = _accuracy_text(score)
+            row[f"{name}Balanced"] = f"{score.balanced_accuracy:.4f}"
+        row["Feature Dim"] = str(layer.dim)
+        row["Feature Time"] = f"{layer.feature_seconds:.2f} s" + ("*" if shared else "")
+        for score in [layer, *layer.other_probes]:
+            row[f"{score.probe} Train Time" if several or score.probe != "svm" else "SVM Train Time"] = \
+                f"{score.train_seconds:.2f} s"
+        for score in [layer, *layer.other_probes]:
+            if score.probe != "knn" or not several:
+                row[f"{score.probe} C" if several else "C"] = _C_text(score)
+        rows.append(row)
     return rows
+
+
+PROBE_TEXT = {
+    "svm": "svm, LinearSVC's objective (squared hinge, one-vs-rest)",
+    "logreg": "logreg, multinomial logistic regression (L2)",
+    "knn": "knn, 20 nearest training images by cosine similarity, votes weighted exp(sim/0.07)",
+}
 
 
 def notes(report: Report) -> list[str]:
@@ -177,7 +227,8 @@ def notes(report: Report) -> list[str]:
     if best and len(report.layers) > 1:
         runner_up = max((layer.accuracy for layer in report.layers if layer is not best), default=None)
         where = f"{best.model} {best.layer}" if report.multi_model else best.layer
-        lines.append(f"Best: {where} at {best.accuracy:.4f}, "
+        lines.append(f"Best{f' ({best.probe})' if len(report.probes) > 1 else ''}: {where} at "
+                     f"{best.accuracy:.4f}, "
                      f"{100 * (best.accuracy - runner_up):.2f} points above the next layer.")
     if report.multi_model:
         per_model = [max((layer for layer in report.layers if layer.model == m.model),
@@ -194,6 +245,8 @@ def notes(report: Report) -> list[str]:
                      "SVM Train Time: mean per split; C: per split where they differ.")
     how_c = "chosen by cross-validation on the training part" if report.C_option == "auto" else "fixed"
     lines.append(f"Split: {report.split}. Scaling: {report.scaling}. C: {how_c}.")
+    lines.append("Balanced: mean per-class recall. Probes: "
+                 + "; ".join(PROBE_TEXT.get(p, p) for p in report.probes) + ".")
     if report.skipped:
         lines.append(f"Skipped {len(report.skipped)} unreadable images: "
                      + ", ".join(sorted(report.skipped)[:10])

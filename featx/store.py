@@ -207,6 +207,22 @@ class FeatureStore:
         _write_json_atomic(folder / "manifest.json", manifest)
         return cls(folder)
 
+    @classmethod
+    def for_arrays(cls, root: Path, name: str, labels: np.ndarray, classes: tuple[str, ...],
+                   layers: dict[str, int], dtype: str = "float32", shard_size: int = 512) -> FeatureStore:
+        """A cache for features computed elsewhere (no image files behind them: rows are named
+        row-N): fill it with `write_shard` per layer, shard by shard, then probe it like any cache.
+        `layers` maps each layer name to its number of values."""
+        from featx.models import Layer, Preprocess
+
+        paths = tuple(f"row-{i:08d}" for i in range(len(labels)))
+        images = ImageSet(Path(root) / name, paths, np.asarray(labels, dtype=np.int64), tuple(classes))
+        weights = Weights(model="arrays", tag=name, source="file", preprocess=Preprocess(),
+                          location=str(Path(root) / name), categories=None, checksum="arrays")
+        store = cls.open_for(root, images, weights, "fp32", list(layers), dtype)
+        store.plan_layers([Layer(layer, layer, (dim,)) for layer, dim in layers.items()], 1, shard_size)
+        return store
+
     # --- the images ---------------------------------------------------------------------------
     def images(self) -> ImageSet:
         """The cached rows as an image set (row order; removed rows included, never read)."""
@@ -479,6 +495,54 @@ class FeatureStore:
         if shard_checksum(features, index) != expected:
             raise DamagedShard(path, "its checksum does not match its contents")
         return features, index
+
+    def layer_index(self, layer: str) -> np.ndarray:
+        """The dataset rows one layer holds, in order (unreadable and removed images absent); reads
+        only each shard's row list, which `iter_blocks` checks against the checksum later."""
+        self._check_complete(layer)
+        parts = []
+        for k in range(len(self.shard_ranges(layer))):
+            path = self.shard_path(layer, k)
+            try:
+                with h5py.File(path, "r") as f:
+                    parts.append(f["index"][...].astype(np.int64))
+            except (OSError, KeyError, ValueError) as exc:
+                raise DamagedShard(path, f"unreadable ({str(exc).splitlines()[0] if str(exc) else exc!r})") \
+                    from None
+        index = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return index[~np.isin(index, list(self.removed))] if self.removed else index
+
+    def iter_blocks(self, layer: str, rows: int, from_row: int = 0,
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(dataset rows, float32 features) of one layer in blocks of at most `rows` rows, shard by
+        shard from the one holding dataset row `from_row`, holding one block at a time. Each
+        shard's checksum is computed over its blocks as they pass and checked at its end: a damaged
+        shard raises DamagedShard before the blocks after it are given out (a consumer discards
+        what it computed from an unfinished pass)."""
+        self._check_complete(layer)
+        dim, removed = self.manifest["layers"][layer]["dim"], list(self.removed)
+        for k, (_, stop) in enumerate(self.shard_ranges(layer)):
+            if stop <= from_row:
+                continue
+            path = self.shard_path(layer, k)
+            try:
+                with h5py.File(path, "r") as f:
+                    data, index, expected = f["features"], f["index"][...], f.attrs["checksum"]
+                    if data.ndim != 2 or data.shape[1] != dim or len(index) != data.shape[0]:
+                        raise DamagedShard(path, f"shape {data.shape} where {dim} columns belong")
+                    digest = xxhash.xxh3_64()
+                    for start in range(0, len(index), max(1, rows)):
+                        block = data[start:start + rows]
+                        digest.update(np.ascontiguousarray(block).data)
+                        rows_here = index[start:start + rows]
+                        keep = ~np.isin(rows_here, removed) if removed else slice(None)
+                        yield rows_here[keep], block[keep].astype(np.float32, copy=False)
+            except (OSError, KeyError, ValueError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise DamagedShard(path, f"unreadable ({reason})") from None
+            digest.update(np.ascontiguousarray(index, dtype=np.int64).data)
+            if digest.hexdigest() != expected:
+                raise DamagedShard(path, "its checksum does not match its contents")
 
     def damaged_shards(self, layer: str) -> dict[int, str]:
         """{shard: why} for every present shard of `layer` that fails its check (reads them all)."""

@@ -7,7 +7,7 @@ import json
 import math
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,9 +20,9 @@ from featx.errors import FeatxError, OptionError
 from featx.models import get_model
 from featx.pipeline import ExtractOptions, console, extract_images
 from featx.places import writable_folder
-from featx.probes import PROBES, ProbeResult, get_probe
-from featx.probes.svm import DEFAULT_SCALING, SCALINGS
-from featx.report import LayerReport, ModelIdentity, Report, write_table
+from featx.probes import ProbeOptions, ProbeResult, get_probe, parse_probes
+from featx.probes.stream import DEFAULT_MEMORY, DEFAULT_SCALING, SCALINGS, LayerStream, parse_memory
+from featx.report import LayerReport, ModelIdentity, ProbeScore, Report, write_table
 from featx.similarity import Similarity, similarity
 from featx.store import FeatureStore, LayerFeatures, default_cache_root, list_stores
 
@@ -34,7 +34,8 @@ C_RANGE = (1e-6, 1e6)  # values of C a linear SVM on l2-scaled features can tell
 
 @dataclass(frozen=True)
 class SvmOptions:
-    """How to train and test: the probe, C, scaling and the split; checked once when made."""
+    """How to train and test: the probes, C, scaling, the split, the solver, the memory budget
+    and the device; checked once when made."""
 
     C: float | str = "auto"
     scaling: str = DEFAULT_SCALING
@@ -42,7 +43,10 @@ class SvmOptions:
     seed: int = 0
     split_file: str | None = None
     splits: int = 1
-    probe: str = "svm"
+    probe: str | tuple[str, ...] = "svm"  # one or several, comma-separated: a column each
+    solver: str = "auto"
+    memory: str | int = DEFAULT_MEMORY
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.C != "auto":
@@ -61,10 +65,21 @@ class SvmOptions:
         for name in ("train_per_class", "splits"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionError(name, f"must be at least 1, not {getattr(self, name)}")
-        if self.probe not in PROBES:
-            raise OptionError("probe", f"must be one of {', '.join(PROBES)}, not {self.probe!r}")
+        object.__setattr__(self, "probe", parse_probes(self.probe))
+        object.__setattr__(self, "memory", parse_memory(self.memory))
+        self.probe_options()  # the solver is checked there
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise OptionError("device", f"must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.split_file:
             read_split_file(self.split_file)  # exists, is a CSV of path,label,split: checked now
+
+
+    def probe_options(self) -> ProbeOptions:
+        return ProbeOptions(C=self.C, seed=self.seed, solver=self.solver, memory=self.memory)
+
+    @property
+    def probe_device(self) -> str | None:
+        return None if self.device == "auto" else self.device
 
 
 def check_split(images: ImageSet, svm: SvmOptions) -> None:
@@ -179,26 +194,29 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
     store.check_layers(layer_parts(names))
     check_dataset(store, images)
     out = writable_folder(Path(out_dir) if out_dir else default_out_dir(store), "out")
-    train = get_probe(svm.probe)
+    options = svm.probe_options()
     entries, description = [], ""
     for name in names:
-        data = read_features(store, name)
-        splits = split_rows(store, data.index, svm)
+        stream = LayerStream(store, name, svm.scaling, svm.probe_device)
+        splits = split_rows(store, stream.index, svm)
         description = splits[0].description
-        paths = [store.manifest["paths"][i] for i in data.index]
-        results = []
+        paths = [store.manifest["paths"][i] for i in stream.index]
+        results: dict[str, list[ProbeResult]] = {probe: [] for probe in svm.probe}
         for k, split in enumerate(splits):
-            # scaling works in place: every split but the last gets its own copy
-            part = data if k == len(splits) - 1 else replace(data, features=data.features.copy())
-            result, model = train(part, split, svm.C, svm.scaling, svm.seed, paths)
-            results.append(result)
-            if k == 0:
-                joblib.dump(model, out / f"{name}.joblib")
-            if on_layer:
-                on_layer(result)
+            for probe in svm.probe:
+                result, model = get_probe(probe)(stream, split, options)
+                result.test_paths = [paths[i] for i in split.test]
+                results[probe].append(result)
+                if k == 0 and model is not None:
+                    joblib.dump(model, out / (f"{name}.joblib" if probe == svm.probe[0]
+                                              else f"{name}.{probe}.joblib"))
+                if on_layer:
+                    on_layer(result)
         seconds, shared = combined_feature_time(store, name)
-        entry = LayerReport.from_results(results, store.manifest["model"], store.manifest["weights"],
+        first, *others = svm.probe
+        entry = LayerReport.from_results(results[first], store.manifest["model"], store.manifest["weights"],
                                          seconds, shared)
+        entry.other_probes = [ProbeScore.from_results(results[probe]) for probe in others]
         entries.append(entry)
         (out / f"{name}.json").write_text(json.dumps(asdict(entry), indent=1))
     return build_report(store, entries, svm, description)
@@ -210,8 +228,9 @@ def layer_parts(names: list[str]) -> list[str]:
 
 
 def read_features(store: FeatureStore, name: str) -> LayerFeatures:
-    """One cached layer, or a combination `a+b`: each layer's rows scaled to unit length, then
-    placed side by side, so that no layer outweighs another by its size or scale."""
+    """One cached layer, or a combination `a+b`, whole in memory: each layer's rows scaled to
+    unit length, then placed side by side, so that no layer outweighs another by its size or
+    scale (the probes stream the same rows: featx.probes.stream)."""
     parts = [store.read_layer(part) for part in name.split("+")]
     if len(parts) == 1:
         return parts[0]
@@ -271,7 +290,8 @@ def build_report(store: FeatureStore, entries: list[LayerReport], svm: SvmOption
         title=f"{m['model']} on {m['dataset']} ({weights})", dataset=m["dataset"],
         dataset_root=m["dataset_root"], classes=m["classes"], models=[identity], layers=entries,
         split=split, seed=svm.seed, train_per_class=svm.train_per_class, split_file=svm.split_file,
-        splits=svm.splits, scaling=svm.scaling, C_option=str(svm.C), featx_version=__version__,
+        splits=svm.splits, scaling=svm.scaling, C_option=str(svm.C), probes=list(svm.probe),
+        solver=svm.solver, featx_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), skipped=m["skipped"],
         versions={"featx": __version__, "python": platform.python_version(),
                   "torch": torch.__version__, "torchvision": torchvision.__version__,

@@ -76,7 +76,7 @@ def test_table_on_the_demo_data_writes_md_csv_json(demo_workdir, demo_dir) -> No
     table = (out / "table.md").read_text()
     for name in ("stage6_pool", "stage7_pool", "pool", "logits"):
         assert f"| {name} |" in table and f"| {name} |" in result.stdout
-    assert (out / "table.csv").read_text().startswith("Layer,Accuracy,Feature Dim")
+    assert (out / "table.csv").read_text().startswith("Layer,Accuracy,Balanced,Feature Dim")
     report = json.loads((out / "table.json").read_text())
     for layer in report["layers"]:  # the JSON recomputes the table
         assert np.mean(np.equal(layer["y_true"], layer["y_pred"])) == pytest.approx(layer["accuracy"])

@@ -1,0 +1,63 @@
+"""k nearest neighbours per layer, as DINO evaluates features: cosine similarity to the training
+rows, the k=20 most similar vote for their class with weight exp(similarity / 0.07).
+
+Nothing is trained and there is no C. The training rows are held in chunks that fit the memory
+budget; the test rows stream past each chunk block by block, and each test row keeps its running
+k best (similarity, class) pairs, so no similarity matrix is ever held whole."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from featx.data import Split
+from featx.probes import ProbeOptions, ProbeResult, balanced_accuracy
+from featx.probes.stream import LayerStream
+
+NEIGHBOURS = 20
+TEMPERATURE = 0.07
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tuple[ProbeResult, None]:
+    """Score the test rows by their nearest training rows; no model is saved (it would be the
+    training rows themselves)."""
+    started = time.perf_counter()
+    budget = stream.budget_left(options.memory)
+    stream.fit_scaling(split.train, budget)
+    k = min(NEIGHBOURS, len(split.train))
+    n_test, device = len(split.test), stream.device
+    best = torch.full((n_test, k), -float("inf"), device=device)
+    best_class = torch.zeros((n_test, k), dtype=torch.long, device=device)
+    chunk = stream.rows_within(budget // 2, "a chunk of training rows")
+    block_rows = max(1, min(stream.rows_within(budget // 4, "a block"),
+                            (budget // 4) // max(1, 4 * min(chunk, len(split.train)))))
+    train_labels = torch.as_tensor(stream.labels[split.train], device=device)
+    for start in range(0, len(split.train), chunk):
+        held = _unit(stream.gather(split.train[start:start + chunk], budget // 2, "a chunk of training rows"))
+        held_labels = train_labels[start:start + chunk]
+        done = 0
+        for here, block in stream.blocks(block_rows, split.test):
+            rows = slice(done, done + len(here))
+            similarity = _unit(block) @ held.T
+            top, where = similarity.topk(min(k, similarity.shape[1]), dim=1)
+            merged = torch.cat([best[rows], top], dim=1)
+            classes = torch.cat([best_class[rows], held_labels[where]], dim=1)
+            best[rows], keep = merged.topk(k, dim=1)
+            best_class[rows] = classes.gather(1, keep)
+            done += len(here)
+        del held
+    n_classes = len(stream.store.classes)
+    votes = torch.zeros((n_test, n_classes), dtype=torch.float64, device=device)
+    votes.scatter_add_(1, best_class, torch.exp(best.double() / TEMPERATURE))
+    y_pred = votes.argmax(1).cpu().numpy()
+    y_true = stream.labels[split.test]
+    return ProbeResult(
+        layer=stream.name, dim=stream.dim, accuracy=float((y_pred == y_true).mean()),
+        balanced_accuracy=balanced_accuracy(y_true, y_pred), C=float("nan"), scaling=stream.scaling,
+        train_seconds=time.perf_counter() - started, kernel_form=False, n_train=len(split.train),
+        n_test=n_test, converged=True, probe="knn", y_true=y_true.tolist(), y_pred=y_pred.tolist()), None

@@ -1,0 +1,262 @@
+"""What the linear probes (svm, logreg) share, streaming over a layer's shards.
+
+Kernel form. When a layer has more values than there are training images (VGG16 pool4: 100352 vs
+1500), a linear probe's weight vector lies in the span of the training rows. The training Gram
+matrix K = X X^T is accumulated block by block (the training rows held in chunks that fit the
+memory budget, the layer streamed once per chunk), factored as K = U diag(s) U^T, and each
+training row is replaced by its coordinates z = U diag(s)^1/2 in that span. The L2-regularised
+problem on z is the same problem as on x (same margins, same norm), so it gives the same
+classifier while each fit, and each C tried, costs n x n instead of n x d. The weights found on z
+map back to the layer's own values, W = coef diag(s)^-1/2 U^T X, in one more pass over the
+training rows, and the test rows are scored with W block by block: no layer is held whole.
+
+Primal form (no more values than training rows): the training rows are held (within the budget)
+and the solver works on them directly.
+
+C is chosen by stratified cross-validation on the training rows: the torch solver fits every C of
+the grid on every fold as one batched problem, then the chosen C on all training rows.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+
+from featx.data import Split
+from featx.errors import FeatxError
+from featx.probes import ProbeOptions, ProbeResult, balanced_accuracy
+from featx.probes.solvers import LinearFit, decision, working_bytes
+from featx.probes.stream import LayerStream, describe_bytes
+
+CV_FOLDS = 3
+Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], LinearFit]
+
+
+@dataclass
+class Training:
+    """The training rows as a solver sees them: the rows themselves, or (kernel form) their
+    coordinates in their own span with the basis that maps weights back to the layer."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    positions: np.ndarray
+    basis: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # the training rows, when they were held whole
+
+    @property
+    def kernel_form(self) -> bool:
+        return self.basis is not None
+
+
+def training_rows(stream: LayerStream, positions: np.ndarray, budget: int) -> Training:
+    """The training rows at `positions` of the stream, in primal or kernel form (see above)."""
+    y = torch.as_tensor(stream.labels[positions], device=stream.device)
+    if stream.dim <= len(positions):
+        return Training(stream.gather(positions, budget // 2, "the training rows"), y, positions)
+    gram, rows = train_gram(stream, positions, budget)
+    eigval, eigvec = torch.linalg.eigh(gram)
+    keep = eigval > max(float(eigval.max()) * 1e-10, 0.0)
+    if not keep.any():  # zero on every training image (a random vit's zeroed head): bias only
+        basis = torch.zeros((len(positions), 1), dtype=torch.float64, device=gram.device)
+        z = basis.clone()
+    else:
+        root = eigval[keep].sqrt()
+        z, basis = eigvec[:, keep] * root, eigvec[:, keep] / root
+    return Training(z.float(), y, positions, basis.float(), rows)
+
+
+def train_gram(stream: LayerStream, positions: np.ndarray, budget: int,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """X X^T of the training rows in float64, and the rows themselves when they fit half the
+    budget at once. Otherwise one pass per chunk of training rows: the chunk fills as its rows
+    pass, each passing training row is multiplied with the chunk's rows before it, and the pass
+    starts at the chunk's first row (the rows before it met this chunk in earlier passes: the
+    matrix is symmetric)."""
+    n = len(positions)
+    gram_bytes = 8 * n * n * 3  # the matrix, its eigenvectors and the solver's share
+    left = budget - gram_bytes
+    if left < 4 * stream.row_bytes:
+        enough = describe_bytes(gram_bytes + 16 * stream.row_bytes)
+        raise FeatxError(f"the memory budget is too small for the {n} x {n} training Gram matrix of "
+                         f"layer {stream.name}: --memory {enough} or more would work")
+    chunk = stream.rows_within(left // 2, "a chunk of training rows")
+    if chunk >= n:
+        rows = stream.gather(positions, left // 2, "the training rows")
+        return (rows @ rows.T).double(), rows
+    gram = torch.zeros((n, n), dtype=torch.float64, device=stream.device)
+    block_rows = stream.rows_within(left // 4, "a block")
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        held = torch.empty((stop - start, stream.dim), dtype=torch.float32, device=stream.device)
+        done = start  # ordinal of the next training row to pass
+        for here, block in stream.blocks(block_rows, positions[start:]):
+            rows = slice(done, done + len(here))
+            if done < stop:  # rows of this chunk: held, then multiplied with the chunk so far
+                held[done - start:min(stop, rows.stop) - start] = block[:stop - done]
+            filled = min(stop, rows.stop) - start
+            gram[start:start + filled, rows] = (held[:filled] @ block.T).double()
+            done = rows.stop
+        del held
+    upper = torch.triu(gram)
+    return upper + torch.triu(gram, 1).T, None
+
+
+def cv_masks(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds of the training rows (fit rows, held-out rows) as boolean masks."""
+    folds = min(CV_FOLDS, int(np.bincount(y).min()))
+    if folds < 2:
+        raise FeatxError("choosing C by cross-validation needs at least 2 training images per class; "
+                         "give C a value")
+    parts = []
+    for fit, held_out in StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y):
+        a, b = np.zeros(len(y), bool), np.zeros(len(y), bool)
+        a[fit], b[held_out] = True, True
+        parts.append((a, b))
+    return parts
+
+
+def choose_C(training: Training, grid: tuple[float, ...], n_classes: int, seed: int, solve: Solver,
+             ) -> tuple[float, dict[str, float]]:
+    """The C of `grid` with the best mean held-out accuracy over the folds (ties: the smaller C),
+    every C and fold solved as one batched problem."""
+    y = training.y.cpu().numpy()
+    folds = cv_masks(y, seed)
+    masks = np.stack([fit for _ in grid for fit, _ in folds])
+    held = np.stack([out for _ in grid for _, out in folds])
+    Cs = torch.tensor([C for C in grid for _ in folds], dtype=torch.float64)
+    fit = solve(training.x, training.y, torch.as_tensor(masks, device=training.x.device), Cs, n_classes)
+    predicted = decision(fit, training.x).argmax(-1).cpu().numpy()  # (problems, rows)
+    right = (predicted == y) & held
+    accuracy = right.sum(1) / held.sum(1)
+    mean = {C: float(accuracy[k * len(folds):(k + 1) * len(folds)].mean()) for k, C in enumerate(grid)}
+    best = max(grid, key=lambda C: (mean[C], -C))
+    return best, {f"{C:g}": mean[C] for C in grid}
+
+
+def feature_weights(stream: LayerStream, training: Training, coef: torch.Tensor,
+                    budget: int) -> torch.Tensor:
+    """(classes, values) weights on the layer's own (scaled) values: in kernel form, coef on the
+    coordinates times diag(s)^-1/2 U^T times the training rows, summed block by block."""
+    if not training.kernel_form:
+        return coef
+    alpha = coef @ training.basis.T  # (classes, training rows)
+    if training.rows is not None:
+        return alpha @ training.rows
+    weights = torch.zeros((len(coef), stream.dim), dtype=torch.float32, device=stream.device)
+    done = 0
+    for here, block in stream.blocks(stream.rows_within(budget // 4, "a block"), training.positions):
+        weights += alpha[:, done:done + len(here)] @ block
+        done += len(here)
+    return weights
+
+
+def predict_rows(stream: LayerStream, positions: np.ndarray, weights: torch.Tensor, intercept: torch.Tensor,
+                 budget: int) -> np.ndarray:
+    """The class with the highest score for each row at `positions`, block by block."""
+    predicted = []
+    for _, block in stream.blocks(stream.rows_within(budget // 4, "a block"), positions):
+        predicted.append((block @ weights.T + intercept).argmax(1).cpu().numpy())
+    return np.concatenate(predicted) if predicted else np.zeros(0, dtype=np.int64)
+
+
+def fitted_scaler(stream: LayerStream):
+    """The scikit-learn step that applies the stream's scaling to raw rows, for the saved model."""
+    if stream.scaling == "l2":
+        return Normalizer().fit(np.zeros((1, stream.dim), dtype=np.float32))
+    if stream.scaling == "standardize":
+        scaler = StandardScaler()
+        scaler.mean_ = stream.mean.cpu().double().numpy()
+        scaler.scale_ = stream.scale.cpu().double().numpy()
+        scaler.var_ = scaler.scale_ ** 2
+        scaler.n_features_in_, scaler.n_samples_seen_ = stream.dim, 1
+        return scaler
+    return FunctionTransformer().fit(np.zeros((1, stream.dim), dtype=np.float32))
+
+
+def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe: str,
+                 grid: tuple[float, ...], solve: Solver, memory_per_problem: Callable[..., int],
+                 ) -> tuple[ProbeResult, torch.Tensor, torch.Tensor, bool]:
+    """Fit on the training rows (C by cross-validation when `options.C` is auto), score the
+    test rows; returns the result and the weights and intercept on the layer's scaled values."""
+    started = time.perf_counter()
+    budget = stream.budget_left(options.memory)
+    stream.fit_scaling(split.train, budget)
+    training = training_rows(stream, split.train, budget)
+    n_classes = len(stream.store.classes)
+    n, d = training.x.shape
+    problems = len(grid) * CV_FOLDS if options.C == "auto" else 1
+    need = memory_per_problem(n, d, problems, n_classes)
+    if need > budget:
+        raise FeatxError(f"the {probe} solver needs {describe_bytes(need)} for layer {stream.name} "
+                         f"({n} training rows, {d} columns, {problems} problems at once): "
+                         f"--memory {describe_bytes(2 * need)} would work")
+    if options.C == "auto":
+        C, cv_scores = choose_C(training, grid, n_classes, options.seed, solve)
+    else:
+        C, cv_scores = float(options.C), {}
+    fit = solve(training.x, training.y, torch.ones((1, n), dtype=torch.bool, device=training.x.device),
+                torch.tensor([C], dtype=torch.float64), n_classes)
+    weights = feature_weights(stream, training, fit.coef[0], budget)
+    intercept = fit.intercept[0]
+    del training
+    y_pred = predict_rows(stream, split.test, weights, intercept, budget)
+    y_true = stream.labels[split.test]
+    result = ProbeResult(
+        layer=stream.name, dim=stream.dim, accuracy=float((y_pred == y_true).mean()),
+        balanced_accuracy=balanced_accuracy(y_true, y_pred), C=C, scaling=stream.scaling,
+        train_seconds=time.perf_counter() - started, kernel_form=stream.dim > len(split.train),
+        n_train=len(split.train), n_test=len(split.test), converged=bool(fit.converged.all()),
+        probe=probe, cv_scores=cv_scores, y_true=y_true.tolist(), y_pred=y_pred.tolist())
+    return result, weights, intercept, result.converged
+
+
+def liblinear_solver(seed: int) -> Solver:
+    """scikit-learn's LinearSVC (liblinear, primal Newton) fitted per problem, in threads, with
+    the same interface as the torch solver; the reference the torch solver is checked against."""
+    from sklearn.svm import LinearSVC
+
+    def solve(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs: torch.Tensor,
+              n_classes: int) -> LinearFit:
+        xs, ys = x.cpu().numpy(), y.cpu().numpy()
+
+        def one(k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+            rows = masks[k].cpu().numpy()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                clf = LinearSVC(C=float(Cs[k]), dual=False, max_iter=5000, random_state=seed)
+                clf.fit(xs[rows], ys[rows])
+            coef, intercept = clf.coef_, clf.intercept_
+            if len(coef) == 1:  # two classes: one score, as two opposite ones
+                coef, intercept = np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
+            return coef, intercept, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+        order = sorted(range(len(Cs)), key=lambda k: -float(Cs[k]))  # slowest first: threads end together
+        with ThreadPoolExecutor() as pool:  # liblinear releases the GIL
+            done = dict(zip(order, pool.map(one, order)))
+        fits = [done[k] for k in range(len(Cs))]
+        device = x.device
+        return LinearFit(
+            coef=torch.as_tensor(np.stack([f[0] for f in fits]), dtype=torch.float32, device=device),
+            intercept=torch.as_tensor(np.stack([f[1] for f in fits]), dtype=torch.float32, device=device),
+            objective=torch.full((len(Cs),), float("nan"), dtype=torch.float64),
+            converged=torch.tensor([f[2] for f in fits]), iterations=0)
+
+    return solve
+
+
+def liblinear_bytes(n: int, d: int, problems: int, n_classes: int) -> int:
+    """liblinear copies the rows it fits on per thread, in float64."""
+    return 8 * n * (d + 1) * 2 + 8 * n_classes * (d + 1) * problems
+
+
+__all__ = ["Training", "choose_C", "fitted_scaler", "liblinear_bytes", "liblinear_solver",
+           "train_linear", "working_bytes"]

@@ -1,0 +1,33 @@
+"""Multinomial logistic regression per layer: scikit-learn's LogisticRegression objective (L2,
+softmax over the classes), C by cross-validation over C_GRID, solved by the batched torch solver
+(featx.probes.solvers) on the GPU or the CPU, streaming the layer as the SVM does
+(featx.probes.linear). The grid reaches higher than the SVM's: on unit-length rows the logistic
+loss needs large weights before it separates classes."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+
+from featx.data import Split
+from featx.probes import ProbeOptions, ProbeResult
+from featx.probes.linear import fitted_scaler, train_linear
+from featx.probes.solvers import fit_logistic, working_bytes
+from featx.probes.stream import LayerStream
+
+C_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def train_layer(stream: LayerStream, split: Split, options: ProbeOptions,
+                ) -> tuple[ProbeResult, Pipeline]:
+    """Train and test logistic regression on one layer; returns the result and the fitted model
+    (it applies to the layer's raw values and gives class probabilities)."""
+    result, weights, intercept, _ = train_linear(stream, split, options, "logreg", C_GRID, fit_logistic,
+                                                 working_bytes)
+    clf = LogisticRegression(C=result.C)
+    clf.coef_ = weights.cpu().numpy().astype(np.float32)
+    clf.intercept_ = intercept.cpu().numpy().astype(np.float64)
+    clf.classes_ = np.arange(len(stream.store.classes))
+    clf.n_features_in_ = stream.dim
+    return result, Pipeline([("scale", fitted_scaler(stream)), ("logreg", clf)])

@@ -1,0 +1,213 @@
+"""The probes on a cache: streaming reads, kernel form, C by cross-validation, the memory budget,
+the saved models, logistic regression, k-NN and balanced accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler, normalize
+from sklearn.svm import LinearSVC
+
+from featx.data import Split, seeded_split
+from featx.errors import FeatxError
+from featx.probes import ProbeOptions, balanced_accuracy, get_probe
+from featx.probes.stream import LayerStream
+from featx.store import DamagedShard, FeatureStore
+from featx.study import SvmOptions, read_features
+
+
+def array_store(root: Path, layers: dict[str, np.ndarray], labels: np.ndarray, shard_size: int = 16,
+                missing: tuple[int, ...] = ()) -> FeatureStore:
+    """A cache holding these arrays (rows in `missing` absent, as unreadable images are)."""
+    classes = tuple(f"c{i}" for i in range(int(labels.max()) + 1))
+    store = FeatureStore.for_arrays(root, "arrays", labels, classes,
+                                    {name: x.shape[1] for name, x in layers.items()}, shard_size=shard_size)
+    for name, x in layers.items():
+        for k, (start, stop) in enumerate(store.shard_ranges(name)):
+            rows = np.array([i for i in range(start, stop) if i not in missing], dtype=np.int64)
+            store.write_shard(name, k, rows, x[rows], {})
+    return FeatureStore(store.folder)
+
+
+def problem(n_per_class: int = 30, dim: int = 400, classes: int = 3, seed: int = 0,
+            separation: float = 0.4) -> tuple[np.ndarray, np.ndarray, Split]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (classes, dim))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    features = (centres[labels] * separation + rng.normal(0, 1, (len(labels), dim))).astype(np.float32)
+    split = seeded_split(labels, tuple(f"c{i}" for i in range(classes)), n_per_class // 2, seed)
+    return features, labels, split
+
+
+def train(store: FeatureStore, name: str, split: Split, probe: str = "svm", scaling: str = "l2",
+          memory: int = 1 << 30, **options):
+    stream = LayerStream(store, name, scaling, "cpu")
+    return get_probe(probe)(stream, split, ProbeOptions(memory=memory, **options))
+
+
+@pytest.mark.parametrize("solver", ["torch", "liblinear"])
+def test_kernel_form_predicts_as_linear_svc_on_the_raw_features(tmp_path, solver) -> None:
+    x, y, split = problem()
+    store = array_store(tmp_path, {"layer": x}, y)
+    result, model = train(store, "layer", split, C=0.5, solver=solver)
+    assert result.kernel_form and len(split.train) < x.shape[1]
+    xs = normalize(x)
+    reference = LinearSVC(C=0.5, max_iter=20000, tol=1e-8).fit(xs[split.train], y[split.train])
+    expected = reference.predict(xs[split.test])
+    assert np.mean(np.asarray(result.y_pred) == expected) >= 0.98
+    assert abs(result.accuracy - (expected == y[split.test]).mean()) <= 0.02
+    # the saved model applies to raw features and agrees with the streamed predictions
+    assert np.array_equal(model.predict(x[split.test]), np.asarray(result.y_pred))
+    np.testing.assert_allclose(model.named_steps["svm"].coef_, reference.coef_, atol=5e-3)
+
+
+def test_a_layer_larger_than_the_budget_streams_in_chunks_and_gives_the_same_classifier(tmp_path) -> None:
+    x, y, split = problem(dim=3000)
+    store = array_store(tmp_path, {"layer": x}, y)
+    whole, whole_model = train(store, "layer", split, C=1.0)
+    # 90 rows x 3000 values x 4 bytes = 1 MB: a budget of 128 KB of rows holds a few at a time
+    stream = LayerStream(store, "layer", "l2", "cpu")
+    assert not stream.hold(len(stream.index) * stream.row_bytes - 1)
+    from featx.probes.linear import train_gram
+
+    gram, rows = train_gram(stream, split.train, 8 * len(split.train) ** 2 * 3 + 200_000)
+    assert rows is None  # chunked: the training rows were never held together
+    xs = normalize(x)[split.train]
+    np.testing.assert_allclose(gram.numpy(), xs @ xs.T, atol=1e-5)
+    small, small_model = train(store, "layer", split, C=1.0, memory=4 << 20)
+    assert small.y_pred == whole.y_pred
+    np.testing.assert_allclose(small_model.named_steps["svm"].coef_, whole_model.named_steps["svm"].coef_,
+                               atol=1e-4)
+
+
+def test_features_are_used_directly_when_there_are_more_images_than_dimensions(tmp_path) -> None:
+    x, y, split = problem(n_per_class=40, dim=10)
+    store = array_store(tmp_path, {"layer": x}, y)
+    result, model = train(store, "layer", split, C=1.0, scaling="standardize")
+    assert not result.kernel_form
+    assert result.n_train == 60 and result.n_test == 60 and result.dim == 10
+    reference = make_pipeline(StandardScaler(), LinearSVC(C=1.0, tol=1e-8, max_iter=20000)).fit(
+        x[split.train], y[split.train])
+    assert np.mean(np.asarray(result.y_pred) == reference.predict(x[split.test])) >= 0.98
+    assert np.array_equal(model.predict(x[split.test]), np.asarray(result.y_pred))
+
+
+def test_C_auto_picks_the_best_cross_validated_value(tmp_path) -> None:
+    x, y, split = problem(n_per_class=40, dim=60, classes=4, separation=0.25)
+    store = array_store(tmp_path, {"layer": x}, y)
+    from featx.probes.svm import C_GRID
+
+    xs, ys = normalize(x)[split.train], y[split.train]
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=0).split(xs, ys))
+    expected = {C: np.mean([(LinearSVC(C=C, dual=False, tol=1e-8).fit(xs[a], ys[a]).predict(xs[b])
+                             == ys[b]).mean() for a, b in folds]) for C in C_GRID}
+    result, _ = train(store, "layer", split)
+    assert result.cv_scores == pytest.approx({f"{C:g}": v for C, v in expected.items()}, abs=0.02)
+    assert len(set(expected.values())) > 1  # the choice mattered on this problem
+    best = max(result.cv_scores.values())
+    assert result.C == min(C for C in C_GRID if result.cv_scores[f"{C:g}"] == best)  # ties: smaller C
+
+
+def test_logistic_regression_matches_scikit_learn(tmp_path) -> None:
+    x, y, split = problem(n_per_class=40, dim=30, classes=4, separation=0.3)
+    store = array_store(tmp_path, {"layer": x}, y)
+    result, model = train(store, "layer", split, probe="logreg", C=10.0)
+    xs = normalize(x)
+    reference = LogisticRegression(C=10.0, tol=1e-10, max_iter=10000).fit(xs[split.train], y[split.train])
+    assert result.probe == "logreg" and result.C == 10.0
+    assert np.mean(np.asarray(result.y_pred) == reference.predict(xs[split.test])) >= 0.98
+    np.testing.assert_allclose(model.predict_proba(x[split.test]), reference.predict_proba(xs[split.test]),
+                               atol=2e-3)
+
+
+def test_knn_votes_like_a_weighted_neighbour_search(tmp_path) -> None:
+    x, y, split = problem(n_per_class=40, dim=50, classes=3, separation=0.3)
+    store = array_store(tmp_path, {"layer": x}, y)
+    result, model = train(store, "layer", split, probe="knn", memory=64 << 20)
+    assert model is None and result.C != result.C  # no C
+    xs = normalize(x)
+    sims = xs[split.test] @ xs[split.train].T
+    top = np.argsort(-sims, axis=1)[:, :20]
+    votes = np.zeros((len(split.test), 3))
+    for i, row in enumerate(top):
+        np.add.at(votes[i], y[split.train][row], np.exp(sims[i, row] / 0.07))
+    assert result.y_pred == votes.argmax(1).tolist()
+    # scikit-learn's neighbour search with the same weights: cosine distance d, weight exp((1 - d) / T)
+    reference = KNeighborsClassifier(20, metric="cosine", weights=lambda d: np.exp((1 - d) / 0.07))
+    reference.fit(xs[split.train], y[split.train])
+    assert np.mean(reference.predict(xs[split.test]) == np.asarray(result.y_pred)) >= 0.98
+
+
+def test_knn_with_training_rows_in_several_chunks_equals_one_chunk(tmp_path) -> None:
+    x, y, split = problem(n_per_class=40, dim=2000, classes=3)
+    store = array_store(tmp_path, {"layer": x}, y)
+    whole, _ = train(store, "layer", split, probe="knn", memory=64 << 20)
+    # 60 training rows of 8000 bytes: a budget of 200 KB holds 12 of them at a time
+    chunked, _ = train(store, "layer", split, probe="knn", memory=200_000)
+    assert chunked.y_pred == whole.y_pred
+
+
+def test_combinations_stream_like_the_layers_read_whole(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(3), 20)
+    layers = {"a": rng.normal(size=(60, 7)).astype(np.float32),
+              "b": rng.normal(size=(60, 90)).astype(np.float32)}
+    store = array_store(tmp_path, layers, y, shard_size=16, missing=(5, 33))
+    # b is wider, so its shards hold fewer rows: the parts line up all the same
+    assert store.manifest["layers"]["a"]["shard_size"] == 16
+    stream = LayerStream(store, "a+b", "none", "cpu")
+    whole = read_features(store, "a+b")
+    assert np.array_equal(stream.index, whole.index) and 5 not in stream.index
+    streamed = np.concatenate([block.numpy() for _, block in stream.blocks(7)])
+    np.testing.assert_allclose(streamed, whole.features, atol=1e-6)
+
+
+def test_a_damaged_shard_stops_a_streamed_probe_naming_it(tmp_path) -> None:
+    x, y, split = problem()
+    store = array_store(tmp_path, {"layer": x}, y)
+    path = store.shard_path("layer", 2)
+    with h5py.File(path, "r") as f:
+        offset = f["features"].id.get_chunk_info(0).byte_offset  # where the first values lie
+    data = bytearray(path.read_bytes())
+    data[offset + 1000] ^= 0xFF  # a flipped byte inside the features
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedShard, match="shard-00002"):
+        train(store, "layer", split, C=1.0)
+
+
+def test_a_budget_too_small_says_which_would_work(tmp_path) -> None:
+    x, y, split = problem(dim=3000)
+    store = array_store(tmp_path, {"layer": x}, y)
+    with pytest.raises(FeatxError, match=r"--memory \d+M or more would work"):
+        train(store, "layer", split, C=1.0, memory=70_000)
+
+
+def test_balanced_accuracy_is_the_mean_recall_per_class() -> None:
+    y_true = np.array([0, 0, 0, 0, 1, 1])
+    y_pred = np.array([0, 0, 0, 0, 0, 1])
+    assert balanced_accuracy(y_true, y_pred) == pytest.approx((1.0 + 0.5) / 2)
+    assert (y_true == y_pred).mean() == pytest.approx(5 / 6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"C": -1.0}, "C must be a positive"), ({"C": "big"}, "C must be a positive number"),
+    ({"C": float("nan")}, "C must be a positive finite"), ({"C": "inf"}, "C must be a positive finite"),
+    ({"scaling": "minmax"}, "scaling must be one of"), ({"splits": 0}, "splits must be at least 1"),
+    ({"train_per_class": 0}, "train_per_class must be at least 1"), ({"probe": "tree"}, "probe must be"),
+    ({"probe": "svm,tree"}, "probe must be"), ({"solver": "sgd"}, "solver must be one of"),
+    ({"memory": "lots"}, "memory must be a size"), ({"memory": "1M"}, "memory must be at least"),
+    ({"device": "tpu"}, "device must be"),
+])
+def test_bad_svm_options_are_refused_when_made(kwargs, message) -> None:
+    with pytest.raises(FeatxError, match=message):
+        SvmOptions(**kwargs)
+    assert SvmOptions(C="0.5").C == 0.5
+    assert SvmOptions(probe="svm, knn").probe == ("svm", "knn")
+    assert SvmOptions(memory="1.5G").memory == 3 << 29
