@@ -1,10 +1,13 @@
-"""featx: pretrained CNN layer features, cached in HDF5 shards, compared with a linear SVM.
+"""featx: pretrained CNN layer features, cached in HDF5 shards, compared with probes (linear SVM,
+logistic regression, k-NN) that stream the cache.
 
 The Python API (imported lazily, so `featx --help` stays quick):
 
 - `extract_features(dataset, model, layers, ...)` -> FeatureStore: cache layers in one forward pass
 - `open_cache(cache, dataset, model, weights)` -> FeatureStore; `.read_layer(name)` reads it
-- `evaluate(store, layers, SvmOptions(...))` -> Report: a linear SVM per cached layer
+- `evaluate(store, layers, SvmOptions(...))` -> Report: the probes (SvmOptions.probe) per cached layer
+- `FeatureStore.for_arrays(root, name, labels, classes, {layer: dim})`: a cache for features made
+  elsewhere, filled with `write_shard`, then probed like any other
 - `run_table(dataset, model, ...)` -> (Report, written paths): the whole study
 - `get_model(name, weights)` -> ModelSpec (weights, layer table); `load_model(...)` the network
 - `FeatureExtractor(model, layer)`: a scikit-learn transformer over image paths

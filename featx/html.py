@@ -138,8 +138,12 @@ def _layer_section(report: Report, layer: LayerReport, images: dict[str, str]) -
     accuracy = f"{100 * layer.accuracy:.2f}%"
     if layer.accuracy_std is not None:
         accuracy += f" \u00b1 {100 * layer.accuracy_std:.2f}%"
-    facts = [f"{layer.n_train} training and {layer.n_test} test images",
-             f"C {layer.C:g}", f"scaling {layer.scaling}"]
+    facts = [f"{layer.probe}", f"balanced accuracy {100 * layer.balanced_accuracy:.2f}%",
+             f"{layer.n_train} training and {layer.n_test} test images",
+             *([f"C {layer.C:g}"] if layer.C == layer.C else []), f"scaling {layer.scaling}"]
+    facts += [f"{other.probe}: accuracy {100 * other.accuracy:.2f}%, balanced "
+              f"{100 * other.balanced_accuracy:.2f}%" + (f", C {other.C:g}" if other.C == other.C else "")
+              for other in layer.other_probes]
     if layer.cv_scores:
         facts.append("cross-validation accuracy by C: " + ", ".join(
             f"{c}: {score:.3f}" for c, score in layer.cv_scores.items()))
@@ -148,7 +152,7 @@ def _layer_section(report: Report, layer: LayerReport, images: dict[str, str]) -
     parts = [f"<h2>{escape(name)}: {escape(accuracy)}</h2>",
              f"<p>{escape('; '.join(facts))}.</p>"]
     if not layer.converged:
-        parts.append('<p class="warn">The SVM solver did not converge for this layer.</p>')
+        parts.append(f'<p class="warn">The {escape(layer.probe)} solver did not converge for this layer.</p>')
     if images:
         from featx.plots import plot_stem  # the names write_plots gave
 

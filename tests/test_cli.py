@@ -68,6 +68,33 @@ def test_svm_after_extract_finds_the_cache_with_no_other_argument(demo_workdir) 
     assert model.predict(data.features[test_rows]).tolist() == report["y_pred"]
 
 
+def test_several_probes_give_a_column_each_and_a_model_each(demo_workdir) -> None:
+    out = demo_workdir / "probes"
+    result = run_cli("svm", "--layer", "stage7_pool,pool", "--train-per-class", "12",
+                     "--probe", "svm,logreg,knn", "--memory", "256M", "--out", str(out), cwd=demo_workdir)
+    assert result.returncode == 0, result.stderr
+    header = (out / "svm.csv").read_text().splitlines()[0].split(",")
+    assert header[:8] == ["Layer", "svm Accuracy", "svm Balanced", "logreg Accuracy", "logreg Balanced",
+                          "knn Accuracy", "knn Balanced", "Feature Dim"]
+    assert "svm C" in header and "logreg C" in header and "knn C" not in header
+    report = json.loads((out / "svm.json").read_text())
+    assert report["probes"] == ["svm", "logreg", "knn"]
+    pool = next(layer for layer in report["layers"] if layer["layer"] == "pool")
+    assert [p["probe"] for p in pool["other_probes"]] == ["logreg", "knn"]
+    for score in [pool, *pool["other_probes"]]:
+        assert 0.25 < score["accuracy"] <= 1 and 0.25 < score["balanced_accuracy"] <= 1
+    # 12 training images per class of 24: the test part is balanced, so the two measures agree
+    assert pool["balanced_accuracy"] == pytest.approx(pool["accuracy"])
+    assert (out / "pool.joblib").is_file() and (out / "pool.logreg.joblib").is_file()
+    assert not (out / "pool.knn.joblib").exists()
+    logreg = joblib.load(out / "pool.logreg.joblib")
+    store = FeatureStore(next((demo_workdir / "featx-cache" / "demo").iterdir()))
+    data = store.read_layer("pool")
+    probabilities = logreg.predict_proba(data.features[:5])
+    np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-5)
+    assert "Probes: svm" in result.stdout and "logreg" in result.stdout
+
+
 def test_table_on_the_demo_data_writes_md_csv_json(demo_workdir, demo_dir) -> None:
     result = run_cli("table", str(demo_dir), *LITE, "--train-per-class", "12", cwd=demo_workdir)
     assert result.returncode == 0, result.stderr

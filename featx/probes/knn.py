@@ -34,7 +34,7 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
     best = torch.full((n_test, k), -float("inf"), device=device)
     best_class = torch.zeros((n_test, k), dtype=torch.long, device=device)
     chunk = stream.rows_within(budget // 2, "a chunk of training rows")
-    block_rows = max(1, min(stream.rows_within(budget // 4, "a block"),
+    block_rows = max(1, min(stream.block_rows(budget // 2),
                             (budget // 4) // max(1, 4 * min(chunk, len(split.train)))))
     train_labels = torch.as_tensor(stream.labels[split.train], device=device)
     for start in range(0, len(split.train), chunk):

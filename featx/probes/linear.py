@@ -93,7 +93,7 @@ def train_gram(stream: LayerStream, positions: np.ndarray, budget: int,
         rows = stream.gather(positions, left // 2, "the training rows")
         return (rows @ rows.T).double(), rows
     gram = torch.zeros((n, n), dtype=torch.float64, device=stream.device)
-    block_rows = stream.rows_within(left // 4, "a block")
+    block_rows = stream.block_rows(left // 2)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         held = torch.empty((stop - start, stream.dim), dtype=torch.float32, device=stream.device)
@@ -125,16 +125,20 @@ def cv_masks(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def choose_C(training: Training, grid: tuple[float, ...], n_classes: int, seed: int, solve: Solver,
-             ) -> tuple[float, dict[str, float]]:
+             at_once: int | None = None) -> tuple[float, dict[str, float]]:
     """The C of `grid` with the best mean held-out accuracy over the folds (ties: the smaller C),
-    every C and fold solved as one batched problem."""
+    every C and fold solved as one batched problem (in groups of `at_once` problems when the
+    memory budget holds fewer)."""
     y = training.y.cpu().numpy()
     folds = cv_masks(y, seed)
     masks = np.stack([fit for _ in grid for fit, _ in folds])
     held = np.stack([out for _ in grid for _, out in folds])
     Cs = torch.tensor([C for C in grid for _ in folds], dtype=torch.float64)
-    fit = solve(training.x, training.y, torch.as_tensor(masks, device=training.x.device), Cs, n_classes)
-    predicted = decision(fit, training.x).argmax(-1).cpu().numpy()  # (problems, rows)
+    step = at_once or len(Cs)
+    predicted = np.concatenate([
+        decision(solve(training.x, training.y, torch.as_tensor(masks[k:k + step], device=training.x.device),
+                       Cs[k:k + step], n_classes), training.x).argmax(-1).cpu().numpy()
+        for k in range(0, len(Cs), step)])  # (problems, rows)
     right = (predicted == y) & held
     accuracy = right.sum(1) / held.sum(1)
     mean = {C: float(accuracy[k * len(folds):(k + 1) * len(folds)].mean()) for k, C in enumerate(grid)}
@@ -153,7 +157,7 @@ def feature_weights(stream: LayerStream, training: Training, coef: torch.Tensor,
         return alpha @ training.rows
     weights = torch.zeros((len(coef), stream.dim), dtype=torch.float32, device=stream.device)
     done = 0
-    for here, block in stream.blocks(stream.rows_within(budget // 4, "a block"), training.positions):
+    for here, block in stream.blocks(stream.block_rows(budget), training.positions):
         weights += alpha[:, done:done + len(here)] @ block
         done += len(here)
     return weights
@@ -163,7 +167,7 @@ def predict_rows(stream: LayerStream, positions: np.ndarray, weights: torch.Tens
                  budget: int) -> np.ndarray:
     """The class with the highest score for each row at `positions`, block by block."""
     predicted = []
-    for _, block in stream.blocks(stream.rows_within(budget // 4, "a block"), positions):
+    for _, block in stream.blocks(stream.block_rows(budget), positions):
         predicted.append((block @ weights.T + intercept).argmax(1).cpu().numpy())
     return np.concatenate(predicted) if predicted else np.zeros(0, dtype=np.int64)
 
@@ -194,13 +198,16 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe
     n_classes = len(stream.store.classes)
     n, d = training.x.shape
     problems = len(grid) * CV_FOLDS if options.C == "auto" else 1
-    need = memory_per_problem(n, d, problems, n_classes)
-    if need > budget:
+    room = budget - 4 * training.x.numel()  # what the solver may use beside the rows it fits on
+    at_once = max((p for p in range(1, problems + 1) if memory_per_problem(n, d, p, n_classes) <= room),
+                  default=0)
+    if not at_once:
+        need = memory_per_problem(n, d, 1, n_classes)
         raise FeatxError(f"the {probe} solver needs {describe_bytes(need)} for layer {stream.name} "
-                         f"({n} training rows, {d} columns, {problems} problems at once): "
-                         f"--memory {describe_bytes(2 * need)} would work")
+                         f"({n} training rows, {d} columns, {n_classes} classes) beside what it holds: "
+                         f"--memory {describe_bytes(options.memory - room + 2 * need)} would work")
     if options.C == "auto":
-        C, cv_scores = choose_C(training, grid, n_classes, options.seed, solve)
+        C, cv_scores = choose_C(training, grid, n_classes, options.seed, solve, at_once)
     else:
         C, cv_scores = float(options.C), {}
     fit = solve(training.x, training.y, torch.ones((1, n), dtype=torch.bool, device=training.x.device),

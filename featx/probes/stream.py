@@ -19,6 +19,7 @@ from featx.errors import FeatxError, OptionError
 from featx.store import FeatureStore
 
 DEFAULT_MEMORY = 2 << 30
+BLOCK_BYTES = 32 << 20  # rows read at a time, in float32: large enough for fast matrix products
 MIN_MEMORY = 64 << 20
 SCALINGS = ("l2", "standardize", "none")
 DEFAULT_SCALING = "l2"
@@ -74,6 +75,11 @@ class LayerStream:
         """Bytes of one row in float32, as a probe holds it."""
         return 4 * self.dim
 
+    def block_rows(self, budget: int) -> int:
+        """Rows per block read: BLOCK_BYTES of them, or an eighth of `budget` when that is less (a
+        block in flight costs about four times its size: as stored, in float32, selected, scaled)."""
+        return self.rows_within(min(BLOCK_BYTES, budget // 8), "a block")
+
     def rows_within(self, budget: int, what: str) -> int:
         """How many rows fit in `budget` bytes; a budget too small for one row is a clear error."""
         rows = budget // self.row_bytes
@@ -93,10 +99,12 @@ class LayerStream:
         """Read the whole layer into memory once, when it fits `budget`, so that later passes do
         not read the cache again; says whether it did."""
         if self.held is None and len(self.index) * self.row_bytes <= budget:
-            rows = max(1, min(len(self.index), budget // (4 * self.row_bytes) or 1))
-            self.held = torch.cat([torch.from_numpy(np.ascontiguousarray(block)).to(self.device)
-                                   for block in self._raw_blocks(rows)]) if len(self.index) else \
-                torch.zeros((0, self.dim), device=self.device)
+            held = torch.empty((len(self.index), self.dim), dtype=torch.float32, device=self.device)
+            filled = 0
+            for block in self._raw_blocks(self.block_rows(budget)):
+                held[filled:filled + len(block)] = torch.from_numpy(np.ascontiguousarray(block))
+                filled += len(block)
+            self.held = held
         return self.held is not None
 
     def blocks(self, rows: int, positions: np.ndarray | None = None, scaled: bool = True,
@@ -137,7 +145,7 @@ class LayerStream:
                              f"do not fit the memory budget: --memory {describe_bytes(need)} would work")
         out = torch.empty((len(positions), self.dim), dtype=torch.float32, device=self.device)
         filled = 0  # positions are sorted and blocks come in order: they fill `out` top to bottom
-        for here, block in self.blocks(self.rows_within(budget // 4, "a block"), positions):
+        for here, block in self.blocks(self.block_rows(budget), positions):
             out[filled:filled + len(here)] = block
             filled += len(here)
         return out
@@ -150,7 +158,7 @@ class LayerStream:
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         squares = torch.zeros_like(total)
         self.mean = self.scale = None
-        for _, block in self.blocks(self.rows_within(budget // 4, "a block"), positions, scaled=False):
+        for _, block in self.blocks(self.block_rows(budget), positions, scaled=False):
             total += block.sum(0, dtype=torch.float64)
             squares += (block.double() ** 2).sum(0)
         mean = total / len(positions)
