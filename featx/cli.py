@@ -255,19 +255,21 @@ def similarity(
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="Model in the cache; repeat to compare the layers of several.")] = None,
     weights: Annotated[str | None, typer.Option(help="Weights in the cache, when several.")] = None,
-    cache: Cache = None, out: OutDir = None,
+    cache: Cache = None, out: OutDir = None, memory: Memory = "2G", device: Device = "auto",
 ) -> None:
     """Linear CKA between every pair of cached layers (of one model, or of several on the same
     images): a table, similarity.csv and a heatmap similarity.png, which the HTML report shows.
 
     Examples: `featx similarity` ; `featx similarity --model vgg16 --model resnet50 --dataset 15scene`.
     """
+    from featx.probes.stream import parse_memory, probe_device
     from featx.similarity import heatmap
     from featx.study import default_out_dir, find_store, layer_similarity
 
+    memory_bytes, device = parse_memory(memory), probe_device(device) or "auto"  # checked before work
     stores = [find_store(cache, dataset, name, weights) for name in (model or [None])]
     folder = writable_folder(out or default_out_dir(stores[0]), "out")
-    result = layer_similarity(stores, _layer_names(layer))
+    result = layer_similarity(stores, _layer_names(layer), memory_bytes, device)
     width = max(len(name) for name in result.names)
     typer.echo(" " * width + "  " + "  ".join(f"{i:>5}" for i in range(len(result.names))))
     for i, (name, row) in enumerate(zip(result.names, result.matrix)):

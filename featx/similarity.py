@@ -5,7 +5,8 @@ CKA(X, Y) = ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) for column-centred f
 for the same representation, and stays the same under an orthogonal transform or a uniform scaling
 of either side. Narrow layers use that feature form (p x q products); a layer wider than the
 number of images uses its centred Gram matrix Kc = Xc Xc^T (n x n), since ||Xc^T Yc||_F^2 =
-<Kc, Lc>: the cost then follows the number of images, not the width.
+<Kc, Lc>: the cost then follows the number of images, not the width. The study computes every
+layer's Gram matrix streamed from the cache (featx.probes.linear.train_gram), so no layer is held.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 class _Side:
     """One layer, centred, with its self-similarity norm, in feature or Gram form."""
 
-    def __init__(self, features: np.ndarray) -> None:
+    def __init__(self, features: np.ndarray | None = None, gram: np.ndarray | None = None) -> None:
+        if gram is not None:  # K = X X^T of the uncentred rows: centred on both sides, H K H
+            k = np.asarray(gram, dtype=np.float64)
+            mean = k.mean(axis=0)
+            self.gram, self.value = True, k - mean[None, :] - mean[:, None] + mean.mean()
+            self.norm = float(np.linalg.norm(self.value))
+            return
         x = centred(features)
         self.gram = x.shape[1] > x.shape[0]
         self.value = x @ x.T if self.gram else x
@@ -68,11 +75,12 @@ def _cka(a: _Side, b: _Side) -> float:
     return cross / (a.norm * b.norm)
 
 
-def similarity(layers: dict[str, np.ndarray]) -> Similarity:
-    """CKA between every pair of `layers` ({name: (n, dim) features on the same rows})."""
+def similarity(layers: dict[str, np.ndarray], grams: bool = False) -> Similarity:
+    """CKA between every pair of `layers` ({name: (n, dim) features on the same rows}, or with
+    `grams` {name: (n, n) Gram matrix X X^T of those rows, as a streamed layer gives it})."""
     if len(layers) < 2:
         raise FeatxError("layer similarity needs at least two layers; name more layers or models")
-    sides = {name: _Side(features) for name, features in layers.items()}
+    sides = {name: _Side(gram=value) if grams else _Side(value) for name, value in layers.items()}
     names = list(layers)
     matrix = np.eye(len(names))
     for i in range(len(names)):

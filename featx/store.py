@@ -216,10 +216,12 @@ class FeatureStore:
         from featx.models import Layer, Preprocess
 
         paths = tuple(f"row-{i:08d}" for i in range(len(labels)))
-        images = ImageSet(Path(root) / name, paths, np.asarray(labels, dtype=np.int64), tuple(classes))
+        origin = Path(root).resolve() / ".arrays" / name  # no folder: no images to check against
+        images = ImageSet(origin, paths, np.asarray(labels, dtype=np.int64), tuple(classes))
         weights = Weights(model="arrays", tag=name, source="file", preprocess=Preprocess(),
-                          location=str(Path(root) / name), categories=None, checksum="arrays")
+                          location=str(origin), categories=None, checksum="arrays")
         store = cls.open_for(root, images, weights, "fp32", list(layers), dtype)
+        store.update_manifest(lambda manifest: manifest.update(arrays=True))
         store.plan_layers([Layer(layer, layer, (dim,)) for layer, dim in layers.items()], 1, shard_size)
         return store
 

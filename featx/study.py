@@ -21,7 +21,16 @@ from featx.models import get_model
 from featx.pipeline import ExtractOptions, console, extract_images
 from featx.places import writable_folder
 from featx.probes import ProbeOptions, ProbeResult, get_probe, parse_probes
-from featx.probes.stream import DEFAULT_MEMORY, DEFAULT_SCALING, SCALINGS, LayerStream, parse_memory
+from featx.probes.linear import train_gram
+from featx.probes.stream import (
+    DEFAULT_MEMORY,
+    DEFAULT_SCALING,
+    SCALINGS,
+    LayerStream,
+    describe_bytes,
+    parse_memory,
+    probe_device,
+)
 from featx.report import LayerReport, ModelIdentity, ProbeScore, Report, write_table
 from featx.similarity import Similarity, similarity
 from featx.store import FeatureStore, LayerFeatures, default_cache_root, list_stores
@@ -68,8 +77,7 @@ class SvmOptions:
         object.__setattr__(self, "probe", parse_probes(self.probe))
         object.__setattr__(self, "memory", parse_memory(self.memory))
         self.probe_options()  # the solver is checked there
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise OptionError("device", f"must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        probe_device(self.device)
         if self.split_file:
             read_split_file(self.split_file)  # exists, is a CSV of path,label,split: checked now
 
@@ -79,7 +87,7 @@ class SvmOptions:
 
     @property
     def probe_device(self) -> str | None:
-        return None if self.device == "auto" else self.device
+        return probe_device(self.device)
 
 
 def check_split(images: ImageSet, svm: SvmOptions) -> None:
@@ -137,6 +145,8 @@ def check_dataset(store: FeatureStore, images: ImageSet | None = None) -> None:
     dataset folder that is not there (a cache moved alone) is said, then scored as extracted.
     `images` is a scan made already in this run (the dataset is scanned here otherwise)."""
     root = Path(store.manifest["dataset_root"])
+    if store.manifest.get("arrays"):  # features made elsewhere (FeatureStore.for_arrays): no images
+        return
     if not root.is_dir():
         console.print(f"[yellow]warning:[/] the dataset folder {root} is not there: {store.label} is "
                       "scored as it was extracted, unchecked")
@@ -204,7 +214,7 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
         results: dict[str, list[ProbeResult]] = {probe: [] for probe in svm.probe}
         for k, split in enumerate(splits):
             for probe in svm.probe:
-                result, model = get_probe(probe)(stream, split, options)
+                result, model = run_probe(probe, stream, split, options)
                 result.test_paths = [paths[i] for i in split.test]
                 results[probe].append(result)
                 if k == 0 and model is not None:
@@ -220,6 +230,21 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
         entries.append(entry)
         (out / f"{name}.json").write_text(json.dumps(asdict(entry), indent=1))
     return build_report(store, entries, svm, description)
+
+
+def run_probe(probe: str, stream: LayerStream, split: Split, options: ProbeOptions):
+    """One probe on one layer; a device out of memory is a clear error naming a budget that fits."""
+    import torch
+
+    try:
+        return get_probe(probe)(stream, split, options)
+    except torch.OutOfMemoryError:
+        free = torch.cuda.mem_get_info(torch.device(stream.device))[0] if stream.device.startswith("cuda") \
+            else 0
+        fits = f"--memory {describe_bytes(int(free * 0.5))} would fit the {describe_bytes(free)} it has free" \
+            if free else "a smaller --memory would fit"
+        raise FeatxError(f"{stream.device} ran out of memory for the {probe} probe on layer {stream.name} "
+                         f"with --memory {describe_bytes(options.memory)}; {fits}") from None
 
 
 def layer_parts(names: list[str]) -> list[str]:
@@ -252,28 +277,34 @@ def combined_feature_time(store: FeatureStore, name: str) -> tuple[float, list[s
     return sum(seconds.values()), shared
 
 
-def layer_similarity(stores: list[FeatureStore], layers: list[str] | None = None) -> Similarity:
+def layer_similarity(stores: list[FeatureStore], layers: list[str] | None = None,
+                     memory: str | int = DEFAULT_MEMORY, device: str = "auto") -> Similarity:
     """Linear CKA between every pair of cached layers of these caches (one dataset), on the
-    images all of them hold; names are `model/layer` when there are several models."""
+    images all of them hold; names are `model/layer` when there are several models. Each layer
+    is streamed into its n x n Gram matrix within `memory`."""
+    budget, device = parse_memory(memory), probe_device(device)
     roots = {store.manifest["dataset_root"] for store in stores}
     if len(roots) > 1:
         raise FeatxError("layer similarity compares layers on the same images; these caches hold "
                          f"{len(roots)} datasets: {', '.join(sorted(roots))}")
-    rows: dict[str, tuple[list[str], np.ndarray]] = {}
+    streams: dict[str, LayerStream] = {}
     for store in stores:
         names = layers or store.complete_layers()
         store.check_layers(names)
         check_dataset(store)
         for name in names:
-            data = store.read_layer(name)
             label = f"{store.manifest['model']}/{name}" if len(stores) > 1 else name
-            rows[label] = ([store.manifest["paths"][i] for i in data.index], data.features)
-    common = sorted(set.intersection(*(set(paths) for paths, _ in rows.values())))
-    aligned = {}
-    for label, (paths, features) in rows.items():
-        position = {path: i for i, path in enumerate(paths)}
-        aligned[label] = features[[position[path] for path in common]]
-    return similarity(aligned)
+            streams[label] = LayerStream(store, name, "none", device)
+    paths = {label: [s.store.manifest["paths"][i] for i in s.index] for label, s in streams.items()}
+    common = sorted(set.intersection(*(set(p) for p in paths.values())))
+    grams = {}
+    for label, stream in streams.items():  # each layer's Gram matrix on the common images, streamed
+        position = {path: i for i, path in enumerate(paths[label])}
+        rows = np.array(sorted(position[path] for path in common), dtype=np.int64)
+        to_common = np.argsort([paths[label][i] for i in rows])  # the stream's order -> common's
+        gram = train_gram(stream, rows, budget)[0].cpu().numpy()
+        grams[label] = gram[np.ix_(to_common, to_common)]
+    return similarity(grams, grams=True)
 
 
 def build_report(store: FeatureStore, entries: list[LayerReport], svm: SvmOptions, split: str) -> Report:

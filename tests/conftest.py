@@ -91,3 +91,18 @@ def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> No
     assert len(errors) == 1, result.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+def array_store(root: Path, layers: dict[str, np.ndarray], labels: np.ndarray, shard_size: int = 16,
+                missing: tuple[int, ...] = ()):
+    """A cache holding these arrays (rows in `missing` absent, as unreadable images are)."""
+    from featx.store import FeatureStore
+
+    classes = tuple(f"c{i}" for i in range(int(labels.max()) + 1))
+    store = FeatureStore.for_arrays(root, "arrays", labels, classes,
+                                    {name: x.shape[1] for name, x in layers.items()}, shard_size=shard_size)
+    for name, x in layers.items():
+        for k, (start, stop) in enumerate(store.shard_ranges(name)):
+            rows = np.array([i for i in range(start, stop) if i not in missing], dtype=np.int64)
+            store.write_shard(name, k, rows, x[rows], {})
+    return FeatureStore(store.folder)

@@ -107,6 +107,8 @@ BAD = [
     (["svm", "--cache", "{cache}", "--memory", "lots"], "--memory must be a size"),
     (["svm", "--cache", "{cache}", "--memory", "10M"], "--memory must be at least"),
     (["svm", "--cache", "{cache}", "--device", "tpu"], "--device must be"),
+    (["similarity", "--cache", "{cache}", "--memory", "2 pints"], "--memory must be a size"),
+    (["similarity", "--cache", "{cache}", "--device", "gpu0"], "--device must be"),
     (["svm", "--cache", "{cache}", "--split", "missing.csv"], "split file not found"),
     (["svm", "--cache", "{cache}", "--split", "{root}/cols.csv"], "needs the columns path,label,split"),
     (["svm", "--cache", "{cache}", "--split", "{root}/odd.csv"], "split must be train or test"),

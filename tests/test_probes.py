@@ -3,8 +3,6 @@ the saved models, logistic regression, k-NN and balanced accuracy."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pytest
@@ -22,18 +20,7 @@ from featx.probes.stream import LayerStream
 from featx.store import DamagedShard, FeatureStore
 from featx.study import SvmOptions, read_features
 
-
-def array_store(root: Path, layers: dict[str, np.ndarray], labels: np.ndarray, shard_size: int = 16,
-                missing: tuple[int, ...] = ()) -> FeatureStore:
-    """A cache holding these arrays (rows in `missing` absent, as unreadable images are)."""
-    classes = tuple(f"c{i}" for i in range(int(labels.max()) + 1))
-    store = FeatureStore.for_arrays(root, "arrays", labels, classes,
-                                    {name: x.shape[1] for name, x in layers.items()}, shard_size=shard_size)
-    for name, x in layers.items():
-        for k, (start, stop) in enumerate(store.shard_ranges(name)):
-            rows = np.array([i for i in range(start, stop) if i not in missing], dtype=np.int64)
-            store.write_shard(name, k, rows, x[rows], {})
-    return FeatureStore(store.folder)
+from conftest import array_store
 
 
 def problem(n_per_class: int = 30, dim: int = 400, classes: int = 3, seed: int = 0,
@@ -211,3 +198,23 @@ def test_bad_svm_options_are_refused_when_made(kwargs, message) -> None:
     assert SvmOptions(C="0.5").C == 0.5
     assert SvmOptions(probe="svm, knn").probe == ("svm", "knn")
     assert SvmOptions(memory="1.5G").memory == 3 << 29
+
+
+def test_a_device_out_of_memory_is_one_clear_line_and_touches_no_cache_file(tmp_path, monkeypatch) -> None:
+    import torch
+
+    import featx.study
+    from featx.study import evaluate
+
+    x, y, _ = problem()
+    store = array_store(tmp_path / "cache", {"layer": x}, y)
+    before = {p: p.read_bytes() for p in store.folder.rglob("*") if p.is_file()}
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(featx.study, "get_probe", lambda name: exhausted)
+    with pytest.raises(FeatxError, match=r"cpu ran out of memory for the svm probe on layer layer "
+                                         r"with --memory 2\.0G; a smaller --memory would fit"):
+        evaluate(store, ["layer"], SvmOptions(device="cpu", train_per_class=10), tmp_path / "out")
+    assert {p: p.read_bytes() for p in store.folder.rglob("*") if p.is_file()} == before

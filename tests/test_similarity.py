@@ -10,7 +10,7 @@ from scipy.stats import ortho_group
 from featx.errors import FeatxError
 from featx.similarity import linear_cka, similarity
 
-from conftest import assert_clean_error, run_cli
+from conftest import array_store, assert_clean_error, run_cli
 
 
 def direct_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -65,3 +65,24 @@ def test_the_command_writes_matrix_and_heatmap_and_the_page_shows_it(tmp_path, d
     assert_clean_error(run_cli("similarity", "--layer", "pool", cwd=tmp_path), "at least two layers")
     assert_clean_error(run_cli("similarity", "--layer", "pool,head", cwd=tmp_path),
                        "layer 'head' is not in the cache")
+
+
+def test_cka_streamed_from_a_cache_equals_cka_of_the_layers_read_whole(tmp_path) -> None:
+    from featx.store import FeatureStore
+    from featx.study import layer_similarity
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(70, 30))
+    layers = {"narrow": (base @ rng.normal(size=(30, 12))).astype(np.float32),
+              "wide": np.tanh(base @ rng.normal(size=(30, 300))).astype(np.float32) + 1,
+              "noise": rng.normal(size=(70, 40)).astype(np.float32)}
+    store = array_store(tmp_path, layers, np.arange(70) % 3, shard_size=16, missing=(4, 41))
+    kept = [i for i in range(70) if i not in (4, 41)]
+    # 64 MB would hold everything; 200 KB holds a few rows of `wide` at a time (chunked passes)
+    for memory in (64 << 20, 200_000):
+        result = layer_similarity([FeatureStore(store.folder)], memory=memory)
+        assert result.names == ["narrow", "wide", "noise"] and result.n_images == 68
+        for i, a in enumerate(result.names):
+            for j, b in enumerate(result.names):
+                assert result.matrix[i, j] == pytest.approx(linear_cka(layers[a][kept], layers[b][kept]),
+                                                            abs=1e-5)

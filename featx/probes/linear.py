@@ -188,7 +188,7 @@ def fitted_scaler(stream: LayerStream):
 
 def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe: str,
                  grid: tuple[float, ...], solve: Solver, memory_per_problem: Callable[..., int],
-                 ) -> tuple[ProbeResult, torch.Tensor, torch.Tensor, bool]:
+                 ) -> tuple[ProbeResult, torch.Tensor, torch.Tensor]:
     """Fit on the training rows (C by cross-validation when `options.C` is auto), score the
     test rows; returns the result and the weights and intercept on the layer's scaled values."""
     started = time.perf_counter()
@@ -223,7 +223,7 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe
         train_seconds=time.perf_counter() - started, kernel_form=stream.dim > len(split.train),
         n_train=len(split.train), n_test=len(split.test), converged=bool(fit.converged.all()),
         probe=probe, cv_scores=cv_scores, y_true=y_true.tolist(), y_pred=y_pred.tolist())
-    return result, weights, intercept, result.converged
+    return result, weights, intercept
 
 
 def liblinear_solver(seed: int) -> Solver:

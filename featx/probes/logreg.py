@@ -23,7 +23,7 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions,
                 ) -> tuple[ProbeResult, Pipeline]:
     """Train and test logistic regression on one layer; returns the result and the fitted model
     (it applies to the layer's raw values and gives class probabilities)."""
-    result, weights, intercept, _ = train_linear(stream, split, options, "logreg", C_GRID, fit_logistic,
+    result, weights, intercept = train_linear(stream, split, options, "logreg", C_GRID, fit_logistic,
                                                  working_bytes)
     clf = LogisticRegression(C=result.C)
     clf.coef_ = weights.cpu().numpy().astype(np.float32)

@@ -28,14 +28,16 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_memory(text: str | int) -> int:
-    """Bytes from `2G`, `512M`, `1.5GB` or a plain number of bytes."""
+    """Bytes from `2G`, `512M`, `1.5GB` (at least MIN_MEMORY), or an int of bytes taken as given
+    (the API's way to test a tiny budget)."""
     if isinstance(text, int):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)i?b?\s*", str(text).lower())
-        if not match:
-            raise OptionError("memory", f"must be a size such as 2G or 512M, not {text!r}")
-        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+        if text < 1:
+            raise OptionError("memory", f"must be a positive number of bytes, not {text}")
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)i?b?\s*", str(text).lower())
+    if not match:
+        raise OptionError("memory", f"must be a size such as 2G or 512M, not {text!r}")
+    value = int(float(match.group(1)) * _UNITS[match.group(2)])
     if value < MIN_MEMORY:
         raise OptionError("memory", f"must be at least {MIN_MEMORY >> 20}M (the program itself needs "
                           f"that much beside the features), not {text!r}")
@@ -48,6 +50,15 @@ def describe_bytes(n: int) -> str:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def probe_device(device: str) -> str | None:
+    """`auto` (None: CUDA when there is one), `cpu`, `cuda` or `cuda:N`, checked."""
+    if device == "auto":
+        return None
+    if device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device):
+        return device
+    raise OptionError("device", f"must be auto, cpu, cuda or cuda:N, not {device!r}")
 
 
 class LayerStream:
@@ -91,7 +102,10 @@ class LayerStream:
 
     def budget_left(self, budget: int) -> int:
         """What a probe may use beside the layer held in memory: the whole layer is held (see
-        `hold`) when it fits half the budget."""
+        `hold`) when it fits half the budget. On a GPU the budget is at most 90% of the memory
+        the card has free."""
+        if self.device.startswith("cuda") and self.held is None:
+            budget = min(budget, int(0.9 * torch.cuda.mem_get_info(torch.device(self.device))[0]))
         self.hold(budget // 2)
         return budget - (self.held.numel() * 4 if self.held is not None else 0)
 

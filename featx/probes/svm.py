@@ -41,7 +41,7 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions,
         solve, memory = liblinear_solver(options.seed), liblinear_bytes
     else:
         solve, memory = fit_squared_hinge, working_bytes
-    result, weights, intercept, _ = train_linear(stream, split, options, "svm", C_GRID, solve, memory)
+    result, weights, intercept = train_linear(stream, split, options, "svm", C_GRID, solve, memory)
     clf = LinearSVC(C=result.C)
     clf.coef_ = weights.cpu().numpy().astype(np.float32)
     clf.intercept_ = intercept.cpu().numpy().astype(np.float64)
