@@ -21,7 +21,8 @@ from featx.places import describe, writable_file, writable_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
-                  help="Pretrained CNN layer features, cached to HDF5, compared with a linear SVM.")
+                  help="Pretrained CNN layer features, cached to HDF5, compared with linear SVM, logistic "
+                       "regression and k-NN probes.")
 
 # --- shared options ---------------------------------------------------------------------------
 Model = Annotated[str, typer.Option("--model", "-m", help=(
@@ -155,10 +156,12 @@ def svm(
     splits: Splits = 1, out: OutDir = None, probe: Probe = "svm", solver: Solver = "auto",
     memory: Memory = "2G", device: Device = "auto",
 ) -> None:
-    """Train a LinearSVC per layer on cached features; print accuracy, dim, C and time.
+    """Train a linear SVM (or the probes of --probe) per cached layer, streamed from the cache
+    within --memory; print accuracy, balanced accuracy, dim, C and time.
 
     Examples: `featx svm --layer relu7` (finds the cache in ./featx-cache) ;
-    `featx svm --layer pool5 --C 1 --scaling standardize` ; `featx svm --dataset 15scene --model vgg16`.
+    `featx svm --layer pool5 --C 1 --scaling standardize` ; `featx svm --dataset 15scene --model vgg16` ;
+    `featx svm --layer pool1 --probe svm,logreg,knn --memory 1G`.
     Each model is saved with joblib beside a JSON report in the results folder.
     """
     from featx.report import render_markdown, write_table
@@ -188,12 +191,12 @@ def table(
     shard_size: ShardSize = 512, dtype: Dtype = "float32", verify: Verify = "size", tta: Tta = "none",
 ) -> None:
     """The layer-comparison table: extract all layers in one pass (or reuse the cache), train an
-    SVM per layer, print the table and write it as Markdown, CSV and JSON.
+    SVM (or the probes of --probe) per layer, print the table and write it as Markdown, CSV and JSON.
 
     Examples: `featx table 15scene/ --model vgg16` ; `featx table data/demo --model
     efficientnet_lite0 --train-per-class 12` ; `featx table 15scene/ --model efficientnet_lite0
     --split 15scene-split.csv` ; `featx table 15scene/ --model vgg16 --model resnet50 --splits 5
-    --html report.html`.
+    --html report.html` ; `featx table 15scene/ --probe svm,logreg,knn`.
     """
     from featx.report import render_markdown
     from featx.study import run_table

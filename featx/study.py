@@ -3,6 +3,7 @@ per layer on each split -> the Report that tables, figures and the page are draw
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import platform
@@ -239,10 +240,10 @@ def run_probe(probe: str, stream: LayerStream, split: Split, options: ProbeOptio
     try:
         return get_probe(probe)(stream, split, options)
     except torch.OutOfMemoryError:
-        free = torch.cuda.mem_get_info(torch.device(stream.device))[0] if stream.device.startswith("cuda") \
-            else 0
-        fits = f"--memory {describe_bytes(int(free * 0.5))} would fit the {describe_bytes(free)} it has free" \
-            if free else "a smaller --memory would fit"
+        on_gpu = stream.device.startswith("cuda")
+        free = torch.cuda.mem_get_info(torch.device(stream.device))[0] if on_gpu else 0
+        fits = (f"--memory {describe_bytes(int(free * 0.5))} would fit the {describe_bytes(free)} it has "
+                "free") if free else "a smaller --memory would fit"
         raise FeatxError(f"{stream.device} ran out of memory for the {probe} probe on layer {stream.name} "
                          f"with --memory {describe_bytes(options.memory)}; {fits}") from None
 
@@ -351,6 +352,7 @@ def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
     for spec in specs:
         store = extract_images(images, spec.name, parts, weights, cache, svm.seed,
                                extract_options or ExtractOptions(), progress)
+        gc.collect()  # the traced network holds reference cycles: free it before the probes run
         singles = [name for name in layers or [] if "+" not in name]
         names = [layer.name for layer in spec.resolve_layers(singles)] if singles or not layers else []
         names += [name for name in layers or [] if "+" in name]  # combinations after the layers

@@ -172,6 +172,16 @@ def predict_rows(stream: LayerStream, positions: np.ndarray, weights: torch.Tens
     return np.concatenate(predicted) if predicted else np.zeros(0, dtype=np.int64)
 
 
+def as_fitted(estimator, stream: LayerStream, weights: torch.Tensor, intercept: torch.Tensor):
+    """A scikit-learn linear classifier holding these weights, as if fitted on the layer's scaled
+    values (coef_, intercept_, classes_): it predicts with scikit-learn's own code."""
+    estimator.coef_ = weights.cpu().numpy().astype(np.float32)
+    estimator.intercept_ = intercept.cpu().numpy().astype(np.float64)
+    estimator.classes_ = np.arange(len(stream.store.classes))
+    estimator.n_features_in_ = stream.dim
+    return estimator
+
+
 def fitted_scaler(stream: LayerStream):
     """The scikit-learn step that applies the stream's scaling to raw rows, for the saved model."""
     if stream.scaling == "l2":

@@ -6,13 +6,12 @@ loss needs large weights before it separates classes."""
 
 from __future__ import annotations
 
-import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from featx.data import Split
 from featx.probes import ProbeOptions, ProbeResult
-from featx.probes.linear import fitted_scaler, train_linear
+from featx.probes.linear import as_fitted, fitted_scaler, train_linear
 from featx.probes.solvers import fit_logistic, working_bytes
 from featx.probes.stream import LayerStream
 
@@ -25,9 +24,5 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions,
     (it applies to the layer's raw values and gives class probabilities)."""
     result, weights, intercept = train_linear(stream, split, options, "logreg", C_GRID, fit_logistic,
                                                  working_bytes)
-    clf = LogisticRegression(C=result.C)
-    clf.coef_ = weights.cpu().numpy().astype(np.float32)
-    clf.intercept_ = intercept.cpu().numpy().astype(np.float64)
-    clf.classes_ = np.arange(len(stream.store.classes))
-    clf.n_features_in_ = stream.dim
+    clf = as_fitted(LogisticRegression(C=result.C), stream, weights, intercept)
     return result, Pipeline([("scale", fitted_scaler(stream)), ("logreg", clf)])

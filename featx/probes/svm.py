@@ -13,13 +13,12 @@ than training rows (featx.probes.linear).
 
 from __future__ import annotations
 
-import numpy as np
 from sklearn.pipeline import Pipeline
 from sklearn.svm import LinearSVC
 
 from featx.data import Split
 from featx.probes import ProbeOptions, ProbeResult
-from featx.probes.linear import fitted_scaler, liblinear_bytes, liblinear_solver, train_linear
+from featx.probes.linear import as_fitted, fitted_scaler, liblinear_bytes, liblinear_solver, train_linear
 from featx.probes.solvers import fit_squared_hinge, working_bytes
 from featx.probes.stream import SCALINGS, LayerStream
 
@@ -42,11 +41,7 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions,
     else:
         solve, memory = fit_squared_hinge, working_bytes
     result, weights, intercept = train_linear(stream, split, options, "svm", C_GRID, solve, memory)
-    clf = LinearSVC(C=result.C)
-    clf.coef_ = weights.cpu().numpy().astype(np.float32)
-    clf.intercept_ = intercept.cpu().numpy().astype(np.float64)
-    clf.classes_ = np.arange(len(stream.store.classes))
-    clf.n_features_in_ = stream.dim
+    clf = as_fitted(LinearSVC(C=result.C), stream, weights, intercept)
     return result, Pipeline([("scale", fitted_scaler(stream)), ("svm", clf)])
 
 
