@@ -113,7 +113,7 @@ def _write_figures(report, out_dir: Path, html: Path | None) -> None:
 
 def _print_layer(result) -> None:
     kind = "kernel form" if result.kernel_form else "on the features"
-    C = f"C {result.C:g}  " if result.C == result.C else ""
+    C = f"C {result.C:g}  " if result.C is not None else ""
     typer.echo(f"{result.layer:>12}  accuracy {result.accuracy:.4f}  "
                f"balanced {result.balanced_accuracy:.4f}  "
                f"dim {result.dim:>7}  {C}{result.probe} {result.train_seconds:.2f} s ({kind}, "

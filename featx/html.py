@@ -140,9 +140,9 @@ def _layer_section(report: Report, layer: LayerReport, images: dict[str, str]) -
         accuracy += f" \u00b1 {100 * layer.accuracy_std:.2f}%"
     facts = [f"{layer.probe}", f"balanced accuracy {100 * layer.balanced_accuracy:.2f}%",
              f"{layer.n_train} training and {layer.n_test} test images",
-             *([f"C {layer.C:g}"] if layer.C == layer.C else []), f"scaling {layer.scaling}"]
+             *([f"C {layer.C:g}"] if layer.C is not None else []), f"scaling {layer.scaling}"]
     facts += [f"{other.probe}: accuracy {100 * other.accuracy:.2f}%, balanced "
-              f"{100 * other.balanced_accuracy:.2f}%" + (f", C {other.C:g}" if other.C == other.C else "")
+              f"{100 * other.balanced_accuracy:.2f}%" + (f", C {other.C:g}" if other.C is not None else "")
               for other in layer.other_probes]
     if layer.cv_scores:
         facts.append("cross-validation accuracy by C: " + ", ".join(

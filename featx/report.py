@@ -29,7 +29,7 @@ class ProbeScore:
     probe: str
     accuracy: float
     balanced_accuracy: float
-    C: float
+    C: float | None
     train_seconds: float
     accuracy_std: float | None = None
     C_per_split: list[float] = field(default_factory=list)
@@ -177,7 +177,7 @@ def _accuracy_text(layer: LayerReport | ProbeScore) -> str:
 
 
 def _C_text(layer: LayerReport | ProbeScore) -> str:
-    if layer.C != layer.C:  # NaN: a probe without C (knn)
+    if layer.C is None:  # a probe without C (knn)
         return "-"
     if not layer.C_per_split or len(set(layer.C_per_split)) == 1:
         return f"{layer.C:g}"

@@ -118,7 +118,7 @@ def test_knn_votes_like_a_weighted_neighbour_search(tmp_path) -> None:
     x, y, split = problem(n_per_class=40, dim=50, classes=3, separation=0.3)
     store = array_store(tmp_path, {"layer": x}, y)
     result, model = train(store, "layer", split, probe="knn", memory=64 << 20)
-    assert model is None and result.C != result.C  # no C
+    assert model is None and result.C is None  # no C
     xs = normalize(x)
     sims = xs[split.test] @ xs[split.train].T
     top = np.argsort(-sims, axis=1)[:, :20]
@@ -218,3 +218,29 @@ def test_a_device_out_of_memory_is_one_clear_line_and_touches_no_cache_file(tmp_
                                          r"with --memory 2\.0G; a smaller --memory would fit"):
         evaluate(store, ["layer"], SvmOptions(device="cpu", train_per_class=10), tmp_path / "out")
     assert {p: p.read_bytes() for p in store.folder.rglob("*") if p.is_file()} == before
+
+
+def test_knn_first_over_several_splits_tables_without_a_C(tmp_path) -> None:
+    import json
+
+    from featx.html import write_html
+    from featx.report import render_markdown, write_table
+    from featx.study import evaluate
+
+    x, y, _ = problem(n_per_class=20, dim=30, classes=3)
+    store = array_store(tmp_path / "cache", {"layer": x}, y)
+    report = evaluate(store, ["layer"], SvmOptions(probe="knn,svm", splits=2, train_per_class=8, C=1.0),
+                      tmp_path / "out")
+    layer = report.layers[0]
+    assert layer.probe == "knn" and layer.C is None and len(layer.split_accuracies) == 2
+    assert layer.other_probes[0].probe == "svm" and layer.other_probes[0].accuracy_std is not None
+    table = render_markdown(report)
+    assert "| knn Accuracy | knn Balanced | svm Accuracy |" in table and "| svm C |" in table
+    paths = write_table(report, tmp_path / "out")
+    def not_json(constant: str):
+        raise AssertionError(f"{constant} in the report JSON")
+
+    saved = json.loads(paths["json"].read_text(), parse_constant=not_json)  # strict JSON: C is null
+    assert saved["layers"][0]["C"] is None
+    page = write_html(report, tmp_path / "page.html", {}).read_text()
+    assert "svm: accuracy" in page and "knn" in page

@@ -27,7 +27,7 @@ class ProbeResult:
     layer: str
     dim: int
     accuracy: float
-    C: float
+    C: float | None  # None: a probe without C (knn)
     scaling: str
     train_seconds: float
     kernel_form: bool

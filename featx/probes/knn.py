@@ -58,6 +58,6 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
     y_true = stream.labels[split.test]
     return ProbeResult(
         layer=stream.name, dim=stream.dim, accuracy=float((y_pred == y_true).mean()),
-        balanced_accuracy=balanced_accuracy(y_true, y_pred), C=float("nan"), scaling=stream.scaling,
+        balanced_accuracy=balanced_accuracy(y_true, y_pred), C=None, scaling=stream.scaling,
         train_seconds=time.perf_counter() - started, kernel_form=False, n_train=len(split.train),
         n_test=n_test, converged=True, probe="knn", y_true=y_true.tolist(), y_pred=y_pred.tolist()), None
