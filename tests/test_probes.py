@@ -244,3 +244,20 @@ def test_knn_first_over_several_splits_tables_without_a_C(tmp_path) -> None:
     assert saved["layers"][0]["C"] is None
     page = write_html(report, tmp_path / "page.html", {}).read_text()
     assert "svm: accuracy" in page and "knn" in page
+
+
+def test_the_linear_probes_of_a_layer_share_its_training_rows_and_gram(tmp_path, monkeypatch) -> None:
+    from featx.probes import linear
+
+    x, y, split = problem(dim=500)
+    store = array_store(tmp_path, {"layer": x}, y)
+    stream = LayerStream(store, "layer", "l2", "cpu")
+    made = []
+    real = linear._training_rows
+    monkeypatch.setattr(linear, "_training_rows", lambda *args: made.append(1) or real(*args))
+    svm, _ = get_probe("svm")(stream, split, ProbeOptions(C=1.0, memory=1 << 30))
+    logreg, _ = get_probe("logreg")(stream, split, ProbeOptions(C=1.0, memory=1 << 30))
+    assert len(made) == 1 and svm.kernel_form and logreg.kernel_form
+    other = seeded_split(y, ("c0", "c1", "c2"), 10, seed=5)  # another split: made anew
+    get_probe("logreg")(stream, other, ProbeOptions(C=1.0, memory=1 << 30))
+    assert len(made) == 2

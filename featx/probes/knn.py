@@ -27,6 +27,7 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
     """Score the test rows by their nearest training rows; no model is saved (it would be the
     training rows themselves)."""
     started = time.perf_counter()
+    stream.memo.clear()  # what a linear probe kept for the next one: k-NN needs the room
     budget = stream.budget_left(options.memory)
     stream.fit_scaling(split.train, budget)
     k = min(NEIGHBOURS, len(split.train))

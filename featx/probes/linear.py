@@ -58,7 +58,16 @@ class Training:
 
 
 def training_rows(stream: LayerStream, positions: np.ndarray, budget: int) -> Training:
-    """The training rows at `positions` of the stream, in primal or kernel form (see above)."""
+    """The training rows at `positions` of the stream, in primal or kernel form (see above); the
+    last one made is kept on the stream, so the linear probes of one layer and split share it."""
+    key = (positions.tobytes(), stream.scaling_key())
+    if key not in stream.memo:
+        stream.memo.clear()
+        stream.memo[key] = _training_rows(stream, positions, budget)
+    return stream.memo[key]
+
+
+def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int) -> Training:
     y = torch.as_tensor(stream.labels[positions], device=stream.device)
     if stream.dim <= len(positions):
         return Training(stream.gather(positions, budget // 2, "the training rows"), y, positions)
@@ -208,7 +217,8 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe
     n_classes = len(stream.store.classes)
     n, d = training.x.shape
     problems = len(grid) * CV_FOLDS if options.C == "auto" else 1
-    room = budget - 4 * training.x.numel()  # what the solver may use beside the rows it fits on
+    held = training.x.numel() + (training.rows.numel() if training.rows is not None else 0)
+    room = budget - 4 * held  # what the solver may use beside the rows it holds
     at_once = max((p for p in range(1, problems + 1) if memory_per_problem(n, d, p, n_classes) <= room),
                   default=0)
     if not at_once:
@@ -224,7 +234,6 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe
                 torch.tensor([C], dtype=torch.float64), n_classes)
     weights = feature_weights(stream, training, fit.coef[0], budget)
     intercept = fit.intercept[0]
-    del training
     y_pred = predict_rows(stream, split.test, weights, intercept, budget)
     y_true = stream.labels[split.test]
     result = ProbeResult(

@@ -80,6 +80,7 @@ class LayerStream:
         self.mean: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.held: torch.Tensor | None = None  # the whole layer, unscaled, once `hold` took it
+        self.memo: dict = {}  # what a probe derived from these rows that the next probe can reuse
 
     @property
     def row_bytes(self) -> int:
@@ -179,6 +180,12 @@ class LayerStream:
         std = (squares / len(positions) - mean ** 2).clamp_min(0).sqrt()
         std[std < 10 * torch.finfo(torch.float64).eps * mean.abs().clamp_min(1)] = 1.0
         self.mean, self.scale = mean.float(), std.float()
+
+    def scaling_key(self) -> bytes:
+        """What the scaled rows depend on besides the rows: the scaling and its fitted values."""
+        if self.mean is None:
+            return self.scaling.encode()
+        return self.scaling.encode() + self.mean.cpu().numpy().tobytes() + self.scale.cpu().numpy().tobytes()
 
     def _scaled(self, block: torch.Tensor) -> torch.Tensor:
         if self.scaling == "l2":
