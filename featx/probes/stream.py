@@ -75,8 +75,7 @@ class LayerStream:
         self.device = device or default_device()
         self.index = reduce(np.intersect1d, [store.layer_index(part) for part in self.parts])
         self.labels = store.labels[self.index]
-        self.part_dims = [store.manifest["layers"][part]["dim"] for part in self.parts]
-        self.dim = sum(self.part_dims)
+        self.dim = sum(store.manifest["layers"][part]["dim"] for part in self.parts)
         self.mean: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.held: torch.Tensor | None = None  # the whole layer, unscaled, once `hold` took it
