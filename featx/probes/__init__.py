@@ -36,6 +36,7 @@ class ProbeResult:
     converged: bool
     probe: str = "svm"
     balanced_accuracy: float = float("nan")
+    solver: str = ""  # the solver that fitted it (svm: torch or liblinear)
     cv_scores: dict[str, float] = field(default_factory=dict)
     test_paths: list[str] = field(default_factory=list)
     y_true: list[int] = field(default_factory=list)

@@ -205,15 +205,19 @@ def fitted_scaler(stream: LayerStream):
     return FunctionTransformer().fit(np.zeros((1, stream.dim), dtype=np.float32))
 
 
+Pick = Callable[["Training"], tuple[str, Solver, Callable[..., int]]]  # -> name, solver, its memory
+
+
 def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe: str,
-                 grid: tuple[float, ...], solve: Solver, memory_per_problem: Callable[..., int],
-                 ) -> tuple[ProbeResult, torch.Tensor, torch.Tensor]:
-    """Fit on the training rows (C by cross-validation when `options.C` is auto), score the
-    test rows; returns the result and the weights and intercept on the layer's scaled values."""
+                 grid: tuple[float, ...], pick: Pick) -> tuple[ProbeResult, torch.Tensor, torch.Tensor]:
+    """Fit on the training rows (C by cross-validation when `options.C` is auto) with the solver
+    `pick` names for them, score the test rows; returns the result and the weights and intercept
+    on the layer's scaled values."""
     started = time.perf_counter()
     budget = stream.budget_left(options.memory)
     stream.fit_scaling(split.train, budget)
     training = training_rows(stream, split.train, budget)
+    solver, solve, memory_per_problem = pick(training)
     n_classes = len(stream.store.classes)
     n, d = training.x.shape
     problems = len(grid) * CV_FOLDS if options.C == "auto" else 1
@@ -241,7 +245,7 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe
         balanced_accuracy=balanced_accuracy(y_true, y_pred), C=C, scaling=stream.scaling,
         train_seconds=time.perf_counter() - started, kernel_form=stream.dim > len(split.train),
         n_train=len(split.train), n_test=len(split.test), converged=bool(fit.converged.all()),
-        probe=probe, cv_scores=cv_scores, y_true=y_true.tolist(), y_pred=y_pred.tolist())
+        probe=probe, solver=solver, cv_scores=cv_scores, y_true=y_true.tolist(), y_pred=y_pred.tolist())
     return result, weights, intercept
 
 
