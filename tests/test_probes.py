@@ -79,7 +79,7 @@ def test_features_are_used_directly_when_there_are_more_images_than_dimensions(t
     x, y, split = problem(n_per_class=40, dim=10)
     store = array_store(tmp_path, {"layer": x}, y)
     result, model = train(store, "layer", split, C=1.0, scaling="standardize")
-    assert not result.kernel_form and result.solver == "liblinear"  # auto, on a CPU, in the primal
+    assert not result.kernel_form and result.solver == "torch"  # what auto stands for
     assert result.n_train == 60 and result.n_test == 60 and result.dim == 10
     reference = make_pipeline(StandardScaler(), LinearSVC(C=1.0, tol=1e-8, max_iter=20000)).fit(
         x[split.train], y[split.train])
