@@ -39,7 +39,8 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
                             (budget // 4) // max(1, 4 * min(chunk, len(split.train)))))
     train_labels = torch.as_tensor(stream.labels[split.train], device=device)
     for start in range(0, len(split.train), chunk):
-        held = _unit(stream.gather(split.train[start:start + chunk], budget // 2, "a chunk of training rows"))
+        held = stream.gather(split.train[start:start + chunk], budget // 2, "a chunk of training rows")
+        held /= held.norm(dim=1, keepdim=True).clamp_min(1e-12)  # in place: the chunk is held once
         held_labels = train_labels[start:start + chunk]
         done = 0
         for here, block in stream.blocks(block_rows, split.test):
