@@ -9,8 +9,8 @@ Two solvers give the same classifier (tests and benchmarks/svm.py compare them):
 `auto` is the torch solver, which measured faster overall at equal accuracy (benchmarks/README.md):
 in kernel form (a layer with more values than training rows) from as fast on VGG16 pool1, where
 reading the layer dominates, to 8.8x faster on its 4096-wide layers; with 100 classes and 10,000
-training rows of 2048 values liblinear had not finished after 5 minutes where the torch probe took
-204 s. liblinear was faster only on narrow layers of a small dataset (up to 2.4x on 15-Scene's
+training rows of 2048 values liblinear had not finished after 5 minutes where the torch probe takes
+65 s. liblinear was faster only on narrow layers of a small dataset (up to 2.4x on 15-Scene's
 layers of 24 to 1280 values, seconds either way). The layer is streamed and fitted in kernel form
 when it has more values than training rows (featx.probes.linear).
 """
