@@ -19,6 +19,7 @@ the grid on every fold as one batched problem, then the chosen C on all training
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -270,7 +271,7 @@ def liblinear_solver(seed: int) -> Solver:
             return coef, intercept, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
         order = sorted(range(len(Cs)), key=lambda k: -float(Cs[k]))  # slowest first: threads end together
-        with ThreadPoolExecutor() as pool:  # liblinear releases the GIL
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # liblinear releases the GIL
             done = dict(zip(order, pool.map(one, order)))
         fits = [done[k] for k in range(len(Cs))]
         device = x.device
@@ -284,8 +285,9 @@ def liblinear_solver(seed: int) -> Solver:
 
 
 def liblinear_bytes(n: int, d: int, problems: int, n_classes: int) -> int:
-    """liblinear copies the rows it fits on per thread, in float64."""
-    return 8 * n * (d + 1) * 2 + 8 * n_classes * (d + 1) * problems
+    """Each concurrent fit (one per core) copies its rows to float64 (8 bytes a value) and to
+    liblinear's own feature nodes (16 bytes a value); the weights are float64."""
+    return min(problems, os.cpu_count() or 1) * 24 * n * (d + 1) + 8 * n_classes * (d + 1) * problems
 
 
 __all__ = ["Training", "choose_C", "fitted_scaler", "liblinear_bytes", "liblinear_solver",
