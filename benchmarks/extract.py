@@ -36,8 +36,9 @@ from featx.extract import LayerExtractor, batches_of, image_batches, to_vectors
 from featx.models import load_model
 from featx.pipeline import extract_to_cache
 from featx.preprocess import normalize, prepare
-from featx.probes.svm import train_layer
-from featx.store import FeatureStore, LayerFeatures
+from featx.probes import ProbeOptions, get_probe
+from featx.probes.stream import LayerStream
+from featx.store import FeatureStore
 
 from machine import cpu_name
 
@@ -135,19 +136,25 @@ def run_baseline(images: ImageSet, args) -> tuple[dict[str, np.ndarray], float]:
 
 def svm_both(images: ImageSet, featx_features: dict, baseline_features: dict, per_class: int,
              seed: int) -> dict:
-    """A linear SVM per layer on both sides' features, on one seeded split."""
+    """A linear SVM per layer on both sides' features, on one seeded split: featx's probe streams
+    its features from a cache (written here from featx's side), the baseline fits LinearSVC()."""
     split = seeded_split(images.labels, images.classes, per_class, seed)
     rows = {}
-    for name, x in featx_features.items():
-        data = LayerFeatures(name, x.copy(), np.arange(len(x)), images.labels)
-        result, _ = train_layer(data, split, seed=seed)
-        xb, y = baseline_features[name], images.labels
-        started = time.perf_counter()
-        reference = LinearSVC().fit(xb[split.train], y[split.train])
-        baseline_s = time.perf_counter() - started
-        rows[name] = {"featx_s": result.train_seconds, "featx_accuracy": result.accuracy,
-                      "baseline_s": baseline_s,
-                      "baseline_accuracy": float((reference.predict(xb[split.test]) == y[split.test]).mean())}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FeatureStore.for_arrays(Path(tmp), "features", images.labels, images.classes,
+                                        {name: x.shape[1] for name, x in featx_features.items()})
+        for name, x in featx_features.items():
+            for k, (start, stop) in enumerate(store.shard_ranges(name)):
+                store.write_shard(name, k, np.arange(start, stop), x[start:stop], {})
+        for name in featx_features:
+            result, _ = get_probe("svm")(LayerStream(store, name), split, ProbeOptions(seed=seed))
+            xb, y = baseline_features[name], images.labels
+            started = time.perf_counter()
+            reference = LinearSVC().fit(xb[split.train], y[split.train])
+            baseline_s = time.perf_counter() - started
+            rows[name] = {"featx_s": result.train_seconds, "featx_accuracy": result.accuracy,
+                          "baseline_s": baseline_s, "baseline_accuracy":
+                          float((reference.predict(xb[split.test]) == y[split.test]).mean())}
     return rows
 
 
