@@ -82,7 +82,6 @@ class SvmOptions:
         if self.split_file:
             read_split_file(self.split_file)  # exists, is a CSV of path,label,split: checked now
 
-
     def probe_options(self) -> ProbeOptions:
         return ProbeOptions(C=self.C, seed=self.seed, solver=self.solver, memory=self.memory)
 
