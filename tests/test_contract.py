@@ -109,6 +109,7 @@ BAD = [
     (["svm", "--cache", "{cache}", "--device", "tpu"], "--device must be"),
     (["similarity", "--cache", "{cache}", "--memory", "2 pints"], "--memory must be a size"),
     (["similarity", "--cache", "{cache}", "--device", "gpu0"], "--device must be"),
+    (["svm", "--cache", "{cache}", "--device", "cuda:0"], "no CUDA GPU is available"),
     (["svm", "--cache", "{cache}", "--split", "missing.csv"], "split file not found"),
     (["svm", "--cache", "{cache}", "--split", "{root}/cols.csv"], "needs the columns path,label,split"),
     (["svm", "--cache", "{cache}", "--split", "{root}/odd.csv"], "split must be train or test"),

@@ -56,9 +56,13 @@ def probe_device(device: str) -> str | None:
     """`auto` (None: CUDA when there is one), `cpu`, `cuda` or `cuda:N`, checked."""
     if device == "auto":
         return None
-    if device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device):
+    if device == "cpu":
         return device
-    raise OptionError("device", f"must be auto, cpu, cuda or cuda:N, not {device!r}")
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise OptionError("device", f"must be auto, cpu, cuda or cuda:N, not {device!r}")
+    if not torch.cuda.is_available():
+        raise FeatxError(f"device {device} asked for, but no CUDA GPU is available")
+    return device
 
 
 class LayerStream:
