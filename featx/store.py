@@ -483,20 +483,32 @@ class FeatureStore:
     def read_shard(self, layer: str, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """One shard's features (as stored) and rows, checked against its checksum and the
         layer's width; a damaged or truncated shard is a DamagedShard naming it."""
+        ((index, features),) = self._shard_blocks(layer, shard, None)
+        return features, index
+
+    def _shard_blocks(self, layer: str, shard: int, rows: int | None,
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, features as stored) of one shard in blocks of at most `rows` (None: one block).
+        The checksum is computed over the blocks as they pass and checked after the last one: a
+        damaged shard raises DamagedShard before anything after it is read."""
         path = self.shard_path(layer, shard)
+        dim = self.manifest["layers"][layer]["dim"]
         try:
             with h5py.File(path, "r") as f:
-                features, index = f["features"][...], f["index"][...]
-                expected = f.attrs["checksum"]
+                data, index, expected = f["features"], f["index"][...], f.attrs["checksum"]
+                if data.ndim != 2 or data.shape[1] != dim or len(index) != data.shape[0]:
+                    raise DamagedShard(path, f"shape {data.shape} where {dim} columns belong")
+                digest = xxhash.xxh3_64()
+                step = max(1, rows or len(index))
+                for start in range(0, max(len(index), 1), step):  # an empty shard is one empty block
+                    block = data[start:start + step]
+                    digest.update(np.ascontiguousarray(block).data)
+                    yield index[start:start + step], block
         except (OSError, KeyError, ValueError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DamagedShard(path, f"unreadable ({reason})") from None
-        dim = self.manifest["layers"][layer]["dim"]
-        if features.ndim != 2 or features.shape[1] != dim or len(index) != len(features):
-            raise DamagedShard(path, f"shape {features.shape} where {dim} columns belong")
-        if shard_checksum(features, index) != expected:
+            raise _unreadable(path, exc) from None
+        digest.update(np.ascontiguousarray(index, dtype=np.int64).data)
+        if digest.hexdigest() != expected:
             raise DamagedShard(path, "its checksum does not match its contents")
-        return features, index
 
     def layer_index(self, layer: str) -> np.ndarray:
         """The dataset rows one layer holds, in order (unreadable and removed images absent); reads
@@ -509,50 +521,34 @@ class FeatureStore:
                 with h5py.File(path, "r") as f:
                     parts.append(f["index"][...].astype(np.int64))
             except (OSError, KeyError, ValueError) as exc:
-                raise DamagedShard(path, f"unreadable ({str(exc).splitlines()[0] if str(exc) else exc!r})") \
-                    from None
+                raise _unreadable(path, exc) from None
         index = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         return index[~np.isin(index, list(self.removed))] if self.removed else index
 
     def iter_blocks(self, layer: str, rows: int, from_row: int = 0,
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(dataset rows, float32 features) of one layer in blocks of at most `rows` rows, shard by
-        shard from the one holding dataset row `from_row`, holding one block at a time. Each
-        shard's checksum is computed over its blocks as they pass and checked at its end: a damaged
-        shard raises DamagedShard before the blocks after it are given out (a consumer discards
-        what it computed from an unfinished pass)."""
+        shard from the one holding dataset row `from_row`, holding one block at a time; removed
+        images left out. A damaged shard raises DamagedShard at its end (a consumer discards what
+        it computed from an unfinished pass)."""
         self._check_complete(layer)
-        dim, removed = self.manifest["layers"][layer]["dim"], list(self.removed)
+        removed = list(self.removed)
         for k, (_, stop) in enumerate(self.shard_ranges(layer)):
             if stop <= from_row:
                 continue
-            path = self.shard_path(layer, k)
-            try:
-                with h5py.File(path, "r") as f:
-                    data, index, expected = f["features"], f["index"][...], f.attrs["checksum"]
-                    if data.ndim != 2 or data.shape[1] != dim or len(index) != data.shape[0]:
-                        raise DamagedShard(path, f"shape {data.shape} where {dim} columns belong")
-                    digest = xxhash.xxh3_64()
-                    for start in range(0, len(index), max(1, rows)):
-                        block = data[start:start + rows]
-                        digest.update(np.ascontiguousarray(block).data)
-                        rows_here = index[start:start + rows]
-                        keep = ~np.isin(rows_here, removed) if removed else slice(None)
-                        yield rows_here[keep], block[keep].astype(np.float32, copy=False)
-            except (OSError, KeyError, ValueError) as exc:
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise DamagedShard(path, f"unreadable ({reason})") from None
-            digest.update(np.ascontiguousarray(index, dtype=np.int64).data)
-            if digest.hexdigest() != expected:
-                raise DamagedShard(path, "its checksum does not match its contents")
+            for index, block in self._shard_blocks(layer, k, rows):
+                keep = ~np.isin(index, removed) if removed else slice(None)
+                yield index[keep], block[keep].astype(np.float32, copy=False)
 
     def damaged_shards(self, layer: str) -> dict[int, str]:
-        """{shard: why} for every present shard of `layer` that fails its check (reads them all)."""
+        """{shard: why} for every present shard of `layer` that fails its check (reads them all,
+        a block at a time)."""
         damaged = {}
         for k in range(len(self.shard_ranges(layer))):
             if self.shard_path(layer, k).is_file():
                 try:
-                    self.read_shard(layer, k)
+                    for _ in self._shard_blocks(layer, k, 1024):
+                        pass
                 except DamagedShard as exc:
                     damaged[k] = exc.reason
         return damaged
@@ -580,6 +576,11 @@ class DamagedShard(FeatxError):
         self.path, self.reason = path, reason
         super().__init__(f"the shard {path} is damaged: {reason}; run the same featx extract again "
                          "to write it anew")
+
+
+def _unreadable(path: Path, exc: Exception) -> DamagedShard:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DamagedShard(path, f"unreadable ({reason})")
 
 
 def shard_checksum(features: np.ndarray, index: np.ndarray) -> str:

@@ -34,7 +34,7 @@ from featx.probes.stream import (
 )
 from featx.report import LayerReport, ModelIdentity, ProbeScore, Report, write_table
 from featx.similarity import Similarity, similarity
-from featx.store import FeatureStore, LayerFeatures, default_cache_root, list_stores
+from featx.store import FeatureStore, default_cache_root, list_stores
 
 __all__ = ["ExtractOptions", "SvmOptions", "evaluate", "extract", "find_store", "run_table"]
 
@@ -250,23 +250,6 @@ def run_probe(probe: str, stream: LayerStream, split: Split, options: ProbeOptio
 def layer_parts(names: list[str]) -> list[str]:
     """The cached layers that `names` need: a combination `pool5+relu7` needs both."""
     return list(dict.fromkeys(part for name in names for part in name.split("+")))
-
-
-def read_features(store: FeatureStore, name: str) -> LayerFeatures:
-    """One cached layer, or a combination `a+b`, whole in memory: each layer's rows scaled to
-    unit length, then placed side by side, so that no layer outweighs another by its size or
-    scale (the probes stream the same rows: featx.probes.stream)."""
-    parts = [store.read_layer(part) for part in name.split("+")]
-    if len(parts) == 1:
-        return parts[0]
-    common = parts[0].index
-    for part in parts[1:]:
-        common = np.intersect1d(common, part.index)
-    blocks = []
-    for part in parts:
-        rows = part.features[np.isin(part.index, common)]
-        blocks.append(rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12))
-    return LayerFeatures(name, np.hstack(blocks).astype(np.float32), common, store.labels[common])
 
 
 def combined_feature_time(store: FeatureStore, name: str) -> tuple[float, list[str]]:

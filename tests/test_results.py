@@ -177,11 +177,12 @@ def test_a_layer_combination_is_one_row_from_the_cached_layers(tmp_path, demo_di
                          "table.json").read_text())
     (row,) = report["layers"]
     assert row["layer"] == "stage6_pool+pool" and row["dim"] == 192 + 1280
+    from featx.probes.stream import LayerStream
     from featx.store import FeatureStore
-    from featx.study import read_features
 
     store = FeatureStore(tmp_path / "featx-cache" / "demo" / "efficientnet_lite0-random-seed0")
-    both = read_features(store, "stage6_pool+pool").features
+    stream = LayerStream(store, "stage6_pool+pool", "none", "cpu")  # the rows the probes are given
+    both = np.concatenate([block.numpy() for _, block in stream.blocks(32)])
     assert np.allclose(np.linalg.norm(both[:, :192], axis=1), 1) and np.allclose(np.linalg.norm(both[:, 192:],
                                                                                                    axis=1), 1)
     missing = run_cli("svm", "--layer", "pool+logits", cwd=tmp_path)

@@ -35,9 +35,7 @@ from featx.probes.linear import (
     train_linear,
 )
 from featx.probes.solvers import fit_squared_hinge, working_bytes
-from featx.probes.stream import SCALINGS, LayerStream
-
-__all__ = ["C_GRID", "SCALINGS", "train_layer"]
+from featx.probes.stream import LayerStream
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
