@@ -40,10 +40,20 @@ Precision = Annotated[str, typer.Option(
     help="auto, fp32, bf16 or fp16. auto: bf16 on a GPU (fp16 where bf16 is missing); on a CPU "
          "bf16 for models measured faster with it on CPUs with native bf16 (efficientnet_lite0), "
          "else fp32.")]
-BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
-Workers = Annotated[int | None, typer.Option(help="Image-decoding worker processes. Default: cores - 1.")]
+BatchSize = Annotated[int | None, typer.Option(
+    help="Images per forward pass. Default: 32 on a CPU; on a GPU the largest power of two up to 256 "
+         "that fits in half of its free memory.")]
+Workers = Annotated[int | None, typer.Option(
+    help="Image-decoding worker processes (threads that read files, with --decode device). Default: "
+         "cores - 1, at most 8.")]
 ShardSize = Annotated[int, typer.Option(help="Images per HDF5 shard (at most; large layers get fewer).")]
-Dtype = Annotated[str, typer.Option(help="Cached feature type: float32 or float16.")]
+Dtype = Annotated[str, typer.Option(
+    help="Cached feature type: auto, float32 or float16. auto: float16 on a GPU (half the bytes to "
+         "copy, write and read), float32 on a CPU.")]
+Decode = Annotated[str, typer.Option(
+    help="How images are decoded: auto, pil (PIL in worker processes) or device (JPEG batches "
+         "decoded on the device; other files through PIL). auto: device on a GPU, pil on a CPU. "
+         "Part of the cache's identity.")]
 Tta = Annotated[str, typer.Option(
     help="none, or flip: each image's features averaged with its mirror's (one pass over a batch "
          "twice the size); a cache of its own.")]
@@ -73,11 +83,11 @@ OutDir = Annotated[Path | None, typer.Option(
 
 
 def _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify="size",
-                     tta="none"):
+                     tta="none", decode="auto"):
     from featx.study import ExtractOptions
 
     return ExtractOptions(device=device, precision=precision, batch_size=batch_size, workers=workers,
-                          shard_size=shard_size, dtype=dtype, verify=verify, tta=tta)
+                          shard_size=shard_size, dtype=dtype, verify=verify, tta=tta, decode=decode)
 
 
 def _svm_options(C, scaling, train_per_class, seed, split, splits=1, probe="svm", solver="auto",
@@ -126,8 +136,9 @@ def extract(
     dataset: Annotated[Path, typer.Argument(help="Folder of class subfolders, or with train/ and test/.")],
     layer: Layers = None, model: Model = "vgg16", weights: Weights = "imagenet",
     cache: Cache = None, device: Device = "auto", precision: Precision = "auto",
-    batch_size: BatchSize = 32, workers: Workers = None, shard_size: ShardSize = 512,
-    dtype: Dtype = "float32", seed: Seed = 0, verify: Verify = "size", tta: Tta = "none",
+    batch_size: BatchSize = None, workers: Workers = None, shard_size: ShardSize = 512,
+    dtype: Dtype = "auto", seed: Seed = 0, verify: Verify = "size", tta: Tta = "none",
+    decode: Decode = "auto",
 ) -> None:
     """Run the network once over DATASET and cache the requested layers to HDF5 shards.
 
@@ -138,7 +149,8 @@ def extract(
     from featx.study import extract as run_extract
 
     run_extract(dataset, model, _layer_names(layer), weights, cache, seed,
-                _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta))
+                _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta,
+                                 decode))
 
 
 @app.command()
@@ -187,8 +199,9 @@ def table(
     probe: Probe = "svm", solver: Solver = "auto", memory: Memory = "2G",
     html: Annotated[Path | None, typer.Option(help="Also write the one-page HTML report here.")] = None,
     device: Device = "auto",
-    precision: Precision = "auto", batch_size: BatchSize = 32, workers: Workers = None,
-    shard_size: ShardSize = 512, dtype: Dtype = "float32", verify: Verify = "size", tta: Tta = "none",
+    precision: Precision = "auto", batch_size: BatchSize = None, workers: Workers = None,
+    shard_size: ShardSize = 512, dtype: Dtype = "auto", verify: Verify = "size", tta: Tta = "none",
+    decode: Decode = "auto",
 ) -> None:
     """The layer-comparison table: extract all layers in one pass (or reuse the cache), train an
     SVM (or the probes of --probe) per layer, print the table and write it as Markdown, CSV and JSON.
@@ -205,7 +218,7 @@ def table(
         writable_file(html, "html")
     report, paths = run_table(
         dataset, model, _layer_names(layer), weights, cache, out,
-        _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta),
+        _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta, decode),
         _svm_options(C, scaling, train_per_class, seed, split, splits, probe, solver, memory, device),
         on_layer=_print_layer)
     typer.echo(render_markdown(report))

@@ -1,13 +1,14 @@
 """Batches -> one forward pass -> the requested layers, on CPU or GPU.
 
 The network is traced once (torchvision's feature extraction) so that one pass returns every
-requested layer and stops at the deepest of them. Images are decoded and cropped to uint8 in
-DataLoader workers; normalisation runs on the device.
+requested layer and stops at the deepest of them. Batches of uint8 crops come from `decode`;
+normalisation runs on the device. The features are converted to the cache's dtype on the device
+and copied to the host without waiting (pinned memory on a GPU), so the next batch's forward pass
+is queued while the last one's features travel.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -18,15 +19,18 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from featx.data import ImageSet, load_image
+from featx.data import ImageSet
+from featx.decode import device_batches, pil_batches, resolve_decode
 from featx.errors import FeatxError, OptionError
 from featx.models import Layer, LoadedModel, Preprocess
-from featx.preprocess import normalize, prepare
+from featx.preprocess import normalize
+from featx.stored import check_stored, resolve_dtype, to_stored
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CPU_BATCH = 32  # the batch size on a CPU when none is given
+GPU_BATCH_CAP = 256  # the largest batch chosen on a GPU: beyond it throughput no longer grows
 TTA = ("none", "flip")  # flip: each image's features averaged with its mirror's
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,15 +68,46 @@ def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = Fal
     return "bf16" if cpu_bf16 and cpu_has_native_bf16() else "fp32"
 
 
+def batch_that_fits(per_image: float, free: int, cap: int = GPU_BATCH_CAP) -> int:
+    """The largest power-of-two batch, at most `cap`, whose forward pass takes at most half of
+    `free` bytes, given what one image takes; at least 1."""
+    size = 1
+    while size * 2 <= cap and size * 2 * per_image <= free / 2:
+        size *= 2
+    return size
+
+
+@dataclass
+class HostFeatures:
+    """One batch's features on their way to the host, in the cache's dtype."""
+
+    values: dict[str, torch.Tensor]
+    problems: dict[str, torch.Tensor]  # a stored.to_stored problem code per layer, on the host
+    copied: torch.cuda.Event | None = None
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        """The features, once their copy is done; a layer the cache's dtype would misrepresent
+        raises FeatxError."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        for name, code in self.problems.items():
+            check_stored(name, int(code))
+        return self.values
+
+
 class LayerExtractor:
-    """One traced forward pass that returns the requested layers as float32 host tensors."""
+    """One traced forward pass that returns the requested layers as host tensors in `dtype`
+    (`auto`: float16 on a GPU, float32 on a CPU); `decode` says how files become crops."""
 
     def __init__(self, model: LoadedModel, layers: Sequence[Layer], device: str = "auto",
-                 precision: str = "auto", channels_last: bool = True, tta: str = "none") -> None:
+                 precision: str = "auto", channels_last: bool = True, tta: str = "none",
+                 dtype: str = "float32", decode: str = "auto") -> None:
         self.model = model
         self.layers = list(layers)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device, model.spec.cpu_bf16)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.decode = resolve_decode(decode, self.device)
         self.channels_last = channels_last
         if tta not in TTA:
             raise OptionError("tta", f"must be one of {', '.join(TTA)}, not {tta!r}")
@@ -90,6 +125,8 @@ class LayerExtractor:
         self.graph = graph.eval().to(self.device)
         if channels_last:
             self.graph = self.graph.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":  # one input size throughout: let cuDNN time its kernels once
+            torch.backends.cudnn.benchmark = True
 
     @property
     def preprocess(self) -> Preprocess:
@@ -117,9 +154,41 @@ class LayerExtractor:
             vectors = {name: (v[:n] + v[n:]) / 2 for name, v in vectors.items()}
         return vectors
 
+    @torch.inference_mode()
+    def launch(self, images: torch.Tensor) -> HostFeatures:
+        """Queue the forward pass and the copy of its features to the host in the cache's dtype;
+        on a GPU this returns before the copy is done (HostFeatures.wait waits for it)."""
+        stored = {name: to_stored(value, self.dtype) for name, value in self.forward(images).items()}
+        if self.device.type != "cuda":
+            return HostFeatures({name: v for name, (v, _) in stored.items()},
+                                {name: code for name, (_, code) in stored.items()})
+        host = {name: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for name, (v, _) in stored.items()}
+        problems = {name: torch.empty((), dtype=torch.int8, pin_memory=True) for name in stored}
+        for name, (value, code) in stored.items():
+            host[name].copy_(value, non_blocking=True)
+            problems[name].copy_(code, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return HostFeatures(host, problems, copied)
+
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 images (N, 3, H, W) -> {layer name: float32 (N, dim) on the host}."""
-        return {name: value.float().cpu() for name, value in self.forward(images).items()}
+        """uint8 images (N, 3, H, W) -> {layer name: (N, dim) on the host, in the cache's dtype}."""
+        return self.launch(images).wait()
+
+    def batch_size(self) -> int:
+        """CPU_BATCH on a CPU; on a GPU the largest batch that fits (see batch_that_fits), from
+        the memory one forward pass of 8 images takes."""
+        if self.device.type != "cuda":
+            return CPU_BATCH
+        probe = 8
+        crop = self.preprocess.crop
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.forward(torch.zeros(probe, 3, crop, crop, dtype=torch.uint8, device=self.device))
+        per_image = (torch.cuda.max_memory_allocated(self.device) - before) / probe
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return batch_that_fits(per_image * (2 if self.tta == "flip" else 1), free)
 
 
 def to_vectors(layer: Layer, output: torch.Tensor) -> torch.Tensor:
@@ -143,42 +212,6 @@ def _without_inplace(module: nn.Module) -> nn.Module:
     return module
 
 
-class ImageFiles(Dataset):
-    """Decode and crop images to uint8; a file that cannot be read yields zeros and its error."""
-
-    def __init__(self, images: ImageSet, preprocess: Preprocess) -> None:
-        self.images = images
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
-        try:
-            path = self.images.root / self.images.paths[index]
-            pixels = prepare(self.preprocess, load_image(path, self.preprocess.resize))
-            return index, pixels, ""
-        except Exception as exc:  # noqa: BLE001 - corrupt, truncated, empty or not an image
-            blank = torch.zeros(3, self.preprocess.crop, self.preprocess.crop, dtype=torch.uint8)
-            return index, blank, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-def default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
-def image_batches(images: ImageSet, preprocess: Preprocess, batches: list[list[int]],
-                  workers: int | None = None, pin_memory: bool = False,
-                  ) -> Iterator[tuple[np.ndarray, torch.Tensor, list[str]]]:
-    """Yield (indices, uint8 images, errors) for each batch of image indices, in order."""
-    workers = default_workers() if workers is None else workers
-    loader = DataLoader(ImageFiles(images, preprocess), batch_sampler=batches, num_workers=workers,
-                        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
-                        persistent_workers=False)
-    for indices, pixels, errors in loader:
-        yield indices.numpy(), pixels, list(errors)
-
-
 @dataclass
 class ExtractedBatch:
     """Features of the readable images of one batch, and the files that could not be read."""
@@ -188,19 +221,38 @@ class ExtractedBatch:
     skipped: dict[int, str]
 
 
+def decoded_batches(extractor: LayerExtractor, images: ImageSet, batches: list[list[int]],
+                    workers: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, list[str]]]:
+    """(indices, uint8 crops, errors) per batch, by the extractor's decoder."""
+    if extractor.decode == "device":
+        return device_batches(images, extractor.preprocess, batches, extractor.device, workers)
+    return pil_batches(images, extractor.preprocess, batches, workers, extractor.device.type == "cuda")
+
+
 def extract_batches(extractor: LayerExtractor, images: ImageSet, batches: list[list[int]],
                     workers: int | None = None) -> Iterator[ExtractedBatch]:
-    """Run the extractor over batches of image indices, dropping unreadable images."""
-    pin = extractor.device.type == "cuda"
-    for indices, pixels, errors in image_batches(images, extractor.preprocess, batches, workers, pin):
+    """Run the extractor over batches of image indices, dropping unreadable images. Each batch's
+    forward pass is queued before the previous batch's features are waited for."""
+    waiting: tuple[np.ndarray, HostFeatures | None, dict[int, str]] | None = None
+    for indices, pixels, errors in decoded_batches(extractor, images, batches, workers):
         ok = np.array([not e for e in errors], dtype=bool)
         skipped = {int(i): e for i, e in zip(indices, errors) if e}
-        if ok.any():
-            features = extractor(pixels[torch.from_numpy(ok)] if not ok.all() else pixels)
-            arrays = {name: value.numpy() for name, value in features.items()}
-        else:
-            arrays = {layer.name: np.zeros((0, layer.dim), np.float32) for layer in extractor.layers}
-        yield ExtractedBatch(indices[ok], arrays, skipped)
+        launched = extractor.launch(pixels[torch.from_numpy(ok).to(pixels.device)] if not ok.all()
+                                    else pixels) if ok.any() else None
+        if waiting is not None:
+            yield _finished(extractor, *waiting)
+        waiting = (indices[ok], launched, skipped)
+    if waiting is not None:
+        yield _finished(extractor, *waiting)
+
+
+def _finished(extractor: LayerExtractor, indices: np.ndarray, launched: HostFeatures | None,
+              skipped: dict[int, str]) -> ExtractedBatch:
+    if launched is None:
+        dtype = np.dtype(extractor.dtype)
+        return ExtractedBatch(indices, {layer.name: np.zeros((0, layer.dim), dtype)
+                                        for layer in extractor.layers}, skipped)
+    return ExtractedBatch(indices, {name: v.numpy() for name, v in launched.wait().items()}, skipped)
 
 
 def batches_of(indices: Sequence[int], batch_size: int) -> list[list[int]]:

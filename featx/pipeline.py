@@ -19,12 +19,14 @@ import numpy as np
 from rich.console import Console
 
 from featx.data import VERIFY, ImageSet
+from featx.decode import DECODERS
 from featx.errors import OptionError
 from featx.extract import PRECISIONS, TTA, LayerExtractor, extract_batches
 from featx.models import get_model, load_model
 from featx.places import describe, writable_folder
 from featx.progress import extraction_progress
-from featx.store import DTYPES, FeatureStore, ShardWriter, default_cache_root
+from featx.store import FeatureStore, ShardWriter, default_cache_root
+from featx.stored import DTYPES
 
 console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
 SPACE_MARGIN = 16 << 20  # room for the manifest and HDF5 headers beside the features
@@ -33,30 +35,36 @@ RUN_NOTE_SECONDS = 1.0  # at most this often a running extraction records its ti
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """How to run the network: device, precision, batching and the cache's dtype; checked once
-    when made."""
+    """How to run the network: device, precision, decoder, batching and the cache's dtype;
+    checked once when made. `batch_size` None is chosen for the device (LayerExtractor.batch_size);
+    `dtype` and `decode` `auto` follow the device (float16 and device decoding on a GPU)."""
 
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int = 32
+    batch_size: int | None = None
     workers: int | None = None
     shard_size: int = 512
-    dtype: str = "float32"
+    dtype: str = "auto"
     channels_last: bool = True
     verify: str = "size"
     tta: str = "none"
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "shard_size"):
             value = getattr(self, name)
+            if name == "batch_size" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise OptionError(name, f"must be a whole number of at least 1, not {value!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise OptionError("workers", f"must be 0 or more, not {self.workers!r}")
         if self.precision not in PRECISIONS:
             raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.dtype not in DTYPES:
-            raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise OptionError("dtype", f"must be one of auto, {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.decode not in DECODERS:
+            raise OptionError("decode", f"must be one of {', '.join(DECODERS)}, not {self.decode!r}")
         if self.tta not in TTA:
             raise OptionError("tta", f"must be one of {', '.join(TTA)}, not {self.tta!r}")
         if self.verify not in VERIFY:
@@ -82,13 +90,13 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
         console.print(f"[yellow]note:[/] {spec.name} with RANDOM weights ({loaded.weights.name}); "
                       "features are a baseline, not pretrained")
     extractor = LayerExtractor(loaded, requested, options.device, options.precision,
-                               options.channels_last, options.tta)
+                               options.channels_last, options.tta, options.dtype, options.decode)
     pretrained = loaded.weights.source not in ("random", "file")
     try:
         store = FeatureStore.open_for(
             root, images, loaded.weights, extractor.precision, [layer.name for layer in spec.layers],
-            options.dtype, pretrained and get_model(model).weights.tag == loaded.weights.tag,
-            options.verify, options.tta)
+            extractor.dtype, pretrained and get_model(model).weights.tag == loaded.weights.tag,
+            options.verify, options.tta, extractor.decode)
     except OSError as exc:
         raise OptionError("cache", f"cannot write in {exc.filename or root}: {describe(exc)}") from None
     names = ", ".join(layer.name for layer in requested)
@@ -107,9 +115,11 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
             console.print(f"{store.label}: {names} already cached")
             return store
         writable_folder(store.folder, "cache")  # a read-only cache serves what it holds, adds nothing
-        description = f"{images.name} {spec.name} [{names}] on {extractor.device} {extractor.precision}"
+        description = (f"{images.name} {spec.name} [{names}] on {extractor.device} {extractor.precision}, "
+                       f"{extractor.decode} decoding")
+        batch_size = options.batch_size or extractor.batch_size()
         with extraction_progress(console, description, progress) as advance:
-            summary = extract_to_cache(store, extractor, store.images(), options.batch_size,
+            summary = extract_to_cache(store, extractor, store.images(), batch_size,
                                        options.shard_size, options.workers, advance)
     for path, reason in summary["skipped"].items():
         console.print(f"[yellow]warning:[/] skipped unreadable image {path} ({reason})")
@@ -197,7 +207,7 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
         for k in sorted(todo[name]):
             if all(i in removed for i in range(*store.shard_ranges(name)[k])):
                 writer.submit(name, k, np.zeros(0, np.int64), np.zeros((0, dim), np.float32), {})
-    settings = {"device": str(extractor.device), "precision": extractor.precision,
+    settings = {"device": str(extractor.device), "precision": extractor.precision, "decode": extractor.decode,
                 "batch_size": batch_size, "workers": workers}
     run = store.start_run([name for name in layers if todo[name]], len(needed), settings)
     started = noted = time.perf_counter()

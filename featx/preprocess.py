@@ -1,5 +1,5 @@
-"""The weights' preprocessing applied to images: resize and crop to uint8 (in decoding workers),
-then scale and normalise on the device."""
+"""The weights' preprocessing applied to images: resize and crop to uint8 (a PIL image in
+decoding workers, or a decoded tensor on the device), then scale and normalise on the device."""
 
 from __future__ import annotations
 
@@ -16,22 +16,24 @@ from featx.models.weights import Preprocess
 ASPECT_LIMIT = 4  # a longer side beyond 4x the shorter one is cut before the resize
 
 
-def prepare(preprocess: Preprocess, image: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> uint8 tensor (3, crop, crop), resized as torchvision's transforms do.
+def prepare(preprocess: Preprocess, image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """RGB image (PIL, or uint8 tensor (3, H, W) on any device) -> uint8 tensor (3, crop, crop),
+    resized as torchvision's transforms do.
 
     An image more than ASPECT_LIMIT times as long as it is wide (a 20000x1 strip) has its long
     side cut around the centre first: the centre crop never reaches that far, and the resize of
     the shorter side would otherwise make billions of pixels."""
-    width, height = image.size
+    height, width = TF.get_size(image)
     short, long = min(width, height), max(width, height)
     if long > ASPECT_LIMIT * short:
         keep = ASPECT_LIMIT * short
         cut = (long - keep) // 2
-        image = image.crop((cut, 0, cut + keep, height) if width > height else (0, cut, width, cut + keep))
+        top, left, rows, cols = (0, cut, height, keep) if width > height else (cut, 0, keep, width)
+        image = TF.crop(image, top, left, rows, cols)
     mode = TF.InterpolationMode(preprocess.interpolation)
     image = TF.resize(image, [preprocess.resize], interpolation=mode, antialias=True)
     image = TF.center_crop(image, [preprocess.crop])
-    return TF.pil_to_tensor(image)
+    return TF.pil_to_tensor(image) if isinstance(image, Image.Image) else image
 
 
 def load(preprocess: Preprocess, path: str | Path) -> torch.Tensor:

@@ -34,8 +34,8 @@ from featx import __version__
 from featx.data import ImageSet
 from featx.errors import FeatxError
 from featx.models import Layer, Weights
+from featx.stored import DTYPES, as_stored
 
-DTYPES = ("float32", "float16")
 SHARD_BYTES = 256 << 20  # bound on one layer's shard in memory and on disk
 CACHE_FORMAT = 3  # 1: weights named by strings; 2: shards without checksums
 
@@ -51,25 +51,29 @@ class CacheKey:
     precision: str
     dtype: str
     tta: str = "none"
+    decode: str = "pil"
 
     @classmethod
-    def of(cls, weights: Weights, precision: str, dtype: str, tta: str = "none") -> CacheKey:
+    def of(cls, weights: Weights, precision: str, dtype: str, tta: str = "none",
+           decode: str = "pil") -> CacheKey:
         return cls(weights.model, weights.name, weights.checksum, weights.preprocess.to_dict(),
-                   precision, dtype, tta)
+                   precision, dtype, tta, decode)
 
     @property
     def folder(self) -> str:
-        """<model>-<weights tag>[-float16], as Weights.folder names it."""
+        """<model>-<weights tag>[-float16][-<tta>][-device-decode], as Weights.folder names it."""
         tag = self.weights.removeprefix(self.model + ".")
         name = f"{self.model}-{tag}".replace(":", "-").replace("/", "-")
         dtype = "-float16" if self.dtype == "float16" else ""
-        return name + dtype + (f"-{self.tta}" if self.tta != "none" else "")
+        decode = "-device-decode" if self.decode == "device" else ""
+        return name + dtype + (f"-{self.tta}" if self.tta != "none" else "") + decode
 
     def differences(self, manifest: dict) -> list[str]:
         """What a cache's manifest says differently, as 'field (there X, now Y)'."""
         stored = json.loads(json.dumps(asdict(self)))  # compare as stored: tuples become lists
-        return [f"{f.name.replace('_', ' ')} ({manifest.get(f.name)} there, {stored[f.name]} now)"
-                for f in fields(self) if manifest.get(f.name) != stored[f.name]]
+        made = {f.name: manifest.get(f.name, f.default) for f in fields(self)}  # older caches: defaults
+        return [f"{f.name.replace('_', ' ')} ({made[f.name]} there, {stored[f.name]} now)"
+                for f in fields(self) if made[f.name] != stored[f.name]]
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ class FeatureStore:
     @classmethod
     def open_for(cls, root: Path, images: ImageSet, weights: Weights, precision: str,
                  layer_names: list[str], dtype: str = "float32", imagenet_default: bool = False,
-                 verify: str = "size", tta: str = "none") -> FeatureStore:
+                 verify: str = "size", tta: str = "none", decode: str = "pil") -> FeatureStore:
         """Open (or create) the cache for these images and these weights; refuse a cache whose
         weights, preprocessing, precision or dtype differ, saying what differs (a changed image
         list is `sync_images`' business). `layer_names` is the model's whole layer table,
@@ -171,7 +175,7 @@ class FeatureStore:
         `--weights imagenet` names; `verify` how images are recognised (see ImageSet.file_stats)."""
         if dtype not in DTYPES:
             raise FeatxError(f"unknown dtype {dtype!r}; use float32 or float16")
-        key = CacheKey.of(weights, precision, dtype, tta)
+        key = CacheKey.of(weights, precision, dtype, tta, decode)
         folder = Path(root) / dataset_folder(Path(root), images) / key.folder
         if (folder / "manifest.json").is_file():
             store = cls(folder)
@@ -392,7 +396,7 @@ class FeatureStore:
         path = self.shard_path(layer, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        stored = _as_stored(layer, features, self.manifest["dtype"])
+        stored = as_stored(layer, features, self.manifest["dtype"])
         needed = stored.nbytes + 64 * len(index) + (1 << 20)  # features, index, labels, paths, headers
         if shutil.disk_usage(path.parent).free < needed:  # HDF5 fails badly on a full disk: ask first
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a shard needs {needed >> 20} MiB)",
@@ -596,22 +600,6 @@ def _same_file(stored: list, now: list) -> bool:
     if stored[:2] != now[:2]:
         return False
     return stored[2] is None or now[2] is None or stored[2] == now[2]
-
-
-def _as_stored(layer: str, features: np.ndarray, dtype: str) -> np.ndarray:
-    """Features in the cache's dtype; float16 is refused where it would misrepresent an image's
-    features: values beyond its range, or rows so small that rounding changes them by over 1%."""
-    with np.errstate(over="ignore"):
-        stored = features.astype(dtype, copy=False)
-    if dtype != "float16" or not len(features):
-        return stored
-    if not np.isfinite(stored).all():
-        raise FeatxError(f"layer {layer} has values beyond the float16 range; cache it as float32")
-    error = np.linalg.norm(stored.astype(np.float32) - features, axis=1)
-    if (error > 0.01 * np.linalg.norm(features, axis=1)).any():
-        raise FeatxError(f"layer {layer} has values too small for float16 (its smallest normal number is "
-                         f"{np.finfo(np.float16).tiny:.1e}); cache it as float32")
-    return stored
 
 
 def _now() -> str:

@@ -83,6 +83,8 @@ BAD = [
     (["extract", "{tiny}", *LITE_RANDOM, "--workers", "-1"], "--workers must be"),
     (["extract", "{tiny}", *LITE_RANDOM, "--precision", "fp8"], "--precision must be one of"),
     (["extract", "{tiny}", *LITE_RANDOM, "--dtype", "int8"], "--dtype must be one of"),
+    (["extract", "{tiny}", *LITE_RANDOM, "--decode", "gpu"], "--decode must be one of"),
+    (["table", "{tiny}", *LITE_RANDOM, "--decode", "nvjpeg"], "--decode must be one of"),
     (["extract", "{tiny}", *LITE_RANDOM, "--device", "tpu"], "unknown device 'tpu'"),
     (["extract", "{tiny}", *LITE_RANDOM, "--cache", "{root}/file.txt"], "--cache"),
     (["extract", "{tiny}", *LITE_RANDOM, "--cache", "{root}/file.txt/sub"], "--cache"),
