@@ -18,11 +18,12 @@ from rich.console import Console
 
 from featx.data import find_images
 from featx.errors import FeatxError
-from featx.extract import LayerExtractor, batches_of, extract_batches
+from featx.extract import HostFeatures, LayerExtractor, batch_that_fits, batches_of, extract_batches
 from featx.models import load_model
 from featx.pipeline import extract_to_cache
 from featx.progress import LogLines
 from featx.store import FeatureStore, ShardWriter
+from featx.stored import check_stored, to_stored
 
 LAYERS = ["stage6_pool", "pool", "logits"]
 
@@ -155,6 +156,37 @@ def test_float16_refuses_features_it_would_misrepresent(tmp_path, tiny_dataset, 
     with pytest.raises(FeatxError, match=message):
         store.write_shard("pool", 1, np.array([1]), features * scale, {})
     assert not store.shard_path("pool", 1).exists() and not list(store.folder.rglob("*.tmp"))
+
+
+def test_the_extractor_hands_features_over_in_the_cache_dtype() -> None:
+    model = load_model("efficientnet_lite0", "imagenet")  # random weights' pool is below float16
+    layers = model.spec.resolve_layers(["pool", "logits"])
+    images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
+    full = LayerExtractor(model, layers, "cpu", "fp32", dtype="float32")(images)
+    half = LayerExtractor(model, layers, "cpu", "fp32", dtype="float16")(images)
+    for name in ("pool", "logits"):
+        assert full[name].dtype == torch.float32 and half[name].dtype == torch.float16
+        assert torch.equal(half[name], full[name].half())  # rounded once, where computed
+    assert LayerExtractor(model, layers, "cpu", "fp32", dtype="auto").dtype == "float32"  # on a CPU
+
+
+@pytest.mark.parametrize("scale, message", [(1e5, "beyond the float16 range"),
+                                            (1e-7, "too small for float16")])
+def test_float16_check_runs_where_features_are_converted(scale, message) -> None:
+    values = torch.from_numpy(np.random.default_rng(0).uniform(0.5, 2.0, (3, 64)).astype(np.float32))
+    _, code = to_stored(values, "float16")
+    check_stored("pool", int(code))  # ordinary values pass
+    half, code = to_stored(values * scale, "float16")
+    pending = HostFeatures({"pool": half}, {"pool": code})
+    with pytest.raises(FeatxError, match=message):
+        pending.wait()
+
+
+def test_the_gpu_batch_is_the_largest_power_of_two_in_half_the_free_memory() -> None:
+    gib = 2**30
+    assert batch_that_fits(per_image=100 * 2**20, free=40 * gib) == 128  # 128 x 100 MiB <= 20 GiB
+    assert batch_that_fits(per_image=10 * 2**20, free=80 * gib) == 256  # capped
+    assert batch_that_fits(per_image=3 * gib, free=4 * gib) == 1  # never below one image
 
 
 def test_a_cache_made_with_other_weights_or_images_is_refused(tmp_path, tiny_dataset) -> None:
