@@ -6,7 +6,9 @@ background thread.
 
 Baseline, written the way the reference study worked: for each layer, one full forward pass with a
 forward hook, float32, images decoded with PIL in the main process, batch 32, features kept in
-memory.
+memory; on the device given (--device). A layer that is not a module's output (a pooled view)
+has no hook point: the baseline traces that one node instead, a pass that stops there, which can
+only make the baseline faster.
 
 With --table, both sides also train a linear SVM per layer on a seeded split (featx: its defaults;
 baseline: sklearn's LinearSVC() on the raw features), which gives the end-to-end ratio of the whole
@@ -30,9 +32,11 @@ import numpy as np
 import torch
 import torchvision
 from sklearn.svm import LinearSVC
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from featx.data import ImageSet, find_images, load_image, seeded_split
-from featx.extract import LayerExtractor, batches_of, image_batches, to_vectors
+from featx.decode import pil_batches
+from featx.extract import LayerExtractor, batches_of, resolve_device, to_vectors
 from featx.models import load_model
 from featx.pipeline import extract_to_cache
 from featx.preprocess import normalize, prepare
@@ -83,7 +87,7 @@ def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureS
     batches = batches_of(range(len(images)), args.batch_size)
     started = time.perf_counter()
     decoded = [pixels for _, pixels, _ in
-               image_batches(images, extractor.preprocess, batches, args.workers)]
+               pil_batches(images, extractor.preprocess, batches, args.workers)]
     decode = time.perf_counter() - started
     forward = copy = 0.0
     outputs = []
@@ -108,28 +112,41 @@ def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureS
     return {"decode_s": decode, "forward_s": forward, "copy_to_host_s": copy, "write_s": write}
 
 
-def run_baseline(images: ImageSet, args) -> tuple[dict[str, np.ndarray], float]:
-    """One full forward pass per layer with a hook, fp32, PIL in the main process, batch 32."""
-    model = load_model(args.model, args.weights)
-    module, preprocess = model.module.eval(), model.preprocess
+def run_baseline(images: ImageSet, model_name: str, weights: str, layers: list[str] | None,
+                 device: str = "cpu") -> tuple[dict[str, np.ndarray], float]:
+    """One full forward pass per layer with a hook, fp32, PIL in the main process, batch 32, on
+    `device`; features kept in memory."""
+    model = load_model(model_name, weights)
+    target_device = resolve_device(device)
+    module, preprocess = model.module.eval().to(target_device), model.preprocess
+    sync = torch.cuda.synchronize if target_device.type == "cuda" else (lambda: None)
     started = time.perf_counter()
     features = {}
-    for layer in model.spec.resolve_layers(args.layers):
-        target = dict(module.named_modules())[layer.node]
+    modules = dict(module.named_modules())
+    for layer in model.spec.resolve_layers(layers):
         captured: list[np.ndarray] = []
+        if layer.node in modules:
+            def hook(_module, _inputs, output, layer=layer, captured=captured):
+                captured.append(to_vectors(layer, output).float().cpu().numpy())
 
-        def hook(_module, _inputs, output, layer=layer, captured=captured):
-            captured.append(to_vectors(layer, output).clone().numpy())
+            handle = modules[layer.node].register_forward_hook(hook)
+            run = module
+        else:  # a pooled view, not a module: its node traced alone
+            handle = None
+            traced = create_feature_extractor(module, return_nodes=[layer.node])
 
-        handle = target.register_forward_hook(hook)
+            def run(x, layer=layer, captured=captured, traced=traced):
+                captured.append(to_vectors(layer, traced(x)[layer.node]).float().cpu().numpy())
         try:
             for start in range(0, len(images), 32):
                 paths = images.paths[start:start + 32]
                 batch = torch.stack([prepare(preprocess, load_image(images.root / p)) for p in paths])
                 with torch.no_grad():
-                    module(normalize(preprocess, batch))
+                    run(normalize(preprocess, batch.to(target_device)))
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
+        sync()
         features[layer.name] = np.concatenate(captured)
     return features, time.perf_counter() - started
 
@@ -197,7 +214,7 @@ def main() -> None:
         print("  where the time goes (each stage alone): " + ", ".join(
             f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in info["breakdown"].items()))
     if not args.no_baseline:
-        theirs, baseline_s = run_baseline(images, args)
+        theirs, baseline_s = run_baseline(images, args.model, args.weights, args.layers, args.device)
         record["baseline"] = {"seconds": baseline_s}
         print(f"baseline: {baseline_s:8.1f} s  {n / baseline_s:8.1f} images/s")
         print(f"extraction ratio: {baseline_s / info['seconds']:.1f}x")

@@ -154,11 +154,15 @@ class LayerExtractor:
             vectors = {name: (v[:n] + v[n:]) / 2 for name, v in vectors.items()}
         return vectors
 
-    @torch.inference_mode()
     def launch(self, images: torch.Tensor) -> HostFeatures:
-        """Queue the forward pass and the copy of its features to the host in the cache's dtype;
-        on a GPU this returns before the copy is done (HostFeatures.wait waits for it)."""
-        stored = {name: to_stored(value, self.dtype) for name, value in self.forward(images).items()}
+        """Queue the forward pass and the copy of its features to the host (see `to_host`)."""
+        return self.to_host(self.forward(images))
+
+    @torch.inference_mode()
+    def to_host(self, values: dict[str, torch.Tensor]) -> HostFeatures:
+        """Features on the device -> the host, in the cache's dtype, converted and checked where
+        they are; on a GPU through pinned memory, returning before the copy is done."""
+        stored = {name: to_stored(value, self.dtype) for name, value in values.items()}
         if self.device.type != "cuda":
             return HostFeatures({name: v for name, (v, _) in stored.items()},
                                 {name: code for name, (_, code) in stored.items()})
