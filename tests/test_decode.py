@@ -121,8 +121,9 @@ def test_auto_decoding_is_device_on_a_gpu_and_pil_on_a_cpu() -> None:
 
 def test_the_decoder_is_part_of_the_cache_identity(tmp_path, tiny_dataset) -> None:
     images = find_images(tiny_dataset)
-    stores = {decode: extract_images(images, "efficientnet_lite0", ["pool"], "random", tmp_path,
-                                     0, ExtractOptions(device="cpu", workers=0, decode=decode), progress=False)
+    stores = {decode: extract_images(images, "efficientnet_lite0", ["pool"], "random", tmp_path, 0,
+                                     ExtractOptions(device="cpu", workers=0, decode=decode),
+                                     progress=False)
               for decode in ("pil", "device")}
     assert stores["pil"].folder != stores["device"].folder
     assert stores["device"].folder.name.endswith("-device-decode")
@@ -136,11 +137,13 @@ def test_the_decoder_is_part_of_the_cache_identity(tmp_path, tiny_dataset) -> No
 def test_a_cache_made_before_decoders_were_recorded_is_a_pil_cache(tmp_path, tiny_dataset) -> None:
     images = find_images(tiny_dataset)
     options = ExtractOptions(device="cpu", workers=0, decode="pil")
-    store = extract_images(images, "efficientnet_lite0", ["pool"], "random", tmp_path, 0, options, progress=False)
+    store = extract_images(images, "efficientnet_lite0", ["pool"], "random", tmp_path, 0, options,
+                           progress=False)
     manifest = json.loads(store.manifest_path.read_text())
     del manifest["decode"]  # as an older featx wrote it
     store.manifest_path.write_text(json.dumps(manifest))
-    again = extract_images(images, "efficientnet_lite0", ["pool"], "random", tmp_path, 0, options, progress=False)
+    again = extract_images(images, "efficientnet_lite0", ["pool"], "random", tmp_path, 0, options,
+                           progress=False)
     assert again.folder == store.folder and len(again.manifest["runs"]) == 1  # reused, nothing redone
 
 
