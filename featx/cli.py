@@ -130,6 +130,19 @@ def _print_layer(result) -> None:
                f"{result.n_train} train / {result.n_test} test)", err=True)
 
 
+def _gpu_count(gpus: str) -> int:
+    """--gpus all or N -> how many ranks to start; a clear error where there are not so many."""
+    import torch
+
+    available = torch.cuda.device_count()
+    if gpus != "all" and not (gpus.isdigit() and int(gpus) >= 1):
+        raise OptionError("gpus", f"must be all or a number of GPUs, not {gpus!r}")
+    wanted = available if gpus == "all" else int(gpus)
+    if available == 0 or wanted > available:
+        raise OptionError("gpus", f"asks for {gpus} GPUs and this machine has {available}")
+    return wanted
+
+
 # --- commands ---------------------------------------------------------------------------------
 @app.command()
 def extract(
@@ -139,14 +152,29 @@ def extract(
     batch_size: BatchSize = None, workers: Workers = None, shard_size: ShardSize = 512,
     dtype: Dtype = "auto", seed: Seed = 0, verify: Verify = "size", tta: Tta = "none",
     decode: Decode = "auto",
+    gpus: Annotated[str | None, typer.Option(
+        help="Extract on several GPUs of this machine: all, or a number. featx starts one rank per "
+             "GPU itself (under torchrun or Slurm, leave it out: the launcher starts the ranks).")] = None,
 ) -> None:
     """Run the network once over DATASET and cache the requested layers to HDF5 shards.
 
     Examples: `featx extract --layer pool5 15scene/` ; `featx extract 15scene/` (vgg16's
-    pool4, pool5, relu6, relu7 in one pass) ; `featx extract data/demo --model efficientnet_lite0`.
-    An interrupted run resumes from the first missing shard.
+    pool4, pool5, relu6, relu7 in one pass) ; `featx extract data/demo --model efficientnet_lite0`
+    ; `featx extract imagenet/train --gpus all`. An interrupted run resumes from the first missing
+    shard, with any number of ranks.
     """
+    from featx.ranks import Ranks, launch_local
     from featx.study import extract as run_extract
+
+    count = _gpu_count(gpus) if gpus is not None and not Ranks.from_env().several else 1
+    if count > 1:
+        given = {"--model": model, "--weights": weights, "--cache": cache, "--precision": precision,
+                 "--batch-size": batch_size, "--workers": workers, "--shard-size": shard_size,
+                 "--dtype": dtype, "--seed": seed, "--verify": verify, "--tta": tta, "--decode": decode,
+                 "--layer": ",".join(_layer_names(layer) or []) or None}
+        args = [str(dataset)] + [str(v) for key, value in given.items() if value is not None
+                                 for v in (key, value)]
+        raise typer.Exit(launch_local(["extract", *args], count))
 
     run_extract(dataset, model, _layer_names(layer), weights, cache, seed,
                 _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta,

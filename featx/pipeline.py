@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from featx.extract import PRECISIONS, TTA, LayerExtractor, extract_batches
 from featx.models import get_model, load_model
 from featx.places import describe, writable_folder
 from featx.progress import extraction_progress
+from featx.ranks import ALONE, Ranks
 from featx.store import FeatureStore, ShardWriter, default_cache_root
 from featx.stored import DTYPES
 
@@ -78,57 +80,75 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
     forward pass, resuming where an earlier run stopped."""
     spec = get_model(model, weights, seed)
     requested = spec.resolve_layers(layers)  # bad names fail before any download
-    for path, reason in images.skipped.items():
+    ranks = Ranks.from_env()
+    for path, reason in images.skipped.items() if ranks.lead else ():
         console.print(f"[yellow]warning:[/] skipped {path}: {reason}")
-    for path, note in images.notes.items():
+    for path, note in images.notes.items() if ranks.lead else ():
         console.print(f"[yellow]note:[/] {path}: {note}")
     root = Path(cache).expanduser() if cache else default_cache_root()
     if root.exists() and not root.is_dir():
         raise OptionError("cache", f"{root} is a file, not a folder")
     loaded = load_model(model, weights, seed)
-    if loaded.weights.random:
+    if loaded.weights.random and ranks.lead:
         console.print(f"[yellow]note:[/] {spec.name} with RANDOM weights ({loaded.weights.name}); "
                       "features are a baseline, not pretrained")
-    extractor = LayerExtractor(loaded, requested, options.device, options.precision,
+    extractor = LayerExtractor(loaded, requested, ranks.device(options.device), options.precision,
                                options.channels_last, options.tta, options.dtype, options.decode)
+    ranks.join(extractor.device)
     pretrained = loaded.weights.source not in ("random", "file")
-    try:
-        store = FeatureStore.open_for(
-            root, images, loaded.weights, extractor.precision, [layer.name for layer in spec.layers],
-            extractor.dtype, pretrained and get_model(model).weights.tag == loaded.weights.tag,
-            options.verify, options.tta, extractor.decode)
-    except OSError as exc:
-        raise OptionError("cache", f"cannot write in {exc.filename or root}: {describe(exc)}") from None
+
+    def open_store() -> FeatureStore:
+        try:
+            return FeatureStore.open_for(
+                root, images, loaded.weights, extractor.precision, [layer.name for layer in spec.layers],
+                extractor.dtype, pretrained and get_model(model).weights.tag == loaded.weights.tag,
+                options.verify, options.tta, extractor.decode)
+        except OSError as exc:
+            raise OptionError("cache", f"cannot write in {exc.filename or root}: {describe(exc)}") from None
+
+    store = open_store() if ranks.lead else None  # rank 0 makes a new cache, the others open it
+    ranks.wait_for_all()
+    store = store or open_store()
     names = ", ".join(layer.name for layer in requested)
 
     def wait() -> None:
         console.print(f"another featx extract is writing {store.folder}; waiting for it to finish "
                       "(Ctrl-C stops this one, nothing is lost)")
 
-    with store.extraction_lock(wait):
-        store = FeatureStore(store.folder)  # as the run before this one left it
-        changes = store.sync_images(images, options.verify)
-        if changes:
-            console.print(f"[yellow]note:[/] {images.root} changed since {store.label} was made: "
-                          f"{changes.describe()}; only the shards concerned are extracted again")
-        if not _layers_to_write(store, requested):
-            console.print(f"{store.label}: {names} already cached")
+    with store.extraction_lock(wait) if ranks.lead else nullcontext():
+        if ranks.lead:  # the cache as the run before this one left it, brought up to date
+            store = FeatureStore(store.folder)
+            changes = store.sync_images(images, options.verify)
+            if changes:
+                console.print(f"[yellow]note:[/] {images.root} changed since {store.label} was made: "
+                              f"{changes.describe()}; only the shards concerned are extracted again")
+            if _layers_to_write(store, requested):
+                writable_folder(store.folder, "cache")  # a read-only cache serves what it holds
+                store.plan_layers(extractor.layers, options.batch_size or extractor.batch_size(),
+                                  options.shard_size)
+        ranks.wait_for_all()
+        store = FeatureStore(store.folder)
+        if not any(store.missing_shards(layer.name) for layer in requested):  # all planned by now
+            if ranks.lead:
+                console.print(f"{store.label}: {names} already cached")
             return store
-        writable_folder(store.folder, "cache")  # a read-only cache serves what it holds, adds nothing
         description = (f"{images.name} {spec.name} [{names}] on {extractor.device} {extractor.precision}, "
-                       f"{extractor.decode} decoding")
-        batch_size = options.batch_size or extractor.batch_size()
-        with extraction_progress(console, description, progress) as advance:
-            summary = extract_to_cache(store, extractor, store.images(), batch_size,
-                                       options.shard_size, options.workers, advance)
+                       f"{extractor.decode} decoding" + (f", {ranks.world} ranks" if ranks.several else ""))
+        with extraction_progress(console, description, progress and ranks.lead) as advance:
+            planned = store.manifest["layers"][requested[0].name]["batch_size"]
+            summary = extract_to_cache(store, extractor, store.images(), planned, options.shard_size,
+                                       options.workers, advance, ranks)
+        ranks.wait_for_all()
     for path, reason in summary["skipped"].items():
         console.print(f"[yellow]warning:[/] skipped unreadable image {path} ({reason})")
-    if summary["skipped"]:
-        console.print(f"[yellow]warning:[/] {len(summary['skipped'])} images skipped; "
-                      f"listed in {store.manifest_path}")
-    console.print(f"{store.label}: {summary['images']} images, {names} in "
-                  f"{summary['seconds']:.1f} s, {summary.get('bytes', 0) / 2**20:.1f} MiB -> {store.folder}")
-    return store
+    count, size = ranks.total(summary["images"]), ranks.total(summary.get("bytes", 0))
+    skipped = ranks.total(len(summary["skipped"]))
+    if ranks.lead:
+        if skipped:
+            console.print(f"[yellow]warning:[/] {skipped} images skipped; listed in {store.manifest_path}")
+        console.print(f"{store.label}: {count} images, {names} in {summary['seconds']:.1f} s, "
+                      f"{size / 2**20:.1f} MiB -> {store.folder}")
+    return FeatureStore(store.folder)
 
 
 def _layers_to_write(store: FeatureStore, requested: list) -> set[str]:
@@ -170,20 +190,24 @@ class _ShardBuffer:
 
 def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: ImageSet,
                      batch_size: int = 32, shard_size: int = 512, workers: int | None = None,
-                     on_batch: Callable[[int, int], None] | None = None) -> dict:
-    """Extract the extractor's layers for every image whose shard is not cached yet.
+                     on_batch: Callable[[int, int], None] | None = None, ranks: Ranks = ALONE) -> dict:
+    """Extract the extractor's layers for every image whose shard is not cached yet (of this
+    rank's shards, when several ranks share the run; every rank calls this).
 
     One forward pass serves all layers; finished shards are written by a background thread.
-    Returns a summary: images run, seconds, skipped files (relative path -> reason).
+    `on_batch(images, total)` counts the images of every rank. Returns this rank's summary:
+    images run, seconds, skipped files (relative path -> reason).
     """
     layers = [layer.name for layer in extractor.layers]
     store.plan_layers(extractor.layers, batch_size, shard_size)
     batch_size = store.manifest["layers"][layers[0]]["batch_size"]  # a resumed run batches as before
-    todo = {name: set(store.missing_shards(name)) for name in layers}
+    todo = {name: {k for k in store.missing_shards(name) if ranks.owns(k)} for name in layers}
     removed = store.removed  # images gone from the dataset: not extracted again
     needed = sorted({i for name in layers for k in todo[name]
                      for i in range(*store.shard_ranges(name)[k]) if i not in removed})
     summary = {"layers": layers, "images": len(needed), "seconds": 0.0, "skipped": {}}
+    total_needed = ranks.total(len(needed))
+    done_key = ranks.counter_key()
     if not needed:
         return summary
     needed_bytes = sum(store.bytes_to_write(name, sorted(todo[name])) for name in layers)
@@ -208,11 +232,11 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
             if all(i in removed for i in range(*store.shard_ranges(name)[k])):
                 writer.submit(name, k, np.zeros(0, np.int64), np.zeros((0, dim), np.float32), {})
     settings = {"device": str(extractor.device), "precision": extractor.precision, "decode": extractor.decode,
-                "batch_size": batch_size, "workers": workers}
+                "batch_size": batch_size, "workers": workers, "rank": ranks.rank, "ranks": ranks.world}
     run = store.start_run([name for name in layers if todo[name]], len(needed), settings)
     started = noted = time.perf_counter()
     skipped_all: dict[int, str] = {}
-    done_images = 0
+    done_images = shown = 0
     try:
         for batch, out in zip(batches, extract_batches(extractor, images, batches, workers)):
             skipped_all.update(out.skipped)
@@ -237,7 +261,9 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
                         writer.submit(name, int(k), np.concatenate(buf.index), feats, buf.skipped)
             done_images += len(batch)
             if on_batch:
-                on_batch(len(batch), len(needed))
+                every_rank = ranks.count_done(done_key, len(batch)) if ranks.several else done_images
+                on_batch(every_rank - shown, total_needed)
+                shown = every_rank
             if time.perf_counter() - noted > RUN_NOTE_SECONDS:  # a killed run keeps its time
                 noted = time.perf_counter()
                 store.update_run(run, noted - started, done_images)
@@ -247,7 +273,7 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
         finally:
             seconds = time.perf_counter() - started
             skipped = {store.manifest["paths"][i]: e for i, e in sorted(skipped_all.items())}
-            complete = not any(store.missing_shards(name) for name in layers)
+            complete = not any(ranks.owns(k) for name in layers for k in store.missing_shards(name))
             store.update_run(run, seconds, done_images, "done" if complete else "stopped", skipped)
     summary.update(seconds=seconds, skipped=skipped)
     return summary

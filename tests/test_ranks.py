@@ -1,0 +1,117 @@
+"""Several ranks on one extraction (torchrun, gloo on the CPU): the same bytes as one process,
+whole shards per rank, a killed rank's run finished by a rerun with another number of ranks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featx.store import FeatureStore
+
+from conftest import run_cli
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same arithmetic in every process, so bytes can match
+EXTRACT = ["extract", "--weights", "random", "--device", "cpu", "--workers", "0", "--precision", "fp32"]
+
+
+def torchrun(ranks: int, *args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+         "-m", "featx", *args], cwd=cwd, env={**os.environ, **ONE_THREAD},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def one_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`featx ARGS` in a process of its own, on one thread like each rank."""
+    return subprocess.run([sys.executable, "-m", "featx", *args], cwd=cwd, env={**os.environ, **ONE_THREAD},
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def store_in(cache: Path) -> FeatureStore:
+    return FeatureStore(next(cache.rglob("manifest.json")).parent)
+
+
+def features(cache: Path, layers: list[str]) -> dict[str, np.ndarray]:
+    store = store_in(cache)
+    return {name: store.read_layer(name).features for name in layers}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, demo_dir) -> Path:
+    """The demo set's pool and logits from one process: what every ranked run must equal."""
+    root = tmp_path_factory.mktemp("single")
+    result = one_process(*EXTRACT, str(demo_dir), "--model", "resnet50", "--layer", "pool,logits",
+                         "--batch-size", "4", "--shard-size", "8", "--cache", "c", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root / "c"
+
+
+def test_two_ranks_write_what_one_process_writes_bit_for_bit(tmp_path, demo_dir, single) -> None:
+    run = torchrun(2, *EXTRACT, str(demo_dir), "--model", "resnet50", "--layer", "pool,logits",
+                   "--batch-size", "4", "--shard-size", "8", "--cache", "c", cwd=tmp_path)
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+    ours, theirs = features(tmp_path / "c", ["pool", "logits"]), features(single, ["pool", "logits"])
+    for name in ours:
+        assert ours[name].tobytes() == theirs[name].tobytes(), name
+    runs = store_in(tmp_path / "c").manifest["runs"]
+    assert sorted((r["rank"], r["ranks"], r["status"]) for r in runs) == [(0, 2, "done"), (1, 2, "done")]
+    assert sum(r["images"] for r in runs) == len(store_in(single).manifest["paths"])  # no image twice
+    assert err.count("images, pool, logits in") == 1  # one summary line, from rank 0
+
+
+def test_a_killed_rank_leaves_whole_shards_and_a_rerun_with_other_ranks_finishes(tmp_path, demo_dir,
+                                                                                 single) -> None:
+    args = [*EXTRACT, str(demo_dir), "--model", "resnet50", "--layer", "pool,logits",
+            "--batch-size", "4", "--shard-size", "8", "--cache", "c"]
+    run = torchrun(2, *args, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.rglob("shard-*.h5")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ranks = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True,
+                           check=False).stdout.split()
+    assert ranks, "torchrun started no ranks"
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode != 0
+    store = store_in(tmp_path / "c")
+    assert store.missing_shards("pool"), "the run finished before the kill: nothing left to resume"
+    assert not list(tmp_path.rglob("*.tmp"))  # no half-written shard left behind
+    rerun = one_process(*args, cwd=tmp_path)  # one rank now
+    assert rerun.returncode == 0, rerun.stderr
+    ours, theirs = features(tmp_path / "c", ["pool", "logits"]), features(single, ["pool", "logits"])
+    for name in ours:
+        assert ours[name].tobytes() == theirs[name].tobytes(), name
+
+
+def test_featx_starts_the_ranks_itself(tmp_path, demo_dir, single) -> None:
+    """The launcher behind `--gpus`, with two CPU ranks."""
+    code = ("import sys; from featx.ranks import launch_local; sys.exit(launch_local(sys.argv[1:], 2))")
+    result = subprocess.run(
+        [sys.executable, "-c", code, *EXTRACT, str(demo_dir), "--model", "resnet50", "--layer", "pool",
+         "--batch-size", "4", "--shard-size", "8", "--cache", "c"],
+        cwd=tmp_path, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=600,
+        check=False)
+    assert result.returncode == 0, result.stderr
+    assert {r["rank"] for r in store_in(tmp_path / "c").manifest["runs"]} == {0, 1}
+    ours, theirs = features(tmp_path / "c", ["pool"]), features(single, ["pool"])
+    assert ours["pool"].tobytes() == theirs["pool"].tobytes()
+
+
+def test_gpus_asks_for_gpus_this_machine_has(tmp_path, tiny_dataset) -> None:
+    import torch
+
+    if torch.cuda.device_count() >= 64:
+        pytest.skip("this machine has 64 GPUs or more")
+    result = run_cli("extract", str(tiny_dataset), "--gpus", "64", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--gpus asks for 64 GPUs" in result.stderr
+    result = run_cli("extract", str(tiny_dataset), "--gpus", "some", cwd=tmp_path)
+    assert result.returncode == 2 and "--gpus must be all or a number" in result.stderr
