@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
+import re
+import tarfile
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,23 +45,59 @@ class ImageSet:
 
     @property
     def name(self) -> str:
-        return self.root.name
+        """The folder's name; for tar shards the pattern's stem without its range (train)."""
+        if not self.in_tars:
+            return self.root.name
+        return re.sub(r"\{[^}]*\}", "", self.root.name.removesuffix(".tar")).strip("-_.") or "tars"
+
+    @property
+    def in_tars(self) -> bool:
+        """Whether the images are members of tar shards: `root` is then the shards' pattern and
+        each path is `<tar name>/<member name>`."""
+        return self.root.name.endswith(".tar")
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def source(self, index: int) -> Path | io.BytesIO:
+        """Where image `index` is read from: its file, or its tar member's bytes."""
+        if not self.in_tars:
+            return self.root / self.paths[index]
+        return io.BytesIO(self.read_bytes(index))
+
+    def read_bytes(self, index: int) -> bytes:
+        """The bytes of image `index`: a file's, or a tar member's (read at its offset)."""
+        if not self.in_tars:
+            return (self.root / self.paths[index]).read_bytes()
+        shard, member = self.paths[index].split("/", 1)
+        tar = self.root.parent / shard
+        offsets = tar_members(str(tar), tar.stat().st_mtime_ns)
+        if member not in offsets:
+            raise OSError(f"{member} is no longer in {tar}")
+        offset, size = offsets[member]
+        with tar.open("rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
     def file_stats(self, verify: str = "size") -> list[list]:
         """Per image [size, mtime_ns, content hash or None]: what tells a replaced image from the
-        one that was extracted. `verify="hash"` adds an xxh3 of the file's bytes (reads them)."""
+        one that was extracted. `verify="hash"` adds an xxh3 of the file's bytes (reads them).
+        A tar member's time is its tar's: a rewritten tar is extracted again, member by member."""
         if verify not in VERIFY:
             raise OptionError("verify", f"must be one of {', '.join(VERIFY)}, not {verify!r}")
         stats = []
-        for rel in self.paths:
-            path = self.root / rel
+        for index, rel in enumerate(self.paths):
             try:
-                info = path.stat()
-                digest = xxhash.xxh3_128_hexdigest(path.read_bytes()) if verify == "hash" else None
-                stats.append([info.st_size, info.st_mtime_ns, digest])
+                if self.in_tars:
+                    shard, member = rel.split("/", 1)
+                    tar = self.root.parent / shard
+                    info = tar.stat()
+                    size = tar_members(str(tar), info.st_mtime_ns).get(member, (0, -1))[1]
+                else:
+                    info = (self.root / rel).stat()
+                    size = info.st_size
+                digest = xxhash.xxh3_128_hexdigest(self.read_bytes(index)) if verify == "hash" else None
+                stats.append([size, info.st_mtime_ns, digest])
             except OSError:  # gone since the scan: it cannot match anything
                 stats.append([-1, -1, None])
         return stats
@@ -108,11 +148,14 @@ def _frames(path: Path) -> int:
 
 
 def find_images(root: str | Path) -> ImageSet:
-    """Scan a folder of class subfolders, or a folder with train/ and test/ of class subfolders.
+    """Scan a folder of class subfolders, or a folder with train/ and test/ of class subfolders,
+    or tar shards in WebDataset's layout (`data/train-{000000..000127}.tar`, see `find_in_tars`).
 
     Links: a link to an image file is followed and a class folder may itself be a link; a broken
     link, a link to a folder inside a class folder, and a second path to a file already taken
     (through a link) are skipped, and each is named in `ImageSet.skipped`."""
+    if str(root).endswith(".tar"):
+        return find_in_tars(str(root))
     root = Path(root).expanduser()
     if not root.exists():
         raise FeatxError(f"dataset folder not found: {root}")
@@ -149,6 +192,83 @@ def find_images(root: str | Path) -> ImageSet:
             splits += [split or ""] * len(images)
     return ImageSet(root, tuple(paths), np.asarray(labels, dtype=np.int64), tuple(classes),
                     tuple(splits) if has_fixed_split else None, skipped, notes)
+
+
+@lru_cache(maxsize=256)
+def tar_members(tar: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
+    """A tar's regular members -> (data offset, size), from its headers (a tar is read as far as
+    its headers are sound). Cached per tar and modification time."""
+    members: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(tar, "r:") as opened:
+            for info in opened:
+                if info.isfile():
+                    members[info.name] = (info.offset_data, info.size)
+    except (tarfile.TarError, EOFError):
+        pass  # the members before the damage stand; find_in_tars names the damage
+    return members
+
+
+def find_in_tars(pattern: str) -> ImageSet:
+    """The images in tar shards in WebDataset's layout: `pattern` names the shards with a brace
+    range (`train-{000000..000127}.tar`). A sample is the members that share a key (the path up
+    to the first dot of its name); its image is its image member, its label the text of its
+    `.cls` member (a class number), else of its `.txt` member (a class name), else the folder of
+    its key. Images are in shard order, then member order: the order extraction streams them."""
+    from webdataset.shardlists import expand_urls
+    from webdataset.tariterators import base_plus_ext
+
+    shards = [Path(p).expanduser() for p in expand_urls(pattern)]
+    if not shards:
+        raise FeatxError(f"no tar shards in {pattern}")
+    folder = shards[0].parent.resolve()
+    for shard in shards:
+        if not shard.is_file():
+            raise FeatxError(f"tar shard not found: {shard} (of {pattern})")
+        if shard.parent.resolve() != folder:
+            raise FeatxError(f"the tar shards of {pattern} must sit in one folder")
+    paths: list[str] = []
+    names: list[str] = []
+    skipped: dict[str, str] = {}
+    for shard in shards:
+        samples: dict[str, dict[str, str]] = {}
+        length = shard.stat().st_size
+        try:
+            with tarfile.open(shard, "r:") as opened:
+                for info in opened:
+                    if info.isfile() and info.offset_data + info.size > length:
+                        raise tarfile.ReadError(f"it ends inside {info.name}")
+                    key, ext = base_plus_ext(info.name) if info.isfile() else (None, None)
+                    if key is None:
+                        continue
+                    ext = ext.lower()
+                    sample = samples.setdefault(key, {})
+                    if ext in ("cls", "txt"):
+                        text = opened.extractfile(info).read().decode("utf-8", "replace").strip()
+                        sample[ext] = text
+                    elif "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+                        sample["image"] = info.name
+                if opened.offset + 2 * tarfile.BLOCKSIZE > length:  # a whole tar ends in two zero blocks
+                    raise tarfile.ReadError("it ends without the end-of-archive blocks (cut short?)")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            skipped[shard.name] = f"damaged tar, read up to the damage: {exc}"
+        for key, sample in samples.items():
+            if "image" not in sample:
+                continue
+            label = sample.get("cls") or sample.get("txt") or key.rpartition("/")[0]
+            if not label:
+                skipped[f"{shard.name}/{sample['image']}"] = "no label (.cls, .txt or a folder in its key)"
+                continue
+            paths.append(f"{shard.name}/{sample['image']}")
+            names.append(label)
+    numbered = all(n.lstrip("-").isdigit() for n in names)
+    classes = sorted(set(names), key=int if numbered else str)
+    if len(classes) < 2:
+        raise FeatxError(f"{pattern} has {len(classes)} class{'es' if not classes else ''}; "
+                         "comparing layers needs at least two")
+    index = {name: label for label, name in enumerate(classes)}
+    return ImageSet(folder / Path(pattern).name, tuple(paths),
+                    np.asarray([index[n] for n in names], dtype=np.int64), tuple(classes), skipped=skipped)
 
 
 @dataclass(frozen=True)
@@ -212,7 +332,7 @@ def read_split_file(path: str | Path) -> dict[str, str]:
     return mapping
 
 
-def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
+def load_image(path: str | Path | io.BytesIO, min_side: int | None = None) -> Image.Image:
     """Open one image as 8-bit RGB with its EXIF orientation applied.
 
     Grayscale, palette, RGBA, CMYK and 16-bit images are converted; raises OSError/ValueError

@@ -58,7 +58,7 @@ def _error(exc: BaseException) -> str:
 def pil_crop(images: ImageSet, preprocess: Preprocess, index: int) -> tuple[torch.Tensor, str]:
     """One file decoded and cropped with PIL; a blank crop and the error if it cannot be read."""
     try:
-        return prepare(preprocess, load_image(images.root / images.paths[index], preprocess.resize)), ""
+        return prepare(preprocess, load_image(images.source(index), preprocess.resize)), ""
     except Exception as exc:  # noqa: BLE001 - corrupt, truncated, empty or not an image
         return torch.zeros(3, preprocess.crop, preprocess.crop, dtype=torch.uint8), _error(exc)
 
@@ -140,7 +140,7 @@ def device_batches(images: ImageSet, preprocess: Preprocess, batches: list[list[
     def read(index: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
         """(JPEG bytes, None, "") for the device, or (None, PIL crop, error)."""
         try:
-            data = (images.root / images.paths[index]).read_bytes()
+            data = images.read_bytes(index)
         except OSError:
             return None, *pil_crop(images, preprocess, index)  # PIL words the error
         if device_can_decode(data):

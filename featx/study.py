@@ -147,7 +147,7 @@ def check_dataset(store: FeatureStore, images: ImageSet | None = None) -> None:
     root = Path(store.manifest["dataset_root"])
     if store.manifest.get("arrays"):  # features made elsewhere (FeatureStore.for_arrays): no images
         return
-    if not root.is_dir():
+    if not (root.parent if root.name.endswith(".tar") else root).is_dir():  # tar shards: their folder
         console.print(f"[yellow]warning:[/] the dataset folder {root} is not there: {store.label} is "
                       "scored as it was extracted, unchecked")
         return
