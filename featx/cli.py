@@ -18,6 +18,7 @@ import typer
 
 from featx.errors import FeatxError, OptionError
 from featx.places import describe, writable_file, writable_folder
+from featx.ranks import Ranks
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
@@ -210,7 +211,10 @@ def svm(
     options = _svm_options(C, scaling, train_per_class, seed, split, splits, probe, solver, memory, device)
     store = find_store(cache, dataset, model, weights, tta)
     out_dir = out or default_out_dir(store)
-    report = evaluate(store, _layer_names(layer), options, out_dir, _print_layer)
+    lead = Ranks.from_env().lead  # under torchrun every rank probes, rank 0 reports
+    report = evaluate(store, _layer_names(layer), options, out_dir, _print_layer if lead else None)
+    if not lead:
+        return
     paths = write_table(report, out_dir, stem="svm")
     typer.echo(render_markdown(report))
     typer.echo(f"written: {paths['md']}, {paths['csv']}, {paths['json']}", err=True)
@@ -244,11 +248,14 @@ def table(
 
     if html:
         writable_file(html, "html")
+    lead = Ranks.from_env().lead  # under torchrun every rank extracts and probes, rank 0 reports
     report, paths = run_table(
         dataset, model, _layer_names(layer), weights, cache, out,
         _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta, decode),
         _svm_options(C, scaling, train_per_class, seed, split, splits, probe, solver, memory, device),
-        on_layer=_print_layer)
+        on_layer=_print_layer if lead else None)
+    if not lead:
+        return
     typer.echo(render_markdown(report))
     typer.echo(f"written: {paths['md']}, {paths['csv']}, {paths['json']}", err=True)
     _write_figures(report, paths["json"].parent, html)

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -82,6 +83,29 @@ class Ranks:
         tensor = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(tensor)
         return int(tensor.item())
+
+    def share(self, positions: np.ndarray) -> np.ndarray:
+        """This rank's contiguous part of `positions` (rows a pass over the layer reads)."""
+        if not self.several:
+            return positions
+        return np.array_split(positions, self.world)[self.rank]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor summed over every rank (all ranks call it), on the tensor's device."""
+        if not self.several:
+            return tensor
+        on_nccl = dist.get_backend() == "nccl"
+        work = tensor.cuda() if on_nccl and tensor.device.type != "cuda" else tensor.contiguous()
+        dist.all_reduce(work)
+        return work.to(tensor.device)
+
+    def joined(self, part: np.ndarray) -> np.ndarray:
+        """Every rank's part, in rank order (all ranks call it): the whole of what `share` split."""
+        if not self.several:
+            return part
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, part)
+        return np.concatenate(parts)
 
     def leave(self) -> None:
         if self.several and dist.is_initialized():

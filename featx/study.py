@@ -32,6 +32,7 @@ from featx.probes.stream import (
     parse_memory,
     probe_device,
 )
+from featx.ranks import Ranks
 from featx.report import LayerReport, ModelIdentity, ProbeScore, Report, write_table
 from featx.similarity import Similarity, similarity
 from featx.store import FeatureStore, default_cache_root, list_stores
@@ -204,6 +205,7 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
     store.check_layers(layer_parts(names))
     check_dataset(store, images)
     out = writable_folder(Path(out_dir) if out_dir else default_out_dir(store), "out")
+    lead = Ranks.from_env().lead  # under torchrun every rank probes, rank 0 writes
     options = svm.probe_options()
     entries, description = [], ""
     for name in names:
@@ -217,7 +219,7 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
                 result, model = run_probe(probe, stream, split, options)
                 result.test_paths = [paths[i] for i in split.test]
                 results[probe].append(result)
-                if k == 0 and model is not None:
+                if k == 0 and model is not None and lead:
                     joblib.dump(model, out / (f"{name}.joblib" if probe == svm.probe[0]
                                               else f"{name}.{probe}.joblib"))
                 if on_layer:
@@ -228,7 +230,8 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
                                          seconds, shared)
         entry.other_probes = [ProbeScore.from_results(results[probe]) for probe in others]
         entries.append(entry)
-        (out / f"{name}.json").write_text(json.dumps(asdict(entry), indent=1))
+        if lead:
+            (out / f"{name}.json").write_text(json.dumps(asdict(entry), indent=1))
     return build_report(store, entries, svm, description)
 
 
@@ -346,4 +349,4 @@ def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
             model_dir = out / spec.weights.folder
         reports.append(evaluate(store, names, svm, model_dir, on_layer, images))
     report = reports[0] if len(reports) == 1 else Report.merge(reports)
-    return report, write_table(report, out)
+    return report, write_table(report, out) if Ranks.from_env().lead else {}

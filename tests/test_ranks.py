@@ -115,3 +115,49 @@ def test_gpus_asks_for_gpus_this_machine_has(tmp_path, tiny_dataset) -> None:
     assert "--gpus asks for 64 GPUs" in result.stderr
     result = run_cli("extract", str(tiny_dataset), "--gpus", "some", cwd=tmp_path)
     assert result.returncode == 2 and "--gpus must be all or a number" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def wide_cache(tmp_path_factory) -> Path:
+    """A layer wider than its training rows (kernel form), too large to hold in 64M (streamed,
+    Gram matrix in chunks), and a narrow one (primal form)."""
+    from conftest import array_store
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 750)
+    centres = rng.normal(size=(4, 4000)).astype(np.float32)
+    wide = centres[labels] * 0.05 + rng.normal(size=(len(labels), 4000)).astype(np.float32)
+    narrow = wide[:, :64].copy()
+    root = tmp_path_factory.mktemp("wide")
+    array_store(root / "c", {"wide": wide, "narrow": narrow}, labels, shard_size=256)
+    return root / "c"
+
+
+def _probe_results(folder: Path) -> dict:
+    import json
+
+    table = json.loads((folder / "svm.json").read_text())
+    scores = {}
+    for row in table["layers"]:
+        scores[(row["layer"], row["probe"])] = (row["accuracy"], row["C"], row["y_pred"])
+        for other in row["other_probes"]:
+            scores[(row["layer"], other["probe"])] = (other["accuracy"], other["C"], None)
+    return scores
+
+
+def test_two_ranks_probe_as_one_process_does(tmp_path, wide_cache) -> None:
+    args = ["svm", "--cache", str(wide_cache), "--probe", "svm,logreg,knn", "--memory", "64M",
+            "--train-per-class", "400", "--device", "cpu"]
+    single = one_process(*args, "--out", "one", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    run = torchrun(2, *args, "--out", "two", cwd=tmp_path)
+    out, err = run.communicate(timeout=900)
+    assert run.returncode == 0, err
+    assert out.count("| wide |") == 1  # one table, from rank 0
+    one, two = _probe_results(tmp_path / "one"), _probe_results(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 6
+    for key, (accuracy, C, predicted) in one.items():
+        assert two[key][1] == C, key
+        assert abs(two[key][0] - accuracy) <= 1 / 1400, key  # at most one of 1400 test images
+        if predicted is not None:
+            assert np.mean(np.array(predicted) != np.array(two[key][2])) <= 1 / 1400, key

@@ -31,7 +31,8 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
     budget = stream.budget_left(options.memory)
     stream.fit_scaling(split.train, budget)
     k = min(NEIGHBOURS, len(split.train))
-    n_test, device = len(split.test), stream.device
+    tests = stream.ranks.share(split.test)  # each rank scores its part of the test rows
+    n_test, device = len(tests), stream.device
     best = torch.full((n_test, k), -float("inf"), device=device)
     best_class = torch.zeros((n_test, k), dtype=torch.long, device=device)
     chunk = stream.rows_within(budget // 2, "a chunk of training rows")
@@ -43,7 +44,7 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
         held /= held.norm(dim=1, keepdim=True).clamp_min(1e-12)  # in place: the chunk is held once
         held_labels = train_labels[start:start + chunk]
         done = 0
-        for here, block in stream.blocks(block_rows, split.test):
+        for here, block in stream.blocks(block_rows, tests):
             rows = slice(done, done + len(here))
             similarity = _unit(block) @ held.T
             top, where = similarity.topk(min(k, similarity.shape[1]), dim=1)
@@ -56,10 +57,11 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
     n_classes = len(stream.store.classes)
     votes = torch.zeros((n_test, n_classes), dtype=torch.float64, device=device)
     votes.scatter_add_(1, best_class, torch.exp(best.double() / TEMPERATURE))
-    y_pred = votes.argmax(1).cpu().numpy()
+    y_pred = stream.ranks.joined(votes.argmax(1).cpu().numpy())
     y_true = stream.labels[split.test]
     return ProbeResult(
         layer=stream.name, dim=stream.dim, accuracy=float((y_pred == y_true).mean()),
         balanced_accuracy=balanced_accuracy(y_true, y_pred), C=None, scaling=stream.scaling,
         train_seconds=time.perf_counter() - started, kernel_form=False, n_train=len(split.train),
-        n_test=n_test, converged=True, probe="knn", y_true=y_true.tolist(), y_pred=y_pred.tolist()), None
+        n_test=len(split.test), converged=True, probe="knn", y_true=y_true.tolist(),
+        y_pred=y_pred.tolist()), None

@@ -102,6 +102,8 @@ def train_gram(stream: LayerStream, positions: np.ndarray, budget: int,
     if chunk >= n:
         rows = stream.gather(positions, left // 2, "the training rows")
         return (rows @ rows.T).double(), rows
+    if stream.ranks.several:
+        return _shared_gram(stream, positions, chunk, left), None
     gram = torch.zeros((n, n), dtype=torch.float64, device=stream.device)
     block_rows = stream.block_rows(left // 2)
     for start in range(0, n, chunk):
@@ -118,6 +120,25 @@ def train_gram(stream: LayerStream, positions: np.ndarray, budget: int,
         del held
     upper = torch.triu(gram)
     return upper + torch.triu(gram, 1).T, None
+
+
+def _shared_gram(stream: LayerStream, positions: np.ndarray, chunk: int, left: int) -> torch.Tensor:
+    """train_gram's passes shared out between ranks: every rank holds each chunk of training rows
+    and multiplies it with its part of the rows from the chunk on; the parts, summed over the
+    ranks, are the upper triangle (each entry is computed by one rank)."""
+    n = len(positions)
+    gram = torch.zeros((n, n), dtype=torch.float64, device=stream.device)
+    block_rows = stream.block_rows(left // 2)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        held = stream.gather(positions[start:stop], left // 2, "a chunk of training rows")
+        for here, block in stream.blocks(block_rows, stream.ranks.share(positions[start:])):
+            columns = torch.as_tensor(np.searchsorted(positions, here), device=stream.device)
+            gram[start:stop, columns] = (held @ block.T).double()
+        del held
+    gram = stream.ranks.sum(gram)
+    upper = torch.triu(gram)
+    return upper + torch.triu(gram, 1).T
 
 
 def cv_masks(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -166,20 +187,20 @@ def feature_weights(stream: LayerStream, training: Training, coef: torch.Tensor,
     if training.rows is not None:
         return alpha @ training.rows
     weights = torch.zeros((len(coef), stream.dim), dtype=torch.float32, device=stream.device)
-    done = 0
-    for here, block in stream.blocks(stream.block_rows(budget), training.positions):
-        weights += alpha[:, done:done + len(here)] @ block
-        done += len(here)
-    return weights
+    for here, block in stream.blocks(stream.block_rows(budget), stream.ranks.share(training.positions)):
+        columns = torch.as_tensor(np.searchsorted(training.positions, here), device=stream.device)
+        weights += alpha[:, columns] @ block
+    return stream.ranks.sum(weights)
 
 
 def predict_rows(stream: LayerStream, positions: np.ndarray, weights: torch.Tensor, intercept: torch.Tensor,
                  budget: int) -> np.ndarray:
-    """The class with the highest score for each row at `positions`, block by block."""
-    predicted = []
-    for _, block in stream.blocks(stream.block_rows(budget), positions):
+    """The class with the highest score for each row at `positions`, block by block (each rank
+    scores its part of the rows)."""
+    predicted = [np.zeros(0, dtype=np.int64)]
+    for _, block in stream.blocks(stream.block_rows(budget), stream.ranks.share(positions)):
         predicted.append((block @ weights.T + intercept).argmax(1).cpu().numpy())
-    return np.concatenate(predicted) if predicted else np.zeros(0, dtype=np.int64)
+    return stream.ranks.joined(np.concatenate(predicted))
 
 
 def as_fitted(estimator, stream: LayerStream, weights: torch.Tensor, intercept: torch.Tensor):

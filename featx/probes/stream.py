@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from featx.errors import FeatxError, OptionError
+from featx.ranks import Ranks
 from featx.store import FeatureStore
 
 DEFAULT_MEMORY = 2 << 30
@@ -76,7 +77,10 @@ class LayerStream:
             raise OptionError("scaling", f"must be one of {', '.join(SCALINGS)}, not {scaling!r}")
         self.store, self.name, self.scaling = store, name, scaling
         self.parts = name.split("+")
-        self.device = device or default_device()
+        self.ranks = Ranks.from_env()  # under torchrun, every pass over the layer is shared out
+        placed = self.ranks.device("auto")  # each rank on its own GPU
+        self.device = device or (placed if placed != "auto" else default_device())
+        self.ranks.join(torch.device(self.device))
         self.index = reduce(np.intersect1d, [store.layer_index(part) for part in self.parts])
         self.labels = store.labels[self.index]
         self.dim = sum(store.manifest["layers"][part]["dim"] for part in self.parts)
@@ -176,9 +180,10 @@ class LayerStream:
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         squares = torch.zeros_like(total)
         self.mean = self.scale = None
-        for _, block in self.blocks(self.block_rows(budget), positions, scaled=False):
+        for _, block in self.blocks(self.block_rows(budget), self.ranks.share(positions), scaled=False):
             total += block.sum(0, dtype=torch.float64)
             squares += (block.double() ** 2).sum(0)
+        total, squares = self.ranks.sum(total), self.ranks.sum(squares)
         mean = total / len(positions)
         std = (squares / len(positions) - mean ** 2).clamp_min(0).sqrt()
         std[std < 10 * torch.finfo(torch.float64).eps * mean.abs().clamp_min(1)] = 1.0
