@@ -18,7 +18,6 @@ import typer
 
 from featx.errors import FeatxError, OptionError
 from featx.places import describe, writable_file, writable_folder
-from featx.ranks import Ranks
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
@@ -205,6 +204,7 @@ def svm(
     `featx svm --layer pool1 --probe svm,logreg,knn --memory 1G`.
     Each model is saved with joblib beside a JSON report in the results folder.
     """
+    from featx.ranks import Ranks
     from featx.report import render_markdown, write_table
     from featx.study import default_out_dir, evaluate, find_store
 
@@ -243,6 +243,7 @@ def table(
     --split 15scene-split.csv` ; `featx table 15scene/ --model vgg16 --model resnet50 --splits 5
     --html report.html` ; `featx table 15scene/ --probe svm,logreg,knn`.
     """
+    from featx.ranks import Ranks
     from featx.report import render_markdown
     from featx.study import run_table
 

@@ -33,6 +33,7 @@ from featx.stored import DTYPES
 console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
 SPACE_MARGIN = 16 << 20  # room for the manifest and HDF5 headers beside the features
 RUN_NOTE_SECONDS = 1.0  # at most this often a running extraction records its time in the manifest
+RUN_NOTE_SHARE = 0.05  # and less often when the manifest is large: at most 5% of the run's time
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,7 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
                 "batch_size": batch_size, "workers": workers, "rank": ranks.rank, "ranks": ranks.world}
     run = store.start_run([name for name in layers if todo[name]], len(needed), settings)
     started = noted = time.perf_counter()
+    note_every = RUN_NOTE_SECONDS
     skipped_all: dict[int, str] = {}
     done_images = shown = 0
     try:
@@ -264,9 +266,10 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
                 every_rank = ranks.count_done(done_key, len(batch)) if ranks.several else done_images
                 on_batch(every_rank - shown, total_needed)
                 shown = every_rank
-            if time.perf_counter() - noted > RUN_NOTE_SECONDS:  # a killed run keeps its time
+            if time.perf_counter() - noted > note_every:  # a killed run keeps its time
                 noted = time.perf_counter()
                 store.update_run(run, noted - started, done_images)
+                note_every = max(RUN_NOTE_SECONDS, (time.perf_counter() - noted) / RUN_NOTE_SHARE)
     finally:
         try:
             writer.close()
