@@ -202,12 +202,12 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
     layers = [layer.name for layer in extractor.layers]
     store.plan_layers(extractor.layers, batch_size, shard_size)
     batch_size = store.manifest["layers"][layers[0]]["batch_size"]  # a resumed run batches as before
-    todo = {name: {k for k in store.missing_shards(name) if ranks.owns(k)} for name in layers}
+    todo = {name: set(ranks.mine(store.missing_shards(name))) for name in layers}
     removed = store.removed  # images gone from the dataset: not extracted again
     needed = sorted({i for name in layers for k in todo[name]
                      for i in range(*store.shard_ranges(name)[k]) if i not in removed})
     summary = {"layers": layers, "images": len(needed), "seconds": 0.0, "skipped": {}}
-    total_needed = ranks.total(len(needed))
+    total_needed = ranks.total(len(needed))  # also: every rank has its share before any writes
     done_key = ranks.counter_key()
     if not needed:
         return summary
@@ -276,7 +276,7 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
         finally:
             seconds = time.perf_counter() - started
             skipped = {store.manifest["paths"][i]: e for i, e in sorted(skipped_all.items())}
-            complete = not any(ranks.owns(k) for name in layers for k in store.missing_shards(name))
+            complete = not any(k in todo[name] for name in layers for k in store.missing_shards(name))
             store.update_run(run, seconds, done_images, "done" if complete else "stopped", skipped)
     summary.update(seconds=seconds, skipped=skipped)
     return summary

@@ -1,11 +1,12 @@
 """Several processes on one extraction, with torch.distributed as the engine.
 
 Under `torchrun` (one machine, or many under Slurm with torchrun's rendezvous) each process is a
-rank: it takes whole shards (shard k of every layer goes to rank k mod world), extracts the
-images they cover and writes them into the one cache. The manifest is changed only under its
-file lock. Rank 0 holds the cache's extraction lock, syncs the image list and plans the layers
-before the others start, and prints the one progress line, counting every rank's images through
-the rendezvous store. A shard is a shard, so a rerun with another number of ranks resumes.
+rank: it takes whole shards (of each layer's shards still to write, every world-th from its
+rank on), extracts the images they cover and writes them into the one cache. The manifest is
+changed only under its file lock. Rank 0 holds the cache's extraction lock, syncs the image
+list and plans the layers before the others start, and prints the one progress line, counting
+every rank's images through the rendezvous store. A shard is a shard, so a rerun with another
+number of ranks resumes.
 """
 
 from __future__ import annotations
@@ -65,8 +66,10 @@ class Ranks:
         if self.several:
             dist.barrier()
 
-    def owns(self, shard: int) -> bool:
-        return shard % self.world == self.rank
+    def mine(self, shards: list[int]) -> list[int]:
+        """This rank's share of the shards still to write: every world-th, from its rank on (the
+        same list on every rank, so each shard has one rank)."""
+        return shards[self.rank::self.world]
 
     def counter_key(self) -> str:
         """The name of the next extraction's image count in the rendezvous store."""

@@ -101,6 +101,22 @@ def test_resnet50_layers_equal_torchvision_computation() -> None:
         assert_same(ours[name], tv[name].flatten(1), name)
 
 
+def test_activations_run_in_place_only_where_no_requested_layer_is_overwritten() -> None:
+    model = load_model("vgg16", "random")
+    images = _images(2)
+    default = LayerExtractor(model, model.spec.resolve_layers(None), "cpu", "fp32")  # pool4..relu7
+    both = LayerExtractor(model, model.spec.resolve_layers(["fc6", "relu6"]), "cpu", "fp32")
+    inplace = {name for name, m in default.graph.named_modules() if getattr(m, "inplace", False)}
+    assert "classifier.1" in inplace and "features.1" in inplace  # after fc6, after conv1_1
+    assert not getattr(both.graph.get_submodule("classifier.1"), "inplace")  # fc6 is requested
+    assert not any(getattr(m, "inplace", False) for m in model.module.modules())  # the model's own
+    out = both(images)  # built after `default`: each graph has its own activations
+    assert (out["fc6"] < 0).any()
+    torch.testing.assert_close(out["relu6"], F.relu(out["fc6"]))
+    again = default(images)
+    assert torch.equal(again["relu6"], both(images)["relu6"])
+
+
 def test_two_extractions_of_the_same_images_are_identical() -> None:
     model = load_model("vgg16", "random")
     extractor = LayerExtractor(model, model.spec.resolve_layers(["pool5", "relu6", "relu7"]), "cpu")
