@@ -246,8 +246,8 @@ def find_in_tars(pattern: str) -> ImageSet:
                     if ext in ("cls", "txt"):
                         text = opened.extractfile(info).read().decode("utf-8", "replace").strip()
                         sample[ext] = text
-                    elif "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
-                        sample["image"] = info.name
+                    elif "." + ext in IMAGE_EXTENSIONS and "image" not in sample:
+                        sample["image"] = info.name  # the first (not seg.png beside a jpg)
                 if opened.offset + 2 * tarfile.BLOCKSIZE > length:  # a whole tar ends in two zero blocks
                     raise tarfile.ReadError("it ends without the end-of-archive blocks (cut short?)")
         except (tarfile.TarError, EOFError, OSError) as exc:
