@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import tarfile
 import warnings
@@ -71,10 +72,10 @@ class ImageSet:
             return (self.root / self.paths[index]).read_bytes()
         shard, member = self.paths[index].split("/", 1)
         tar = self.root.parent / shard
-        offsets = tar_members(str(tar), tar.stat().st_mtime_ns)
-        if member not in offsets:
+        members = tar_index(tar).members
+        if member not in members:
             raise OSError(f"{member} is no longer in {tar}")
-        offset, size = offsets[member]
+        offset, size = members[member]
         with tar.open("rb") as f:
             f.seek(offset)
             return f.read(size)
@@ -86,13 +87,16 @@ class ImageSet:
         if verify not in VERIFY:
             raise OptionError("verify", f"must be one of {', '.join(VERIFY)}, not {verify!r}")
         stats = []
+        tars: dict[str, os.stat_result] = {}  # each tar looked at once
         for index, rel in enumerate(self.paths):
             try:
                 if self.in_tars:
                     shard, member = rel.split("/", 1)
                     tar = self.root.parent / shard
-                    info = tar.stat()
-                    size = tar_members(str(tar), info.st_mtime_ns).get(member, (0, -1))[1]
+                    if shard not in tars:
+                        tars[shard] = tar.stat()
+                    info = tars[shard]
+                    size = _tar_index(str(tar), info.st_mtime_ns).members.get(member, (0, -1))[1]
                 else:
                     info = (self.root / rel).stat()
                     size = info.st_size
@@ -194,19 +198,37 @@ def find_images(root: str | Path) -> ImageSet:
                     tuple(splits) if has_fixed_split else None, skipped, notes)
 
 
+@dataclass(frozen=True)
+class TarIndex:
+    """A tar's regular members -> (data offset, size), in tar order, from its headers; `damage`
+    says why they stop early (a tar is read as far as it is sound), empty when it is whole."""
+
+    members: dict[str, tuple[int, int]]
+    damage: str = ""
+
+
 @lru_cache(maxsize=256)
-def tar_members(tar: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
-    """A tar's regular members -> (data offset, size), from its headers (a tar is read as far as
-    its headers are sound). Cached per tar and modification time."""
+def _tar_index(tar: str, mtime_ns: int) -> TarIndex:
     members: dict[str, tuple[int, int]] = {}
     try:
+        length = os.path.getsize(tar)
         with tarfile.open(tar, "r:") as opened:
             for info in opened:
-                if info.isfile():
-                    members[info.name] = (info.offset_data, info.size)
-    except (tarfile.TarError, EOFError):
-        pass  # the members before the damage stand; find_in_tars names the damage
-    return members
+                if not info.isfile():
+                    continue
+                if info.offset_data + info.size > length:
+                    raise tarfile.ReadError(f"it ends inside {info.name}")
+                members[info.name] = (info.offset_data, info.size)
+            if opened.offset + 2 * tarfile.BLOCKSIZE > length:  # a whole tar ends in two zero blocks
+                raise tarfile.ReadError("it ends without the end-of-archive blocks (cut short?)")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        return TarIndex(members, str(exc) or type(exc).__name__)
+    return TarIndex(members)
+
+
+def tar_index(tar: Path) -> TarIndex:
+    """The tar's index, read once per tar and modification time."""
+    return _tar_index(str(tar), tar.stat().st_mtime_ns)
 
 
 def find_in_tars(pattern: str) -> ImageSet:
@@ -231,27 +253,22 @@ def find_in_tars(pattern: str) -> ImageSet:
     names: list[str] = []
     skipped: dict[str, str] = {}
     for shard in shards:
+        index = tar_index(shard)
+        if index.damage:
+            skipped[shard.name] = f"damaged tar, read up to the damage: {index.damage}"
         samples: dict[str, dict[str, str]] = {}
-        length = shard.stat().st_size
-        try:
-            with tarfile.open(shard, "r:") as opened:
-                for info in opened:
-                    if info.isfile() and info.offset_data + info.size > length:
-                        raise tarfile.ReadError(f"it ends inside {info.name}")
-                    key, ext = base_plus_ext(info.name) if info.isfile() else (None, None)
-                    if key is None:
-                        continue
-                    ext = ext.lower()
-                    sample = samples.setdefault(key, {})
-                    if ext in ("cls", "txt"):
-                        text = opened.extractfile(info).read().decode("utf-8", "replace").strip()
-                        sample[ext] = text
-                    elif "." + ext in IMAGE_EXTENSIONS and "image" not in sample:
-                        sample["image"] = info.name  # the first (not seg.png beside a jpg)
-                if opened.offset + 2 * tarfile.BLOCKSIZE > length:  # a whole tar ends in two zero blocks
-                    raise tarfile.ReadError("it ends without the end-of-archive blocks (cut short?)")
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            skipped[shard.name] = f"damaged tar, read up to the damage: {exc}"
+        with shard.open("rb") as tar:
+            for name, (offset, size) in index.members.items():
+                key, ext = base_plus_ext(name)
+                if key is None:
+                    continue
+                ext = ext.lower()
+                sample = samples.setdefault(key, {})
+                if ext in ("cls", "txt"):
+                    tar.seek(offset)
+                    sample[ext] = tar.read(size).decode("utf-8", "replace").strip()
+                elif "." + ext in IMAGE_EXTENSIONS and "image" not in sample:
+                    sample["image"] = name  # the first (not seg.png beside a jpg)
         for key, sample in samples.items():
             if "image" not in sample:
                 continue
