@@ -147,18 +147,20 @@ def device_batches(images: ImageSet, preprocess: Preprocess, batches: list[list[
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, ""
         return None, *pil_crop(images, preprocess, index)
 
+    queued = iter(batches)
+    ahead: deque[tuple[list[int], list[Future]]] = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix="featx-read") as pool:
-        ahead: deque[tuple[list[int], list[Future]]] = deque()
-        queued = iter(batches)
-        for batch in queued:
-            ahead.append((batch, [pool.submit(read, i) for i in batch]))
-            if len(ahead) > PREFETCH_BATCHES:
-                break
+
+        def read_next() -> None:
+            batch = next(queued, None)
+            if batch is not None:
+                ahead.append((batch, [pool.submit(read, i) for i in batch]))
+
+        for _ in range(PREFETCH_BATCHES + 1):
+            read_next()
         while ahead:
             batch, futures = ahead.popleft()
-            for later in queued:  # keep PREFETCH_BATCHES batches reading while this one decodes
-                ahead.append((later, [pool.submit(read, i) for i in later]))
-                break
+            read_next()  # PREFETCH_BATCHES batches read while this one decodes
             yield _decoded_batch(images, preprocess, device, batch, [f.result() for f in futures])
 
 

@@ -374,7 +374,10 @@ class FeatureStore:
             _write_json_atomic(self.manifest_path, self.manifest)
 
     def plan_layers(self, layers: list[Layer], batch_size: int, shard_size: int) -> None:
-        """Record new layers (dim, shard size) before their first shard is written."""
+        """Record new layers (dim, shard size) before their first shard is written; the manifest
+        is not rewritten when every layer is planned already (a resumed run, every rank but one)."""
+        if all(layer.name in self.manifest["layers"] for layer in layers):
+            return
         itemsize = np.dtype(self.manifest["dtype"]).itemsize
 
         def add(manifest: dict) -> None:

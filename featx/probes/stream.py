@@ -78,8 +78,7 @@ class LayerStream:
         self.store, self.name, self.scaling = store, name, scaling
         self.parts = name.split("+")
         self.ranks = Ranks.from_env()  # under torchrun, every pass over the layer is shared out
-        placed = self.ranks.device("auto")  # each rank on its own GPU
-        self.device = device or (placed if placed != "auto" else default_device())
+        self.device = device or self.ranks.device(default_device())  # each rank on its own GPU
         self.ranks.join(torch.device(self.device))
         self.index = reduce(np.intersect1d, [store.layer_index(part) for part in self.parts])
         self.labels = store.labels[self.index]
