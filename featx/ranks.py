@@ -87,11 +87,15 @@ class Ranks:
         dist.all_reduce(tensor)
         return int(tensor.item())
 
+    def part(self, n: int) -> slice:
+        """This rank's contiguous part of n things in order (the parts differ in size by at most one)."""
+        size, extra = divmod(n, self.world)
+        start = self.rank * size + min(self.rank, extra)
+        return slice(start, start + size + (self.rank < extra))
+
     def share(self, positions: np.ndarray) -> np.ndarray:
-        """This rank's contiguous part of `positions` (rows a pass over the layer reads)."""
-        if not self.several:
-            return positions
-        return np.array_split(positions, self.world)[self.rank]
+        """This rank's part of `positions` (rows a pass over the layer reads)."""
+        return positions[self.part(len(positions))]
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor summed over every rank (all ranks call it), on the tensor's device."""

@@ -161,3 +161,77 @@ def test_two_ranks_probe_as_one_process_does(tmp_path, wide_cache) -> None:
         assert abs(two[key][0] - accuracy) <= 1 / 1400, key  # at most one of 1400 test images
         if predicted is not None:
             assert np.mean(np.array(predicted) != np.array(two[key][2])) <= 1 / 1400, key
+
+
+def _solve_in_part(rank: int, world: int, port: int, problems: dict, cache: Path, out: Path) -> None:
+    """One rank: every problem on its part of the rows, sums over the ranks; and the training rows
+    of the cache's narrow layer as the probes take them, split between the ranks."""
+    import torch
+
+    from featx.probes.linear import training_rows
+    from featx.probes.solvers import fit_logistic, fit_squared_hinge
+    from featx.probes.stream import LayerStream
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    stream = LayerStream(store_in(cache), "narrow", device="cpu")  # joins the process group
+    part = stream.ranks.part(len(next(iter(problems.values()))[0]))
+    fits = {}
+    for name, (x, y, masks, C, classes) in problems.items():
+        fit = (fit_squared_hinge if name.startswith("hinge") else fit_logistic)(
+            x[part], y[part], masks[:, part], C, classes, total=stream.ranks.sum)
+        fits[name] = (fit.coef, fit.intercept, fit.objective, fit.converged)
+    positions = np.arange(0, len(stream.index), 2)
+    training = training_rows(stream, positions, 64 << 20, split=True)
+    fits["training"] = (training.x, training.y, torch.as_tensor(positions[training.part]))
+    torch.save(fits, out / f"rank{rank}.pt")
+    stream.ranks.leave()
+
+
+def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path, wide_cache) -> None:
+    """The torch solvers with each rank holding half of the rows and the sums all-reduced: the
+    weights and objectives of the solve on all rows, the same on both ranks; the probes' training
+    rows in primal form are split, half to each rank."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from featx.probes.solvers import fit_logistic, fit_squared_hinge
+
+    rng = np.random.default_rng(1)
+    problems = {}
+    for classes in (2, 4):
+        y = rng.integers(0, classes, 301)
+        x = (rng.normal(size=(classes, 20))[y] + rng.normal(size=(301, 20)) * 1.5).astype(np.float32)
+        folds = rng.integers(0, 3, 301)
+        masks = np.stack([folds != k for k in range(3)] * 2 + [np.ones(301, bool)])
+        C = np.array([0.1] * 3 + [10.0] * 3 + [1.0])  # a path of growing C per mask, with helpers
+        for loss in ("hinge", "logistic"):
+            problems[f"{loss}-{classes}"] = (torch.tensor(x), torch.tensor(y), torch.tensor(masks),
+                                             torch.tensor(C), classes)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_solve_in_part, args=(2, port, problems, wide_cache, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, (x, y, masks, C, classes) in problems.items():
+        whole = (fit_squared_hinge if name.startswith("hinge") else fit_logistic)(x, y, masks, C, classes)
+        for coef, intercept, objective, converged in (r[name] for r in ranks):
+            assert converged.all() and whole.converged.all(), name
+            torch.testing.assert_close(objective, whole.objective, rtol=1e-5, atol=0)  # float32 sums
+            # weights to the precision of a solve to tol=1e-6 in float32 (a single process given
+            # the rows in another order moves them by up to 1e-3 of their scale, too)
+            scale = float(whole.coef.abs().max())
+            assert float((coef - whole.coef).abs().max()) <= 3e-3 * scale, name
+            assert float((intercept - whole.intercept).abs().max()) <= 3e-3 * scale, name
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0][name], ranks[1][name])), name
+    stream_rows = [r["training"] for r in ranks]
+    assert [len(x) for x, _, _ in stream_rows] == [750, 750]  # 1500 training rows, half on each rank
+    held = store_in(wide_cache).read_layer("narrow").features
+    positions = torch.cat([p for _, _, p in stream_rows]).numpy()
+    assert np.array_equal(positions, np.arange(0, 3000, 2))
+    rows = np.concatenate([x.numpy() for x, _, _ in stream_rows])
+    np.testing.assert_allclose(rows, held[positions] / np.linalg.norm(held[positions], axis=1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)

@@ -11,7 +11,10 @@ map back to the layer's own values, W = coef diag(s)^-1/2 U^T X, in one more pas
 training rows, and the test rows are scored with W block by block: no layer is held whole.
 
 Primal form (no more values than training rows): the training rows are held (within the budget)
-and the solver works on them directly.
+and the solver works on them directly. Under torchrun each rank holds its part of them, and the
+torch solver sums gradients, Hessian products and losses over the ranks (an all-reduce), so a
+training set is as large as the ranks' budgets together. Kernel form needs no such split: the
+Gram matrix is computed in shared passes and the small problem on it is solved by every rank.
 
 C is chosen by stratified cross-validation on the training rows: the torch solver fits every C of
 the grid on every fold as one batched problem, then the chosen C on all training rows.
@@ -24,7 +27,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,43 +38,53 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 from featx.data import Split
 from featx.errors import FeatxError
 from featx.probes import ProbeOptions, ProbeResult, balanced_accuracy
-from featx.probes.solvers import LinearFit, decision, working_bytes
+from featx.probes.solvers import LinearFit, Total, decision, whole, working_bytes
 from featx.probes.stream import LayerStream, describe_bytes
 
 CV_FOLDS = 3
-Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], LinearFit]
+Solver = Callable[..., LinearFit]  # (x, y, masks, Cs, n_classes, total=) as fit_squared_hinge
 
 
 @dataclass
 class Training:
     """The training rows as a solver sees them: the rows themselves, or (kernel form) their
-    coordinates in their own span with the basis that maps weights back to the layer."""
+    coordinates in their own span with the basis that maps weights back to the layer. Rows split
+    between ranks: x and y are this rank's `part` of them and `total` sums over the ranks."""
 
     x: torch.Tensor
     y: torch.Tensor
     positions: np.ndarray
+    labels: np.ndarray  # of every training row, on every rank
     basis: torch.Tensor | None = None
     rows: torch.Tensor | None = None  # the training rows, when they were held whole
+    part: slice = field(default_factory=lambda: slice(None))  # which rows of `positions` x holds
+    total: Total = whole
 
     @property
     def kernel_form(self) -> bool:
         return self.basis is not None
 
 
-def training_rows(stream: LayerStream, positions: np.ndarray, budget: int) -> Training:
-    """The training rows at `positions` of the stream, in primal or kernel form (see above); the
-    last one made is kept on the stream, so the linear probes of one layer and split share it."""
-    key = (positions.tobytes(), stream.scaling_key())
+def training_rows(stream: LayerStream, positions: np.ndarray, budget: int, split: bool = False) -> Training:
+    """The training rows at `positions` of the stream, in primal or kernel form (see above), in
+    primal form split between the ranks when `split` is asked for (a solver that sums over ranks);
+    the last one made is kept on the stream, so the linear probes of one layer and split share it."""
+    key = (positions.tobytes(), stream.scaling_key(), split)
     if key not in stream.memo:
         stream.memo.clear()
-        stream.memo[key] = _training_rows(stream, positions, budget)
+        stream.memo[key] = _training_rows(stream, positions, budget, split)
     return stream.memo[key]
 
 
-def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int) -> Training:
-    y = torch.as_tensor(stream.labels[positions], device=stream.device)
+def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int, split: bool) -> Training:
+    labels = stream.labels[positions]
     if stream.dim <= len(positions):
-        return Training(stream.gather(positions, budget // 2, "the training rows"), y, positions)
+        ranks = stream.ranks if split else None
+        part = ranks.part(len(positions)) if ranks else slice(None)
+        x = stream.gather(positions[part], budget // 2, "the training rows")
+        return Training(x, torch.as_tensor(labels[part], device=stream.device), positions, labels,
+                        part=part, total=ranks.sum if ranks and ranks.several else whole)
+    y = torch.as_tensor(labels, device=stream.device)
     gram, rows = train_gram(stream, positions, budget)
     eigval, eigvec = torch.linalg.eigh(gram)
     keep = eigval > max(float(eigval.max()) * 1e-10, 0.0)
@@ -81,7 +94,7 @@ def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int) -> T
     else:
         root = eigval[keep].sqrt()
         z, basis = eigvec[:, keep] * root, eigvec[:, keep] / root
-    return Training(z.float(), y, positions, basis.float(), rows)
+    return Training(z.float(), y, positions, labels, basis.float(), rows)
 
 
 def train_gram(stream: LayerStream, positions: np.ndarray, budget: int,
@@ -159,19 +172,21 @@ def choose_C(training: Training, grid: tuple[float, ...], n_classes: int, seed: 
              at_once: int | None = None) -> tuple[float, dict[str, float]]:
     """The C of `grid` with the best mean held-out accuracy over the folds (ties: the smaller C),
     every C and fold solved as one batched problem (in groups of `at_once` problems when the
-    memory budget holds fewer)."""
-    y = training.y.cpu().numpy()
-    folds = cv_masks(y, seed)
+    memory budget holds fewer). Folds are drawn from every training row's label; with rows split
+    between ranks, each rank fits and scores its part of each fold and the counts are summed."""
+    folds = cv_masks(training.labels, seed)
     masks = np.stack([fit for _ in grid for fit, _ in folds])
     held = np.stack([out for _ in grid for _, out in folds])
     Cs = torch.tensor([C for C in grid for _ in folds], dtype=torch.float64)
     step = at_once or len(Cs)
+    device, part = training.x.device, training.part
     predicted = np.concatenate([
-        decision(solve(training.x, training.y, torch.as_tensor(masks[k:k + step], device=training.x.device),
-                       Cs[k:k + step], n_classes), training.x).argmax(-1).cpu().numpy()
-        for k in range(0, len(Cs), step)])  # (problems, rows)
-    right = (predicted == y) & held
-    accuracy = right.sum(1) / held.sum(1)
+        decision(solve(training.x, training.y, torch.as_tensor(masks[k:k + step, part], device=device),
+                       Cs[k:k + step], n_classes, total=training.total), training.x).argmax(-1).cpu().numpy()
+        for k in range(0, len(Cs), step)])  # (problems, this rank's rows)
+    right = (predicted == training.labels[part]) & held[:, part]
+    right = training.total(torch.as_tensor(right.sum(1), device=device)).cpu().numpy()
+    accuracy = right / held.sum(1)
     mean = {C: float(accuracy[k * len(folds):(k + 1) * len(folds)].mean()) for k, C in enumerate(grid)}
     best = max(grid, key=lambda C: (mean[C], -C))
     return best, {f"{C:g}": mean[C] for C in grid}
@@ -227,19 +242,19 @@ def fitted_scaler(stream: LayerStream):
     return FunctionTransformer().fit(np.zeros((1, stream.dim), dtype=np.float32))
 
 
-Pick = Callable[["Training"], tuple[str, Solver, Callable[..., int]]]  # -> name, solver, its memory
+Pick = tuple[str, Solver, Callable[..., int]]  # the solver's name, the solver, its memory
 
 
 def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe: str,
                  grid: tuple[float, ...], pick: Pick) -> tuple[ProbeResult, torch.Tensor, torch.Tensor]:
     """Fit on the training rows (C by cross-validation when `options.C` is auto) with the solver
-    `pick` names for them, score the test rows; returns the result and the weights and intercept
-    on the layer's scaled values."""
+    `pick` names, score the test rows; returns the result and the weights and intercept on the
+    layer's scaled values."""
     started = time.perf_counter()
     budget = stream.budget_left(options.memory)
     stream.fit_scaling(split.train, budget)
-    training = training_rows(stream, split.train, budget)
-    solver, solve, memory_per_problem = pick(training)
+    solver, solve, memory_per_problem = pick
+    training = training_rows(stream, split.train, budget, split=solver == "torch")
     n_classes = len(stream.store.classes)
     n, d = training.x.shape
     problems = len(grid) * CV_FOLDS if options.C == "auto" else 1
@@ -257,7 +272,7 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe
     else:
         C, cv_scores = float(options.C), {}
     fit = solve(training.x, training.y, torch.ones((1, n), dtype=torch.bool, device=training.x.device),
-                torch.tensor([C], dtype=torch.float64), n_classes)
+                torch.tensor([C], dtype=torch.float64), n_classes, total=training.total)
     weights = feature_weights(stream, training, fit.coef[0], budget)
     intercept = fit.intercept[0]
     y_pred = predict_rows(stream, split.test, weights, intercept, budget)
@@ -277,7 +292,9 @@ def liblinear_solver(seed: int) -> Solver:
     from sklearn.svm import LinearSVC
 
     def solve(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs: torch.Tensor,
-              n_classes: int) -> LinearFit:
+              n_classes: int, total: Total = whole) -> LinearFit:
+        if total is not whole:
+            raise ValueError("liblinear fits every row in one process; it takes no rows split between ranks")
         xs, ys = x.cpu().numpy(), y.cpu().numpy()
 
         def one(k: int) -> tuple[np.ndarray, np.ndarray, bool]:

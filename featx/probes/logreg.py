@@ -23,6 +23,6 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions,
     """Train and test logistic regression on one layer; returns the result and the fitted model
     (it applies to the layer's raw values and gives class probabilities)."""
     result, weights, intercept = train_linear(stream, split, options, "logreg", C_GRID,
-                                              lambda training: ("torch", fit_logistic, working_bytes))
+                                              ("torch", fit_logistic, working_bytes))
     clf = as_fitted(LogisticRegression(C=result.C), stream, weights, intercept)
     return result, Pipeline([("scale", fitted_scaler(stream)), ("logreg", clf)])

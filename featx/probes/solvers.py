@@ -24,17 +24,30 @@ Everything runs on the device of `x` (on CUDA, leave TF32 matmuls off for float3
 precision is below what tol=1e-6 needs). Working memory, besides `x` itself: about a dozen (m, n) and
 a dozen (m, d+1) matrices of x's dtype with m = P * n_classes, plus a block of squared rows of x;
 `working_bytes` gives an upper estimate (for float32 input; double it for float64).
+
+The rows may be spread over processes (ranks under torchrun): each holds its part of x, y and the
+masks, and `total` sums a tensor over the processes (an all-reduce). Every sum over rows (gradients,
+Hessian products and diagonal, losses, the line search's derivatives) goes through it, so every
+process sees the same sums, takes the same steps and ends with the same weights; what is per row
+(scores, curvatures) stays in each process.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 Array = np.ndarray | torch.Tensor
+Total = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over the processes holding the rows
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The `total` of rows held by one process: the tensor itself."""
+    return tensor
 
 _CG_MAX_ITER = 250
 _C_RATIO = 10.0  # largest growth of C from one warm-started stage to the next
@@ -96,12 +109,12 @@ def _forward(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.addmm(v[:, -1:], v[:, :-1], x.T)
 
 
-def _backward(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _backward(x: torch.Tensor, g: torch.Tensor, total: Total) -> torch.Tensor:
     """g @ [x, 1] for pointwise values g (m, n): (m, d+1)."""
-    return torch.cat([g @ x, g.sum(1, keepdim=True)], 1)
+    return total(torch.cat([g @ x, g.sum(1, keepdim=True)], 1))
 
 
-def _square_backward(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _square_backward(x: torch.Tensor, g: torch.Tensor, total: Total) -> torch.Tensor:
     """g @ [x, 1]**2 (the Hessian diagonal's data term), squaring x in row blocks."""
     n, d = x.shape
     step = max(1, _SQUARE_BLOCK_ELEMENTS // max(d, 1))
@@ -109,7 +122,7 @@ def _square_backward(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     for s in range(0, n, step):
         block = x[s:s + step]
         acc.addmm_(g[:, s:s + step], block * block)
-    return torch.cat([acc, g.sum(1, keepdim=True)], 1)
+    return total(torch.cat([acc, g.sum(1, keepdim=True)], 1))
 
 
 class _Hinge:
@@ -242,7 +255,7 @@ class _Multinomial:
 
 
 def _pcg(x: torch.Tensor, model, curv, reg: torch.Tensor, grad: torch.Tensor,
-         precond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+         precond: torch.Tensor, total: Total) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated preconditioned CG for H s = -grad of every unit; returns s and its scores x_aug s.
 
     A unit stops once the last step's decrease of the quadratic model, times the step count, is at
@@ -260,7 +273,7 @@ def _pcg(x: torch.Tensor, model, curv, reg: torch.Tensor, grad: torch.Tensor,
     s, zs = torch.zeros_like(grad), torch.zeros_like(zs_out)
     for step in range(1, _CG_MAX_ITER + 1):
         xp = _forward(x, p)
-        hp = _backward(x, model.hess(curv, xp)).addcmul_(reg, p)
+        hp = _backward(x, model.hess(curv, xp), total).addcmul_(reg, p)
         php = _unit_sum(_dot(p, hp), group)
         alpha = torch.where(php > 0, rz / php.clamp_min(1e-300), torch.zeros_like(php))
         a = _per_row(alpha, group, dtype)
@@ -291,7 +304,7 @@ def _pcg(x: torch.Tensor, model, curv, reg: torch.Tensor, grad: torch.Tensor,
 
 
 def _line_search(model, ctx, z: torch.Tensor, zs: torch.Tensor, ws: torch.Tensor, ss: torch.Tensor,
-                 d0: torch.Tensor) -> torch.Tensor:
+                 d0: torch.Tensor, total: Total) -> torch.Tensor:
     """Per-unit step lengths minimising the objective along the directions (safeguarded 1-D Newton).
 
     phi'(a) = ws + a ss + loss'(a); a unit stops at |phi'(a)| <= _LINE_TOL |phi'(0)|. The step
@@ -305,7 +318,7 @@ def _line_search(model, ctx, z: torch.Tensor, zs: torch.Tensor, ws: torch.Tensor
     done = d0 >= 0
     target = _LINE_TOL * d0.abs()
     for _ in range(_LINE_MAX_ITER):
-        d1, d2 = model.line(ctx, z, zs, a)
+        d1, d2 = total(torch.stack(model.line(ctx, z, zs, a)))
         d1 = d1 + ws + a * ss
         d2 = d2 + ss
         below = d1 < 0
@@ -323,7 +336,7 @@ def _line_search(model, ctx, z: torch.Tensor, zs: torch.Tensor, ws: torch.Tensor
 
 
 def _newton(x: torch.Tensor, model, reg: torch.Tensor, tol: torch.Tensor, max_iter: int,
-            weights: torch.Tensor, cold: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+            weights: torch.Tensor, cold: bool, total: Total) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Truncated Newton for every unit of `model` from `weights` (m, d+1), updated in place.
 
     A unit stops when ||grad|| <= tol * ||grad at w=0||, when max_iter steps are done, or when the line
@@ -340,7 +353,7 @@ def _newton(x: torch.Tensor, model, reg: torch.Tensor, tol: torch.Tensor, max_it
         g0 = None
     else:
         zero = weights.new_zeros((weights.shape[0], x.shape[0]))
-        grad0 = _backward(x, model.evaluate(ctx, zero)[1])
+        grad0 = _backward(x, model.evaluate(ctx, zero)[1], total)
         g0 = _unit_sum(_dot(grad0, grad0), group).sqrt()
     iterations = 0
     for it in range(max_iter + 1):
@@ -350,7 +363,8 @@ def _newton(x: torch.Tensor, model, reg: torch.Tensor, tol: torch.Tensor, max_it
         if it:
             ctx = model.context(units)
         loss, pointwise, curv, diag = model.evaluate(ctx, z)
-        grad = _backward(x, pointwise).addcmul_(reg, w)
+        loss = total(loss)
+        grad = _backward(x, pointwise, total).addcmul_(reg, w)
         gnorm = _unit_sum(_dot(grad, grad), group).sqrt()
         value = loss + 0.5 * _unit_sum(_dot(reg * w, w), group)
         if g0 is None:
@@ -366,12 +380,12 @@ def _newton(x: torch.Tensor, model, reg: torch.Tensor, tol: torch.Tensor, max_it
             units, rows, w, z, grad, diag = units[idx], rows[sub], w[sub], z[sub], grad[sub], diag[sub]
             ctx, curv = model.take(ctx, idx), model.take_curv(curv, idx)
         iterations = it + 1
-        precond = _square_backward(x, diag).add_(reg).clamp_min_(1e-12)
-        s, zs = _pcg(x, model, curv, reg, grad, precond)
+        precond = _square_backward(x, diag, total).add_(reg).clamp_min_(1e-12)
+        s, zs = _pcg(x, model, curv, reg, grad, precond, total)
         ws = _unit_sum(_dot(reg * w, s), group)
         ss = _unit_sum(_dot(reg * s, s), group)
         d0 = _unit_sum(_dot(grad, s), group)
-        step = _line_search(model, ctx, z, zs, ws, ss, d0)
+        step = _line_search(model, ctx, z, zs, ws, ss, d0, total)
         sr = _per_row(step, group, x.dtype)
         weights[rows] = w.addcmul_(sr, s)
         moving = step > 0
@@ -401,7 +415,7 @@ def _ladder(wanted: list[float], start: float) -> list[tuple[float, bool]]:
 
 def _solve(x: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, tol: float, max_iter: int,
            build, reg: torch.Tensor, rows_per_problem: int, units_per_problem: int,
-           path: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+           path: bool, total: Total) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Solve every (mask, C) problem; returns stacked weights (P * rows_per_problem, d+1), per-unit
     objective and convergence, and the Newton steps taken.
 
@@ -416,12 +430,13 @@ def _solve(x: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, tol: float, ma
         weights = torch.zeros((P * rows_per_problem, width), dtype=dtype, device=device)
         tol_units = torch.full((P * units_per_problem,), tol, dtype=torch.float64, device=device)
         objective, converged, iterations = _newton(x, build(masks, C), reg, tol_units, max_iter, weights,
-                                                   cold=True)
+                                                   cold=True, total=total)
         return weights, objective, converged, iterations
-    distinct, inverse = torch.unique(masks.to(torch.uint8), dim=0, return_inverse=True)
-    distinct = distinct.bool()
-    inverse, c_list = inverse.tolist(), C.tolist()
-    mean_scale = (distinct.double() @ _row_scale(x)) / distinct.sum(1).clamp_min(1)
+    inverse = _same_masks(masks, total)
+    first = sorted(set(inverse))
+    distinct = masks[torch.tensor(first, dtype=torch.long, device=device)]
+    inverse, c_list = [first.index(g) for g in inverse], C.tolist()
+    mean_scale = total(distinct.double() @ _row_scale(x)) / total(distinct.sum(1).double()).clamp_min(1)
     plans = []
     for g, scale in enumerate(mean_scale.tolist()):
         wanted = sorted({c_list[p] for p in range(P) if inverse[p] == g})
@@ -441,7 +456,7 @@ def _solve(x: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, tol: float, ma
                                  dtype=torch.float64, device=device).repeat_interleave(units_per_problem)
         rows = _rows_of(gidx, rows_per_problem)
         w = warm[rows]
-        obj, conv, its = _newton(x, model, reg, tol_units, max_iter, w, cold=stage == 0)
+        obj, conv, its = _newton(x, model, reg, tol_units, max_iter, w, cold=stage == 0, total=total)
         warm[rows] = w
         iterations += its
         for i, g in enumerate(groups):
@@ -455,6 +470,14 @@ def _solve(x: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, tol: float, ma
                     objective[p * units_per_problem:(p + 1) * units_per_problem] = obj[u_in]
                     converged[p * units_per_problem:(p + 1) * units_per_problem] = conv[u_in]
     return weights, objective, converged, iterations
+
+
+def _same_masks(masks: torch.Tensor, total: Total) -> list[int]:
+    """For every problem, the first problem with the same mask over every process's rows (the
+    problems of equal masks differ in no row on any process)."""
+    on = masks.double()
+    differ = total(on @ (1 - on).T + (1 - on) @ on.T)  # rows where masks p and q differ, summed
+    return [row.index(0.0) for row in differ.tolist()]
 
 
 def _row_scale(x: torch.Tensor) -> torch.Tensor:
@@ -493,7 +516,8 @@ def _check(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C, n_classes: 
 
 @torch.no_grad()
 def fit_squared_hinge(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: torch.Tensor,
-                      n_classes: int, tol: float = 1e-6, max_iter: int = 100) -> LinearFit:
+                      n_classes: int, tol: float = 1e-6, max_iter: int = 100, total: Total = whole,
+                      ) -> LinearFit:
     """One-vs-rest L2-regularised squared-hinge SVMs, as LinearSVC(loss="squared_hinge", C=C).
 
     For class k, with t_i = +1 where y_i == k and -1 elsewhere, over the rows of the problem's mask:
@@ -503,6 +527,8 @@ def fit_squared_hinge(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: 
     class 0) and returned as coef [-w, w], intercept [-b, b]; `objective` is that one problem's.
     The problems sharing a mask are solved along a path of growing C (see the module docstring);
     `max_iter` bounds the Newton steps of each stage, `iterations` sums them over the stages.
+    With rows spread over processes, x, y and masks are this process's rows and `total` sums over
+    the processes (see the module docstring).
     """
     x, y, masks, C = _check(x, y, masks, C, n_classes)
     P = masks.shape[0]
@@ -511,7 +537,7 @@ def fit_squared_hinge(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: 
     reg = torch.ones((1, x.shape[1] + 1), dtype=x.dtype, device=x.device)
     weights, objective, converged, iterations = _solve(
         x, masks, C, tol, max_iter, lambda m, c: _Hinge(y, m, c, n_classes, x.dtype, binary), reg, K, K,
-        path=True)
+        path=True, total=total)
     if binary:
         w = weights.reshape(P, 1, -1)
         w = torch.cat([-w, w], 1)
@@ -524,7 +550,8 @@ def fit_squared_hinge(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: 
 
 @torch.no_grad()
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: torch.Tensor,
-                 n_classes: int, tol: float = 1e-6, max_iter: int = 100) -> LinearFit:
+                 n_classes: int, tol: float = 1e-6, max_iter: int = 100, total: Total = whole,
+                 ) -> LinearFit:
     """L2-regularised logistic regression, as LogisticRegression(C=C) (lbfgs) with an intercept.
 
     More than two classes: the multinomial loss, minimise C * sum_i -log softmax(W x_i + b)_{y_i}
@@ -533,7 +560,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: torch
     t_i = +1 for class 1, returned as coef [-w/2, w/2], intercept [-b/2, b/2] (so softmax of the
     decision gives the class probabilities). scikit-learn's lbfgs minimises the same objective
     divided by C * n_p (a mean loss plus ||W||^2 / (2 C n_p)); `objective` is on the scale above.
-    Multinomial intercepts are defined up to a common shift and are returned centred.
+    Multinomial intercepts are defined up to a common shift and are returned centred. Rows spread
+    over processes: as fit_squared_hinge.
     """
     x, y, masks, C = _check(x, y, masks, C, n_classes)
     P = masks.shape[0]
@@ -541,13 +569,14 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: torch
     reg[0, -1] = 0
     if n_classes == 2:
         weights, objective, converged, iterations = _solve(
-            x, masks, C, tol, max_iter, lambda m, c: _Binomial(y, m, c, x.dtype), reg, 1, 1, path=False)
+            x, masks, C, tol, max_iter, lambda m, c: _Binomial(y, m, c, x.dtype), reg, 1, 1, path=False,
+            total=total)
         w = weights.reshape(P, 1, -1) / 2
         w = torch.cat([-w, w], 1)
     else:
         weights, objective, converged, iterations = _solve(
             x, masks, C, tol, max_iter, lambda m, c: _Multinomial(y, m, c, n_classes, x.dtype), reg,
-            n_classes, 1, path=False)
+            n_classes, 1, path=False, total=total)
         w = weights.reshape(P, n_classes, -1)
         w[..., -1] -= w[..., -1].mean(1, keepdim=True)
     return LinearFit(w[..., :-1].contiguous(), w[..., -1].contiguous(), objective, converged, iterations)

@@ -148,15 +148,17 @@ class LayerStream:
         start = int(positions[0]) if positions is not None and len(positions) else 0
         if positions is not None and not len(positions):
             return
+        last = int(positions[-1]) if positions is not None else len(self.index) - 1
         for raw in self._raw_blocks(rows, int(self.index[start]) if len(self.index) else 0):
             here = np.arange(start, start + len(raw))
             start += len(raw)
             wanted = np.isin(here, positions, assume_unique=True) if positions is not None else None
-            if wanted is not None and not wanted.any():
-                continue
-            block = raw if wanted is None else raw[wanted]
-            yield (here if wanted is None else here[wanted]), \
-                torch.from_numpy(np.ascontiguousarray(block)).to(self.device)
+            if wanted is None or wanted.any():
+                block = raw if wanted is None else raw[wanted]
+                yield (here if wanted is None else here[wanted]), \
+                    torch.from_numpy(np.ascontiguousarray(block)).to(self.device)
+            if start > last:  # past the last row wanted: the shards after it are not read
+                return
 
     def gather(self, positions: np.ndarray, budget: int, what: str) -> torch.Tensor:
         """The scaled rows at `positions`, held together (checked against `budget` first)."""

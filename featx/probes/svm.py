@@ -17,8 +17,6 @@ when it has more values than training rows (featx.probes.linear).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from sklearn.pipeline import Pipeline
 from sklearn.svm import LinearSVC
 
@@ -26,8 +24,6 @@ from featx.data import Split
 from featx.probes import ProbeOptions, ProbeResult
 from featx.probes.linear import (
     Pick,
-    Solver,
-    Training,
     as_fitted,
     fitted_scaler,
     liblinear_bytes,
@@ -41,18 +37,10 @@ C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 def pick_solver(options: ProbeOptions) -> Pick:
-    """The solver for these training rows: the one asked for, or what `auto` stands for (see the
-    module docstring)."""
-
-    def pick(training: Training) -> tuple[str, Solver, Callable[..., int]]:
-        name = options.solver
-        if name == "auto":
-            name = "torch"
-        if name == "liblinear":
-            return name, liblinear_solver(options.seed), liblinear_bytes
-        return name, fit_squared_hinge, working_bytes
-
-    return pick
+    """The solver asked for, or what `auto` stands for (see the module docstring)."""
+    if options.solver == "liblinear":
+        return "liblinear", liblinear_solver(options.seed), liblinear_bytes
+    return "torch", fit_squared_hinge, working_bytes
 
 
 def train_layer(stream: LayerStream, split: Split, options: ProbeOptions,
