@@ -163,6 +163,9 @@ def test_two_ranks_probe_as_one_process_does(tmp_path, wide_cache) -> None:
             assert np.mean(np.array(predicted) != np.array(two[key][2])) <= 1 / 1400, key
 
 
+HALF_THE_ROWS_FIT = 500_000  # bytes: half of the 1500 training rows of 64 float32 values fit half
+
+
 def _solve_in_part(rank: int, world: int, port: int, problems: dict, cache: Path, out: Path) -> None:
     """One rank: every problem on its part of the rows, sums over the ranks; and the training rows
     of the cache's narrow layer as the probes take them, split between the ranks."""
@@ -183,7 +186,7 @@ def _solve_in_part(rank: int, world: int, port: int, problems: dict, cache: Path
             x[part], y[part], masks[:, part], C, classes, total=stream.ranks.sum)
         fits[name] = (fit.coef, fit.intercept, fit.objective, fit.converged)
     positions = np.arange(0, len(stream.index), 2)
-    training = training_rows(stream, positions, 64 << 20, split=True)
+    training = training_rows(stream, positions, HALF_THE_ROWS_FIT, split=True)
     fits["training"] = (training.x, training.y, torch.as_tensor(positions[training.part]))
     torch.save(fits, out / f"rank{rank}.pt")
     stream.ranks.leave()
@@ -192,13 +195,16 @@ def _solve_in_part(rank: int, world: int, port: int, problems: dict, cache: Path
 def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path, wide_cache) -> None:
     """The torch solvers with each rank holding half of the rows and the sums all-reduced: the
     weights and objectives of the solve on all rows, the same on both ranks; the probes' training
-    rows in primal form are split, half to each rank."""
+    rows in primal form are split, half to each rank, so two ranks hold what one budget cannot."""
     import socket
 
     import torch
     import torch.multiprocessing as mp
 
+    from featx.errors import FeatxError
+    from featx.probes.linear import training_rows
     from featx.probes.solvers import fit_logistic, fit_squared_hinge
+    from featx.probes.stream import LayerStream
 
     rng = np.random.default_rng(1)
     problems = {}
@@ -235,3 +241,8 @@ def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path, wide_cache
     rows = np.concatenate([x.numpy() for x, _, _ in stream_rows])
     np.testing.assert_allclose(rows, held[positions] / np.linalg.norm(held[positions], axis=1, keepdims=True),
                                rtol=1e-5, atol=1e-6)
+    labels = torch.cat([y for _, y, _ in stream_rows]).numpy()
+    assert np.array_equal(labels, store_in(wide_cache).labels[positions])
+    with pytest.raises(FeatxError, match="the training rows of layer narrow .* do not fit the memory budget"):
+        training_rows(LayerStream(store_in(wide_cache), "narrow", device="cpu"), positions, HALF_THE_ROWS_FIT,
+                      split=True)  # one process
