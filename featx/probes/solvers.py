@@ -475,7 +475,7 @@ def _solve(x: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, tol: float, ma
 def _same_masks(masks: torch.Tensor, total: Total) -> list[int]:
     """For every problem, the first problem with the same mask over every process's rows (the
     problems of equal masks differ in no row on any process)."""
-    on = masks.double()
+    on = masks.float()  # sums of 0s and 1s: zero, in any precision, only where every term is zero
     differ = total(on @ (1 - on).T + (1 - on) @ on.T)  # rows where masks p and q differ, summed
     return [row.index(0.0) for row in differ.tolist()]
 
