@@ -189,6 +189,17 @@ class _ShardBuffer:
         return self.seen == self.expected
 
 
+def rank_shards(missing: dict[str, list[int]], sizes: dict[str, int], ranks: Ranks) -> dict[str, set[int]]:
+    """This rank's shards of each layer, of the shards still to write. The images are cut into
+    units of the largest shard size, and the rank takes every N-th unit that has a shard to write
+    (the same list on every rank); a shard goes with the unit of its first image. A cache's shard
+    sizes divide the largest (`FeatureStore.plan_layers`), so no image is extracted by two ranks."""
+    unit = max(sizes.values())
+    units = sorted({k * sizes[name] // unit for name, shards in missing.items() for k in shards})
+    mine = set(ranks.mine(units))
+    return {name: {k for k in shards if k * sizes[name] // unit in mine} for name, shards in missing.items()}
+
+
 def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: ImageSet,
                      batch_size: int = 32, shard_size: int = 512, workers: int | None = None,
                      on_batch: Callable[[int, int], None] | None = None, ranks: Ranks = ALONE) -> dict:
@@ -202,7 +213,8 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
     layers = [layer.name for layer in extractor.layers]
     store.plan_layers(extractor.layers, batch_size, shard_size)
     batch_size = store.manifest["layers"][layers[0]]["batch_size"]  # a resumed run batches as before
-    todo = {name: set(ranks.mine(store.missing_shards(name))) for name in layers}
+    sizes = {name: store.manifest["layers"][name]["shard_size"] for name in layers}
+    todo = rank_shards({name: store.missing_shards(name) for name in layers}, sizes, ranks)
     removed = store.removed  # images gone from the dataset: not extracted again
     needed = sorted({i for name in layers for k in todo[name]
                      for i in range(*store.shard_ranges(name)[k]) if i not in removed})
@@ -224,7 +236,6 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
         grid.setdefault(i // batch_size, []).append(i)
     batches = [grid[k] for k in sorted(grid)]
 
-    sizes = {name: store.manifest["layers"][name]["shard_size"] for name in layers}
     buffers: dict[tuple[str, int], _ShardBuffer] = {}
     writer = ShardWriter(store)
     for name in layers:  # a shard all of whose images are gone is written empty

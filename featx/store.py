@@ -375,7 +375,11 @@ class FeatureStore:
 
     def plan_layers(self, layers: list[Layer], batch_size: int, shard_size: int) -> None:
         """Record new layers (dim, shard size) before their first shard is written; the manifest
-        is not rewritten when every layer is planned already (a resumed run, every rank but one)."""
+        is not rewritten when every layer is planned already (a resumed run, every rank but one).
+
+        A shard holds `shard_size` images (a multiple of the batch size), halved for a wide layer
+        until it is within SHARD_BYTES, so that the smaller shard sizes divide the larger and ranks
+        can share a run out by whole shards of every layer at once."""
         if all(layer.name in self.manifest["layers"] for layer in layers):
             return
         itemsize = np.dtype(self.manifest["dtype"]).itemsize
@@ -384,8 +388,12 @@ class FeatureStore:
             for layer in layers:
                 if layer.name in manifest["layers"]:
                     continue
-                rows = min(shard_size, max(batch_size, SHARD_BYTES // (layer.dim * itemsize)))
-                rows = max(batch_size, rows // batch_size * batch_size)
+                target = SHARD_BYTES // (layer.dim * itemsize)
+                rows = max(batch_size, shard_size // batch_size * batch_size)
+                while rows > target and rows % (2 * batch_size) == 0:
+                    rows //= 2
+                if rows > target:  # not halved evenly down to the bound: as near it as batches allow
+                    rows = max(batch_size, target // batch_size * batch_size)
                 manifest["layers"][layer.name] = {
                     **layer.to_dict(), "dim": layer.dim, "shard_size": rows, "batch_size": batch_size,
                     "created": _now(),

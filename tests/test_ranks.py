@@ -249,3 +249,41 @@ def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path, wide_cache
     with pytest.raises(FeatxError, match="the training rows of layer narrow .* do not fit the memory budget"):
         training_rows(LayerStream(store_in(wide_cache), "narrow", device="cpu"), positions, HALF_THE_ROWS_FIT,
                       split=True)  # one process
+
+
+@pytest.mark.parametrize("sizes", [{"a": 8, "b": 4, "c": 2}, {"a": 8, "b": 6}])
+def test_every_shard_of_every_layer_has_one_rank(sizes) -> None:
+    """Shards go with the unit (of the largest shard size) of their first image; where the sizes
+    divide each other, as the cache plans them, no image is needed by two ranks."""
+    from featx.pipeline import rank_shards
+    from featx.ranks import Ranks
+
+    images = 50
+    missing = {name: [k for k in range(-(-images // size)) if k % 3 != 1 or name == "a"]
+               for name, size in sizes.items()}  # some shards written already
+    for world in (1, 2, 3):
+        shares = [rank_shards(missing, sizes, Ranks(rank, world)) for rank in range(world)]
+        for name, shards in missing.items():
+            owners = [k for share in shares for k in share[name]]
+            assert sorted(owners) == shards, (name, world)  # each missing shard once, nothing else
+        needed = [{i for name, share in s.items() for k in share
+                   for i in range(k * sizes[name], min((k + 1) * sizes[name], images))} for s in shares]
+        if all(max(sizes.values()) % size == 0 for size in sizes.values()):
+            assert sum(len(n) for n in needed) == len(set().union(*needed)), world  # no image twice
+        if world == 2:
+            assert min(len(n) for n in needed) >= 16  # both ranks have work
+
+
+def test_wide_layers_get_shard_sizes_that_divide_the_others(tmp_path, tiny_dataset) -> None:
+    from featx.models import Layer
+    from featx.store import SHARD_BYTES, FeatureStore
+
+    store = FeatureStore.for_arrays(tmp_path / "c", "arrays", np.zeros(4, np.int64), ("a",), {"x": 4},
+                                    shard_size=512)
+    wide = SHARD_BYTES // 4 // 300  # 300 rows of it fill a shard
+    store.plan_layers([Layer("w", "w", (wide,)), Layer("n", "n", (10,)),
+                       Layer("huge", "huge", (SHARD_BYTES,))], batch_size=32, shard_size=512)
+    planned = {name: store.manifest["layers"][name]["shard_size"] for name in ("w", "n", "huge")}
+    assert planned == {"w": 256, "n": 512, "huge": 32}
+    store.plan_layers([Layer("odd", "odd", (wide,))], batch_size=32, shard_size=480)  # 480/64 is not whole
+    assert store.manifest["layers"]["odd"]["shard_size"] == 288  # as near 300 as batches of 32 allow
