@@ -9,6 +9,14 @@ shards cannot be shared evenly (600 images in shards of 512 give one rank 512 an
 The figures are the command's wall time and the extraction time its manifest records (for two
 ranks: the slower rank's). The ratio is two ranks over one process: 1.0 means the
 engine costs nothing, and the target is at most 1.15.
+
+With --probes, the probes are timed the same way on the cache the one process made: `featx svm
+--probe svm,logreg` run by one process with two threads and by 2 ranks of one thread. Layers no
+wider than their training rows run in primal form (each rank solves on its half of the rows);
+wider ones in kernel form (the Gram matrix is shared, the small solve on it is done by each rank).
+
+    python benchmarks/ranks.py --dataset ../shared/data/15scene --images 600 \
+        --model efficientnet_lite0 --layers stage4_pool,stage6_pool,pool --probes
 """
 
 from __future__ import annotations
@@ -54,6 +62,28 @@ def timed(command: list[str], threads: int, cache: Path) -> dict:
             "ranks": len(manifest["runs"])}
 
 
+def timed_probes(tmp: Path, layers: str | None) -> dict:
+    """`featx svm --probe svm,logreg` on the one process's cache, by one process of two threads and
+    by 2 ranks of one thread; wall times, and whether the two found the same accuracies."""
+    svm = ["svm", "--cache", str(tmp / "one"), "--probe", "svm,logreg", "--device", "cpu"]
+    svm += ["--layer", layers] if layers else []
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    record, scores = {}, {}
+    for name, launch, threads in (("one", [], 2), ("two", torchrun, 1)):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, *launch, "-m", "featx", *svm, "--out", str(tmp / f"svm-{name}")],
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        record[f"{name}_wall_s"] = time.perf_counter() - started
+        rows = json.loads((tmp / f"svm-{name}" / "svm.json").read_text())["layers"]
+        scores[name] = {(row["layer"], probe["probe"]): probe["accuracy"]
+                        for row in rows for probe in [row, *row["other_probes"]]}
+        record["kernel_form"] = {row["layer"]: row["kernel_form"] for row in rows}
+    record["ratio"] = record["two_wall_s"] / record["one_wall_s"]
+    record["same_accuracy"] = scores["one"] == scores["two"]
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +93,7 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="comma-separated; default: the model's own")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes per rank")
     parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--probes", action="store_true", help="also time featx svm both ways")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,18 +106,25 @@ def main() -> None:
         one = timed([sys.executable, "-m", "featx", *extract, "--cache", f"{tmp}/one"], 2, Path(tmp) / "one")
         two = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                      "-m", "featx", *extract, "--cache", f"{tmp}/two"], 1, Path(tmp) / "two")
+        probes = timed_probes(Path(tmp), args.layers) if args.probes else None
     record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": cpu_name(),
               "torch": torch.__version__, "model": args.model, "images": n, "workers": args.workers,
               "shard_size": args.shard_size,
               "one_process_two_threads": one, "two_ranks_one_thread": two,
               "ratio_wall": two["wall_s"] / one["wall_s"],
-              "ratio_extraction": two["extraction_s"] / one["extraction_s"]}
+              "ratio_extraction": two["extraction_s"] / one["extraction_s"], "probes": probes}
     print(f"{args.model}, {n} images on {record['machine']}")
     for name, r in (("1 process x 2 threads", one), ("2 ranks x 1 thread", two)):
         print(f"  {name:<22} wall {r['wall_s']:6.1f} s  extraction {r['extraction_s']:6.1f} s "
               f"({n / r['extraction_s']:.1f} images/s)")
     print(f"  two ranks / one process: wall {record['ratio_wall']:.2f}x, "
           f"extraction {record['ratio_extraction']:.2f}x")
+    if probes:
+        print(f"featx svm --probe svm,logreg, kernel form: {probes['kernel_form']}")
+        print(f"  1 process x 2 threads  wall {probes['one_wall_s']:6.1f} s")
+        print(f"  2 ranks x 1 thread     wall {probes['two_wall_s']:6.1f} s")
+        print(f"  two ranks / one process: {probes['ratio']:.2f}x; "
+              f"same accuracies: {probes['same_accuracy']}")
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "ranks.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -54,6 +54,10 @@ Decode = Annotated[str, typer.Option(
     help="How images are decoded: auto, pil (PIL in worker processes) or device (JPEG batches "
          "decoded on the device; other files through PIL). auto: device on a GPU, pil on a CPU. "
          "Part of the cache's identity.")]
+CachedDtype = Annotated[str | None, typer.Option(
+    "--dtype", help="float32 or float16: the cache made with that --dtype, when there are both.")]
+CachedDecode = Annotated[str | None, typer.Option(
+    "--decode", help="pil or device: the cache made with that --decode, when there are both.")]
 Tta = Annotated[str, typer.Option(
     help="none, or flip: each image's features averaged with its mirror's (one pass over a batch "
          "twice the size); a cache of its own.")]
@@ -191,6 +195,7 @@ def svm(
         help="Weights in the cache (imagenet, random, ...), when several.")] = None,
     tta: Annotated[str | None, typer.Option(
         help="none or flip: the cache made with that --tta, when there are both.")] = None,
+    dtype: CachedDtype = None, decode: CachedDecode = None,
     cache: Cache = None, C: CValue = "auto", scaling: Scaling = "l2",
     train_per_class: TrainPerClass = None, seed: Seed = 0, split: SplitFile = None,
     splits: Splits = 1, out: OutDir = None, probe: Probe = "svm", solver: Solver = "auto",
@@ -209,7 +214,7 @@ def svm(
     from featx.study import default_out_dir, evaluate, find_store
 
     options = _svm_options(C, scaling, train_per_class, seed, split, splits, probe, solver, memory, device)
-    store = find_store(cache, dataset, model, weights, tta)
+    store = find_store(cache, dataset, model, weights, tta, dtype, decode)
     out_dir = out or default_out_dir(store)
     lead = Ranks.from_env().lead  # under torchrun every rank probes, rank 0 reports
     report = evaluate(store, _layer_names(layer), options, out_dir, _print_layer if lead else None)
@@ -307,6 +312,7 @@ def similarity(
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="Model in the cache; repeat to compare the layers of several.")] = None,
     weights: Annotated[str | None, typer.Option(help="Weights in the cache, when several.")] = None,
+    dtype: CachedDtype = None, decode: CachedDecode = None,
     cache: Cache = None, out: OutDir = None, memory: Memory = "2G", device: Device = "auto",
 ) -> None:
     """Linear CKA between every pair of cached layers (of one model, or of several on the same
@@ -319,7 +325,8 @@ def similarity(
     from featx.study import default_out_dir, find_store, layer_similarity
 
     memory_bytes, device = parse_memory(memory), probe_device(device) or "auto"  # checked before work
-    stores = [find_store(cache, dataset, name, weights) for name in (model or [None])]
+    stores = [find_store(cache, dataset, name, weights, dtype=dtype, decode=decode)
+              for name in (model or [None])]
     folder = writable_folder(out or default_out_dir(stores[0]), "out")
     result = layer_similarity(stores, _layer_names(layer), memory_bytes, device)
     width = max(len(name) for name in result.names)

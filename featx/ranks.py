@@ -101,9 +101,16 @@ class Ranks:
         """The tensor summed over every rank (all ranks call it), on the tensor's device."""
         if not self.several:
             return tensor
-        on_nccl = dist.get_backend() == "nccl"
-        work = tensor.cuda() if on_nccl and tensor.device.type != "cuda" else tensor.contiguous()
+        work = _for_backend(tensor)
         dist.all_reduce(work)
+        return work.to(tensor.device)
+
+    def from_lead(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor on every rank (all ranks call it, with tensors of the same shape)."""
+        if not self.several:
+            return tensor
+        work = _for_backend(tensor)
+        dist.broadcast(work, 0)
         return work.to(tensor.device)
 
     def joined(self, part: np.ndarray) -> np.ndarray:
@@ -117,6 +124,13 @@ class Ranks:
     def leave(self) -> None:
         if self.several and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _for_backend(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor where the process group's backend takes it (NCCL: on the GPU), contiguous."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return tensor.cuda()
+    return tensor.contiguous()
 
 
 ALONE = Ranks()  # a run of one process

@@ -112,9 +112,11 @@ def extract(dataset: str | Path, model: str = "vgg16", layers: list[str] | None 
 
 def find_store(cache: str | Path | None = None, dataset: str | None = None,
                model: str | None = None, weights: str | None = None,
-               tta: str | None = None) -> FeatureStore:
+               tta: str | None = None, dtype: str | None = None, decode: str | None = None,
+               ) -> FeatureStore:
     """The one cached dataset/model/weights matching the filters; a clear error when none or
-    several. `weights` is matched as `imagenet`, `random`, a tag, a full name or a file."""
+    several. `weights` is matched as `imagenet`, `random`, a tag, a full name or a file; `tta`,
+    `dtype` and `decode` as the cache was made (caches differing only there sit side by side)."""
     root = Path(cache) if cache else default_cache_root()
     if root.exists() and not root.is_dir():
         raise FeatxError(f"the cache {root} is a file, not a folder")
@@ -129,15 +131,18 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
                                         else s.manifest["dataset"] == dataset))
                 and (model is None or s.manifest["model"] == model.strip())
                 and (tta is None or s.manifest.get("tta", "none") == tta)
+                and (dtype is None or s.manifest["dtype"] == dtype)
+                and (decode is None or s.manifest.get("decode", "pil") == decode)
                 and (weights is None or s.holds_weights(weights))]
     if not matching:
-        wanted = " ".join(f"{k} {v}" for k, v in
-                          (("dataset", dataset), ("model", model), ("weights", weights), ("tta", tta)) if v)
+        asked = (("dataset", dataset), ("model", model), ("weights", weights), ("tta", tta), ("dtype", dtype),
+                 ("decode", decode))
+        wanted = " ".join(f"{k} {v}" for k, v in asked if v)
         raise FeatxError(f"the cache {root} holds no features for {wanted}; it holds: "
                          + ", ".join(s.label for s in stores))
     if len(matching) > 1:
         raise FeatxError(f"the cache {root} holds several: " + ", ".join(s.label for s in matching)
-                         + "; choose one by dataset, model or weights")
+                         + "; choose one with --dataset, --model, --weights, --tta, --dtype or --decode")
     return matching[0]
 
 

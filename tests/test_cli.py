@@ -133,6 +133,18 @@ def test_svm_asks_which_when_the_cache_holds_several(demo_workdir, demo_dir, tmp
                      cwd=tmp_path)
     assert chosen.returncode == 0, chosen.stderr
     assert "RANDOM" in chosen.stdout
+    half = run_cli("extract", str(demo_dir), *LITE, "--layer", "pool", "--dtype", "float16",
+                   cwd=tmp_path)  # the same weights, stored as float16 beside
+    assert half.returncode == 0, half.stderr
+    result = run_cli("svm", "--layer", "pool", "--weights", "imagenet", cwd=tmp_path)
+    assert_clean_error(result, "holds several", "efficientnet_lite0-imagenet,",
+                       "efficientnet_lite0-imagenet-float16", "--dtype")
+    chosen = run_cli("svm", "--layer", "pool", "--weights", "imagenet", "--dtype", "float16",
+                     "--train-per-class", "12", cwd=tmp_path)
+    assert chosen.returncode == 0, chosen.stderr
+    assert "-float16" in chosen.stderr + chosen.stdout
+    result = run_cli("svm", "--layer", "pool", "--decode", "device", cwd=tmp_path)
+    assert_clean_error(result, "holds no features for decode device")
 
 
 @pytest.mark.parametrize("model", ["efficientnet_lite1", "efficientnet_lite2"])

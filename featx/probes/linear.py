@@ -11,10 +11,13 @@ map back to the layer's own values, W = coef diag(s)^-1/2 U^T X, in one more pas
 training rows, and the test rows are scored with W block by block: no layer is held whole.
 
 Primal form (no more values than training rows): the training rows are held (within the budget)
-and the solver works on them directly. Under torchrun each rank holds its part of them, and the
-torch solver sums gradients, Hessian products and losses over the ranks (an all-reduce), so a
-training set is as large as the ranks' budgets together. Kernel form needs no such split: the
-Gram matrix is computed in shared passes and the small problem on it is solved by every rank.
+and the solver works on them directly.
+
+Under torchrun the torch solver's rows are split between the ranks: each rank holds its part of
+the training rows (primal form) or of their coordinates (kernel form; the Gram matrix is computed
+in shared passes and factored once, by rank 0), and the solver sums gradients, Hessian products
+and losses over the ranks (an all-reduce). In primal form a training set is then as large as the
+ranks' budgets together.
 
 C is chosen by stratified cross-validation on the training rows: the torch solver fits every C of
 the grid on every fold as one batched problem, then the chosen C on all training rows.
@@ -78,15 +81,19 @@ def training_rows(stream: LayerStream, positions: np.ndarray, budget: int, split
 
 def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int, split: bool) -> Training:
     labels = stream.labels[positions]
+    ranks = stream.ranks
+    part = ranks.part(len(positions)) if split else slice(None)
+    total = ranks.sum if split and ranks.several else whole
+    y = torch.as_tensor(labels[part], device=stream.device)
     if stream.dim <= len(positions):
-        ranks = stream.ranks if split else None
-        part = ranks.part(len(positions)) if ranks else slice(None)
         x = stream.gather(positions[part], budget // 2, "the training rows")
-        return Training(x, torch.as_tensor(labels[part], device=stream.device), positions, labels,
-                        part=part, total=ranks.sum if ranks and ranks.several else whole)
-    y = torch.as_tensor(labels, device=stream.device)
+        return Training(x, y, positions, labels, part=part, total=total)
     gram, rows = train_gram(stream, positions, budget)
-    eigval, eigvec = torch.linalg.eigh(gram)
+    if ranks.lead:
+        eigval, eigvec = torch.linalg.eigh(gram)
+    else:
+        eigval, eigvec = gram.new_empty(len(gram)), torch.empty_like(gram)
+    eigval, eigvec = ranks.from_lead(eigval), ranks.from_lead(eigvec)  # one basis on every rank
     keep = eigval > max(float(eigval.max()) * 1e-10, 0.0)
     if not keep.any():  # zero on every training image (a random vit's zeroed head): bias only
         basis = torch.zeros((len(positions), 1), dtype=torch.float64, device=gram.device)
@@ -94,7 +101,7 @@ def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int, spli
     else:
         root = eigval[keep].sqrt()
         z, basis = eigvec[:, keep] * root, eigvec[:, keep] / root
-    return Training(z.float(), y, positions, labels, basis.float(), rows)
+    return Training(z[part].float(), y, positions, labels, basis.float(), rows, part, total)
 
 
 def train_gram(stream: LayerStream, positions: np.ndarray, budget: int,
