@@ -531,6 +531,7 @@ def main(args: list[str] | None = None) -> int:
     with _signals_unwind():
         try:
             code = app(args, standalone_mode=False)
+            _leave_ranks(together=True)
         except FeatxError as exc:
             typer.echo(error_line(exc), err=True)
             return EXIT_BAD_INPUT
@@ -554,7 +555,16 @@ def main(args: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - the last resort: one line, traceback in a log
             return _internal_error(exc)
+        finally:
+            _leave_ranks(together=False)  # after a failure; nothing left to do after the above
     return code if isinstance(code, int) else EXIT_OK
+
+
+def _leave_ranks(together: bool) -> None:
+    """Under torchrun, leave the ranks' process group before the process ends (see Ranks.leave);
+    a command that joined none never imported featx.ranks, nor torch for it."""
+    if "featx.ranks" in sys.modules:
+        sys.modules["featx.ranks"].Ranks.from_env().leave(together)
 
 
 if __name__ == "__main__":

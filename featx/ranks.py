@@ -121,8 +121,13 @@ class Ranks:
         dist.all_gather_object(parts, part)
         return np.concatenate(parts)
 
-    def leave(self) -> None:
+    def leave(self, together: bool = True) -> None:
+        """Leave the process group, if this process joined one: `together`, once every rank is
+        here (none leaves while another still talks to it), else at once (a rank that failed).
+        A process that ends without leaving may abort at exit, its group's threads still running."""
         if self.several and dist.is_initialized():
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
 
 
