@@ -69,9 +69,9 @@ class Training:
 
 
 def training_rows(stream: LayerStream, positions: np.ndarray, budget: int, split: bool = False) -> Training:
-    """The training rows at `positions` of the stream, in primal or kernel form (see above), in
-    primal form split between the ranks when `split` is asked for (a solver that sums over ranks);
-    the last one made is kept on the stream, so the linear probes of one layer and split share it."""
+    """The training rows at `positions` of the stream, in primal or kernel form (see above), split
+    between the ranks when `split` is asked for (a solver that sums over ranks); the last one made
+    is kept on the stream, so the linear probes of one layer and split share it."""
     key = (positions.tobytes(), stream.scaling_key(), split)
     if key not in stream.memo:
         stream.memo.clear()
