@@ -64,7 +64,8 @@ def timed(command: list[str], threads: int, cache: Path) -> dict:
 
 def timed_probes(tmp: Path, layers: str | None) -> dict:
     """`featx svm --probe svm,logreg` on the one process's cache, by one process of two threads and
-    by 2 ranks of one thread; wall times, and whether the two found the same accuracies."""
+    by 2 ranks of one thread; wall times, and the largest difference in accuracy between the two
+    (in test images: the solves agree to floating-point tolerance, not bit for bit)."""
     svm = ["svm", "--cache", str(tmp / "one"), "--probe", "svm,logreg", "--device", "cpu"]
     svm += ["--layer", layers] if layers else []
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -79,8 +80,9 @@ def timed_probes(tmp: Path, layers: str | None) -> dict:
         scores[name] = {(row["layer"], probe["probe"]): probe["accuracy"]
                         for row in rows for probe in [row, *row["other_probes"]]}
         record["kernel_form"] = {row["layer"]: row["kernel_form"] for row in rows}
+        record["test_images"] = rows[0]["n_test"]
     record["ratio"] = record["two_wall_s"] / record["one_wall_s"]
-    record["same_accuracy"] = scores["one"] == scores["two"]
+    record["accuracy_difference"] = max(abs(scores["one"][key] - scores["two"][key]) for key in scores["one"])
     return record
 
 
@@ -123,8 +125,10 @@ def main() -> None:
         print(f"featx svm --probe svm,logreg, kernel form: {probes['kernel_form']}")
         print(f"  1 process x 2 threads  wall {probes['one_wall_s']:6.1f} s")
         print(f"  2 ranks x 1 thread     wall {probes['two_wall_s']:6.1f} s")
-        print(f"  two ranks / one process: {probes['ratio']:.2f}x; "
-              f"same accuracies: {probes['same_accuracy']}")
+        differ = probes["accuracy_difference"]
+        print(f"  two ranks / one process: {probes['ratio']:.2f}x; accuracies differ by at most "
+              f"{100 * differ:.2f} points ({differ * probes['test_images']:.0f} of {probes['test_images']} "
+              "test images)")
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "ranks.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -166,46 +166,69 @@ def test_two_ranks_probe_as_one_process_does(tmp_path, wide_cache) -> None:
             assert np.mean(np.array(predicted) != np.array(two[key][2])) <= 1 / 1400, key
 
 
-HALF_THE_ROWS_FIT = 500_000  # bytes: half of the 1500 training rows of 64 float32 values fit half
+SPLIT_BUDGET = 6_500_000  # bytes: 1500 training rows of 600 values (3.6 MB) do not fit half; 750 do
+
+
+def _mid_cache(root: Path) -> Path:
+    """A layer narrower than its training rows (primal form) whose rows exceed SPLIT_BUDGET / 2."""
+    from conftest import array_store
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(4), 750)
+    centres = rng.normal(size=(4, 600)).astype(np.float32)
+    mid = centres[labels] * 0.1 + rng.normal(size=(3000, 600)).astype(np.float32)
+    array_store(root, {"mid": mid}, labels, shard_size=256)
+    return root
+
+
+def _probes(stream, budget: int) -> dict:
+    """svm and logreg (C fixed: the solve's own memory stays small) on every other row."""
+    from featx.data import Split
+    from featx.probes import ProbeOptions, get_probe
+
+    rows = np.arange(len(stream.index))
+    split = Split(rows[::2], rows[1::2], "every other row")
+    out = {}
+    for probe in ("svm", "logreg"):
+        result, _ = get_probe(probe)(stream, split, ProbeOptions(C=1.0, memory=budget))
+        training = next(iter(stream.memo.values()))
+        out[probe] = (result.accuracy, result.y_pred, len(training.x))
+    return out
 
 
 def _solve_in_part(rank: int, world: int, port: int, problems: dict, cache: Path, out: Path) -> None:
-    """One rank: every problem on its part of the rows, sums over the ranks; and the training rows
-    of the cache's narrow layer as the probes take them, split between the ranks."""
+    """One rank: every problem on its part of the rows, sums over the ranks; and the probes on a
+    layer whose training rows do not fit one rank's budget."""
     import torch
 
-    from featx.probes.linear import training_rows
     from featx.probes.solvers import fit_logistic, fit_squared_hinge
     from featx.probes.stream import LayerStream
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    stream = LayerStream(store_in(cache), "narrow", device="cpu")  # joins the process group
+    stream = LayerStream(store_in(cache), "mid", device="cpu")  # joins the process group
     part = stream.ranks.part(len(next(iter(problems.values()))[0]))
     fits = {}
     for name, (x, y, masks, C, classes) in problems.items():
         fit = (fit_squared_hinge if name.startswith("hinge") else fit_logistic)(
             x[part], y[part], masks[:, part], C, classes, total=stream.ranks.sum)
         fits[name] = (fit.coef, fit.intercept, fit.objective, fit.converged)
-    positions = np.arange(0, len(stream.index), 2)
-    training = training_rows(stream, positions, HALF_THE_ROWS_FIT, split=True)
-    fits["training"] = (training.x, training.y, torch.as_tensor(positions[training.part]))
+    fits["probes"] = _probes(stream, SPLIT_BUDGET)
     torch.save(fits, out / f"rank{rank}.pt")
     stream.ranks.leave()
 
 
-def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path, wide_cache) -> None:
+def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path) -> None:
     """The torch solvers with each rank holding half of the rows and the sums all-reduced: the
-    weights and objectives of the solve on all rows, the same on both ranks; the probes' training
-    rows in primal form are split, half to each rank, so two ranks hold what one budget cannot."""
+    weights and objectives of the solve on all rows, the same on both ranks. The probes split
+    training rows that one rank's budget cannot hold, and score as one process does with room."""
     import socket
 
     import torch
     import torch.multiprocessing as mp
 
     from featx.errors import FeatxError
-    from featx.probes.linear import training_rows
     from featx.probes.solvers import fit_logistic, fit_squared_hinge
     from featx.probes.stream import LayerStream
 
@@ -220,10 +243,11 @@ def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path, wide_cache
         for loss in ("hinge", "logistic"):
             problems[f"{loss}-{classes}"] = (torch.tensor(x), torch.tensor(y), torch.tensor(masks),
                                              torch.tensor(C), classes)
+    cache = _mid_cache(tmp_path / "c")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_solve_in_part, args=(2, port, problems, wide_cache, tmp_path), nprocs=2, join=True)
+    mp.spawn(_solve_in_part, args=(2, port, problems, cache, tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, (x, y, masks, C, classes) in problems.items():
         whole = (fit_squared_hinge if name.startswith("hinge") else fit_logistic)(x, y, masks, C, classes)
@@ -236,19 +260,16 @@ def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path, wide_cache
             assert float((coef - whole.coef).abs().max()) <= 3e-3 * scale, name
             assert float((intercept - whole.intercept).abs().max()) <= 3e-3 * scale, name
         assert all(torch.equal(a, b) for a, b in zip(ranks[0][name], ranks[1][name])), name
-    stream_rows = [r["training"] for r in ranks]
-    assert [len(x) for x, _, _ in stream_rows] == [750, 750]  # 1500 training rows, half on each rank
-    held = store_in(wide_cache).read_layer("narrow").features
-    positions = torch.cat([p for _, _, p in stream_rows]).numpy()
-    assert np.array_equal(positions, np.arange(0, 3000, 2))
-    rows = np.concatenate([x.numpy() for x, _, _ in stream_rows])
-    np.testing.assert_allclose(rows, held[positions] / np.linalg.norm(held[positions], axis=1, keepdims=True),
-                               rtol=1e-5, atol=1e-6)
-    labels = torch.cat([y for _, y, _ in stream_rows]).numpy()
-    assert np.array_equal(labels, store_in(wide_cache).labels[positions])
-    with pytest.raises(FeatxError, match="the training rows of layer narrow .* do not fit the memory budget"):
-        training_rows(LayerStream(store_in(wide_cache), "narrow", device="cpu"), positions, HALF_THE_ROWS_FIT,
-                      split=True)  # one process
+    alone = _probes(LayerStream(store_in(cache), "mid", device="cpu"), 64 << 20)
+    for probe, (accuracy, predicted, held) in alone.items():
+        assert held == 1500
+        for rank in ranks:
+            two_accuracy, two_predicted, two_held = rank["probes"][probe]
+            assert two_held == 750, probe  # half of the training rows on each rank
+            assert abs(two_accuracy - accuracy) <= 1 / 1500, probe
+            assert np.mean(np.array(predicted) != np.array(two_predicted)) <= 1 / 1500, probe
+    with pytest.raises(FeatxError, match="the training rows of layer mid .* do not fit the memory budget"):
+        _probes(LayerStream(store_in(cache), "mid", device="cpu"), SPLIT_BUDGET)  # one process
 
 
 @pytest.mark.parametrize("sizes", [{"a": 8, "b": 4, "c": 2}, {"a": 8, "b": 6}])

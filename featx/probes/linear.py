@@ -13,11 +13,13 @@ training rows, and the test rows are scored with W block by block: no layer is h
 Primal form (no more values than training rows): the training rows are held (within the budget)
 and the solver works on them directly.
 
-Under torchrun the torch solver's rows are split between the ranks: each rank holds its part of
-the training rows (primal form) or of their coordinates (kernel form; the Gram matrix is computed
-in shared passes and factored once, by rank 0), and the solver sums gradients, Hessian products
-and losses over the ranks (an all-reduce). In primal form a training set is then as large as the
-ranks' budgets together.
+Under torchrun the passes over the layer are shared out between the ranks (the Gram matrix, the
+weights, the test rows), and the kernel form is factored once, by rank 0. The solve itself runs
+whole on every rank while the training rows fit one rank's budget: it needs no communication, and
+a split solve costs an all-reduce per conjugate-gradient step (on the CPU with gloo, 0.7 to 1.7 ms
+each, which made it slower in every case measured; benchmarks/README.md). Training rows (primal
+form) beyond one rank's budget are split: each rank holds its part and the torch solver sums
+gradients, Hessian products and losses over the ranks, so the ranks' budgets add up.
 
 C is chosen by stratified cross-validation on the training rows: the torch solver fits every C of
 the grid on every fold as one batched problem, then the chosen C on all training rows.
@@ -68,26 +70,27 @@ class Training:
         return self.basis is not None
 
 
-def training_rows(stream: LayerStream, positions: np.ndarray, budget: int, split: bool = False) -> Training:
+def training_rows(stream: LayerStream, positions: np.ndarray, budget: int, splits: bool = False,
+                  ) -> Training:
     """The training rows at `positions` of the stream, in primal or kernel form (see above), split
-    between the ranks when `split` is asked for (a solver that sums over ranks); the last one made
-    is kept on the stream, so the linear probes of one layer and split share it."""
-    key = (positions.tobytes(), stream.scaling_key(), split)
+    between the ranks when they do not fit one rank's budget and the solver `splits` (sums over
+    ranks); the last one made is kept on the stream, so the probes of one layer and split share it."""
+    key = (positions.tobytes(), stream.scaling_key(), splits)
     if key not in stream.memo:
         stream.memo.clear()
-        stream.memo[key] = _training_rows(stream, positions, budget, split)
+        stream.memo[key] = _training_rows(stream, positions, budget, splits)
     return stream.memo[key]
 
 
-def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int, split: bool) -> Training:
+def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int, splits: bool) -> Training:
     labels = stream.labels[positions]
     ranks = stream.ranks
-    part = ranks.part(len(positions)) if split else slice(None)
-    total = ranks.sum if split and ranks.several else whole
-    y = torch.as_tensor(labels[part], device=stream.device)
+    y = torch.as_tensor(labels, device=stream.device)
     if stream.dim <= len(positions):
+        split = splits and ranks.several and len(positions) * stream.row_bytes > budget // 2
+        part = ranks.part(len(positions)) if split else slice(None)
         x = stream.gather(positions[part], budget // 2, "the training rows")
-        return Training(x, y, positions, labels, part=part, total=total)
+        return Training(x, y[part], positions, labels, part=part, total=ranks.sum if split else whole)
     gram, rows = train_gram(stream, positions, budget)
     if ranks.lead:
         eigval, eigvec = torch.linalg.eigh(gram)
@@ -101,7 +104,7 @@ def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int, spli
     else:
         root = eigval[keep].sqrt()
         z, basis = eigvec[:, keep] * root, eigvec[:, keep] / root
-    return Training(z[part].float(), y, positions, labels, basis.float(), rows, part, total)
+    return Training(z.float(), y, positions, labels, basis.float(), rows)
 
 
 def train_gram(stream: LayerStream, positions: np.ndarray, budget: int,
@@ -261,7 +264,7 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe
     budget = stream.budget_left(options.memory)
     stream.fit_scaling(split.train, budget)
     solver, solve, memory_per_problem = pick
-    training = training_rows(stream, split.train, budget, split=solver == "torch")
+    training = training_rows(stream, split.train, budget, splits=solver == "torch")
     n_classes = len(stream.store.classes)
     n, d = training.x.shape
     problems = len(grid) * CV_FOLDS if options.C == "auto" else 1
