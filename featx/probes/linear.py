@@ -16,8 +16,8 @@ and the solver works on them directly.
 Under torchrun the passes over the layer are shared out between the ranks (the Gram matrix, the
 weights, the test rows), and the kernel form is factored once, by rank 0. The solve itself runs
 whole on every rank while the training rows fit one rank's budget: it needs no communication, and
-a split solve costs an all-reduce per conjugate-gradient step (on the CPU with gloo, 0.7 to 1.7 ms
-each, which made it slower in every case measured; benchmarks/README.md). Training rows (primal
+a split solve costs an all-reduce per conjugate-gradient step (on the CPU with gloo that made it
+slower in every case tried). Training rows (primal
 form) beyond one rank's budget are split: each rank holds its part and the torch solver sums
 gradients, Hessian products and losses over the ranks, so the ranks' budgets add up.
 
