@@ -131,7 +131,8 @@ def _print_layer(result) -> None:
     typer.echo(f"{result.layer:>12}  accuracy {result.accuracy:.4f}  "
                f"balanced {result.balanced_accuracy:.4f}  "
                f"dim {result.dim:>7}  {C}{result.probe} {result.train_seconds:.2f} s ({kind}, "
-               f"{result.n_train} train / {result.n_test} test)", err=True)
+               f"{result.n_train} train / {result.n_test} test)"
+               + ("" if result.converged else "  NOT CONVERGED (step limit)"), err=True)
 
 
 def _gpu_count(gpus: str) -> int:

@@ -151,8 +151,10 @@ def _layer_section(report: Report, layer: LayerReport, images: dict[str, str]) -
         facts.append("accuracy per split: " + ", ".join(f"{a:.4f}" for a in layer.split_accuracies))
     parts = [f"<h2>{escape(name)}: {escape(accuracy)}</h2>",
              f"<p>{escape('; '.join(facts))}.</p>"]
-    if not layer.converged:
-        parts.append(f'<p class="warn">The {escape(layer.probe)} solver did not converge for this layer.</p>')
+    for score in [layer, *layer.other_probes]:
+        if not score.converged:
+            parts.append(f'<p class="warn">The {escape(score.probe)} solver did not converge for this '
+                         "layer (it stopped at its step limit).</p>")
     if images:
         from featx.plots import plot_stem  # the names write_plots gave
 

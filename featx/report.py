@@ -33,6 +33,7 @@ class ProbeScore:
     train_seconds: float
     accuracy_std: float | None = None
     C_per_split: list[float] = field(default_factory=list)
+    converged: bool = True  # the solver met its tolerance on every split (reports before: unknown)
 
     @classmethod
     def from_results(cls, results: list[ProbeResult]) -> ProbeScore:
@@ -41,7 +42,8 @@ class ProbeScore:
                    balanced_accuracy=float(np.mean([r.balanced_accuracy for r in results])),
                    C=results[0].C, train_seconds=float(np.mean([r.train_seconds for r in results])),
                    accuracy_std=float(np.std([r.accuracy for r in results])) if several else None,
-                   C_per_split=[r.C for r in results] if several else [])
+                   C_per_split=[r.C for r in results] if several else [],
+                   converged=all(r.converged for r in results))
 
 
 @dataclass
@@ -247,6 +249,12 @@ def notes(report: Report) -> list[str]:
     lines.append(f"Split: {report.split}. Scaling: {report.scaling}. C: {how_c}.")
     lines.append("Balanced: mean per-class recall. Probes: "
                  + "; ".join(PROBE_TEXT.get(p, p) for p in report.probes) + ".")
+    unconverged = [f"{f'{layer.model} ' if report.multi_model else ''}{layer.layer} {score.probe}"
+                   for layer in report.layers for score in [layer, *layer.other_probes]
+                   if not score.converged]
+    if unconverged:
+        lines.append("Not converged (the solver stopped at its step limit; rounding can still move "
+                     "these accuracies): " + ", ".join(unconverged) + ".")
     if report.skipped:
         lines.append(f"Skipped {len(report.skipped)} unreadable images: "
                      + ", ".join(sorted(report.skipped)[:10])

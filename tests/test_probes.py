@@ -264,3 +264,35 @@ def test_the_linear_probes_of_a_layer_share_its_training_rows_and_gram(tmp_path,
     other = seeded_split(y, ("c0", "c1", "c2"), 10, seed=5)  # another split: made anew
     get_probe("logreg")(stream, other, ProbeOptions(C=1.0, memory=1 << 30))
     assert len(made) == 2
+
+
+def test_a_probe_stopped_at_its_step_limit_is_flagged_everywhere(tmp_path, monkeypatch) -> None:
+    """A solve that ends at its Newton step limit is said on the layer's line, in the table's
+    notes and in the JSON, for a further probe as for the first."""
+    import json
+
+    from featx.probes import solvers
+
+    from conftest import run_cli
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 60)
+    x = (rng.normal(size=(4, 16))[labels] * 0.5 + rng.normal(size=(240, 16))).astype(np.float32)
+    array_store(tmp_path / "c", {"a": x}, labels)
+    newton = solvers._newton
+
+    def two_steps_for_logreg(x, model, reg, tol, max_iter, *rest, **kwargs):
+        return newton(x, model, reg, tol, 2 if isinstance(model, solvers._Multinomial) else max_iter,
+                      *rest, **kwargs)
+
+    monkeypatch.setattr(solvers, "_newton", two_steps_for_logreg)
+    result = run_cli("svm", "--cache", str(tmp_path / "c"), "--probe", "svm,logreg", "--C", "100",
+                     "--train-per-class", "30", "--device", "cpu", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "accuracy" in line]
+    lines = {probe: [line for line in said if f" {probe} " in line] for probe in ("svm", "logreg")}
+    assert "NOT CONVERGED" in lines["logreg"][0] and "NOT CONVERGED" not in lines["svm"][0]
+    assert "Not converged (the solver stopped at its step limit; rounding can still move these " \
+           "accuracies): a logreg." in (tmp_path / "out" / "svm.md").read_text()
+    row = json.loads((tmp_path / "out" / "svm.json").read_text())["layers"][0]
+    assert row["converged"] is True and row["other_probes"][0]["converged"] is False
