@@ -132,7 +132,7 @@ def _print_layer(result) -> None:
                f"balanced {result.balanced_accuracy:.4f}  "
                f"dim {result.dim:>7}  {C}{result.probe} {result.train_seconds:.2f} s ({kind}, "
                f"{result.n_train} train / {result.n_test} test)"
-               + ("" if result.converged else "  NOT CONVERGED (step limit)"), err=True)
+               + ("" if result.converged else "  NOT CONVERGED"), err=True)
 
 
 def _gpu_count(gpus: str) -> int:

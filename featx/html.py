@@ -154,7 +154,7 @@ def _layer_section(report: Report, layer: LayerReport, images: dict[str, str]) -
     for score in [layer, *layer.other_probes]:
         if not score.converged:
             parts.append(f'<p class="warn">The {escape(score.probe)} solver did not converge for this '
-                         "layer (it stopped at its step limit).</p>")
+                         "layer (it stopped short of its tolerance).</p>")
     if images:
         from featx.plots import plot_stem  # the names write_plots gave
 

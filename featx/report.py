@@ -253,8 +253,9 @@ def notes(report: Report) -> list[str]:
                    for layer in report.layers for score in [layer, *layer.other_probes]
                    if not score.converged]
     if unconverged:
-        lines.append("Not converged (the solver stopped at its step limit; rounding can still move "
-                     "these accuracies): " + ", ".join(unconverged) + ".")
+        lines.append("Not converged (the solver stopped short of its tolerance, at its step limit or the "
+                     "float precision; rounding can still move these accuracies): "
+                     + ", ".join(unconverged) + ".")
     if report.skipped:
         lines.append(f"Skipped {len(report.skipped)} unreadable images: "
                      + ", ".join(sorted(report.skipped)[:10])
