@@ -173,13 +173,11 @@ def _decoded_batch(images: ImageSet, preprocess: Preprocess, device: torch.devic
                                         for data, crop, _ in results]
     errors = [error for _, _, error in results]
     jpeg = [k for k, (data, _, _) in enumerate(results) if data is not None]
-    if jpeg:
-        decoded = _jpeg_decode([results[k][0] for k in jpeg], device)
-        refused = [k for k, image in zip(jpeg, decoded) if image is None]
-        kept = [(k, image) for k, image in zip(jpeg, decoded) if image is not None]
-        for k, crop in zip([k for k, _ in kept], _crop_all(preprocess, [image for _, image in kept])):
-            crops[k] = crop
-        for k in refused:
-            crop, errors[k] = pil_crop(images, preprocess, int(indices[k]))
-            crops[k] = crop.to(device)
+    decoded = dict(zip(jpeg, _jpeg_decode([results[k][0] for k in jpeg], device))) if jpeg else {}
+    kept = [k for k, image in decoded.items() if image is not None]
+    for k, crop in zip(kept, _crop_all(preprocess, [decoded[k] for k in kept])):
+        crops[k] = crop
+    for k in (k for k, image in decoded.items() if image is None):  # refused: through PIL
+        crop, errors[k] = pil_crop(images, preprocess, int(indices[k]))
+        crops[k] = crop.to(device)
     return indices, torch.stack(crops), errors
