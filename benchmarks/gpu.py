@@ -16,8 +16,9 @@ Each stage alone is a limit for the end-to-end rate; the table gives the slowest
 share of its rate that e2e reaches. Once per run: the reference way (one hooked fp32 pass per
 layer, PIL in the main process, batch 32, on the same device) over --reference-images of the
 images, its ratio to featx's VGG16 e2e, and the `featx extract` command's wall time beside the
-extraction time it reports. With --variants, each model's forward pass is also timed without
-channels_last, in fp16 and fp32, compiled (torch.compile) and compiled with CUDA graphs.
+extraction time it reports. With --variants, each model's forward pass is also timed as traced
+(without featx/rewrite.py's folding and in-place activations), without channels_last, in fp16 and
+fp32, compiled (torch.compile) and compiled with CUDA graphs.
 Writes benchmarks/results/gpu.json.
 """
 
@@ -136,12 +137,13 @@ def forward_variants(images: ImageSet, model, layers, device: str, batch: int) -
                           dtype=torch.uint8)
     rounds = max(1, len(images) // batch)
     rates = {}
-    settings = {"default": {}, "no channels_last": {"channels_last": False}, "fp16": {"precision": "fp16"},
+    settings = {"default": {}, "as traced (no rewrites)": {"rewrite": False},
+                "no channels_last": {"channels_last": False}, "fp16": {"precision": "fp16"},
                 "fp32": {"precision": "fp32"}, "compiled": {"compile": "default"},
                 "compiled, CUDA graphs": {"compile": "reduce-overhead"}}
     for name, setting in settings.items():
         extractor = LayerExtractor(model, layers, device, setting.get("precision", "auto"),
-                                   setting.get("channels_last", True))
+                                   setting.get("channels_last", True), rewrite=setting.get("rewrite", True))
         if "compile" in setting:
             extractor.graph = torch.compile(extractor.graph, mode=setting["compile"])
         x = crops.to(extractor.device)

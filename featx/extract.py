@@ -9,7 +9,6 @@ is queued while the last one's features travel.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import fx, nn
 from torch.nn import functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -27,6 +25,7 @@ from featx.decode import device_batches, pil_batches, resolve_decode
 from featx.errors import FeatxError, OptionError
 from featx.models import Layer, LoadedModel, Preprocess
 from featx.preprocess import normalize
+from featx.rewrite import for_inference, without_inplace
 from featx.stored import check_stored, resolve_dtype, to_stored
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -98,11 +97,12 @@ class HostFeatures:
 
 class LayerExtractor:
     """One traced forward pass that returns the requested layers as host tensors in `dtype`
-    (`auto`: float16 on a GPU, float32 on a CPU); `decode` says how files become crops."""
+    (`auto`: float16 on a GPU, float32 on a CPU); `decode` says how files become crops. The
+    traced graph is rewritten for inference (see `rewrite`) unless `rewrite` is False."""
 
     def __init__(self, model: LoadedModel, layers: Sequence[Layer], device: str = "auto",
                  precision: str = "auto", channels_last: bool = True, tta: str = "none",
-                 dtype: str = "float32", decode: str = "auto") -> None:
+                 dtype: str = "float32", decode: str = "auto", rewrite: bool = True) -> None:
         self.model = model
         self.layers = list(layers)
         self.device = resolve_device(device)
@@ -113,7 +113,7 @@ class LayerExtractor:
         if tta not in TTA:
             raise OptionError("tta", f"must be one of {', '.join(TTA)}, not {tta!r}")
         self.tta = tta
-        module = _without_inplace(model.module)
+        module = without_inplace(model.module)
         nodes = {layer.node: layer.node for layer in self.layers}
         tracer_kwargs = None
         if model.spec.source == "timm":
@@ -123,7 +123,7 @@ class LayerExtractor:
         with warnings.catch_warnings():  # its train/eval node note does not apply: eval only
             warnings.simplefilter("ignore", UserWarning)
             graph = create_feature_extractor(module, return_nodes=nodes, tracer_kwargs=tracer_kwargs)
-        self.graph = _inplace_where_safe(graph).eval().to(self.device)
+        self.graph = (for_inference(graph) if rewrite else graph).eval().to(self.device)
         if channels_last:
             self.graph = self.graph.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":  # one input size throughout: let cuDNN time its kernels once
@@ -207,42 +207,6 @@ def to_vectors(layer: Layer, output: torch.Tensor) -> torch.Tensor:
     if layer.reduce == "mean_tokens":
         return output[:, layer.prefix_tokens:].mean(dim=1)
     return output.flatten(1)
-
-
-FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _without_inplace(module: nn.Module) -> nn.Module:
-    """Turn off in-place activations before tracing, so that no traced operation changes a
-    tensor in place; each remembers that it was in-place (see _inplace_where_safe)."""
-    for sub in module.modules():
-        if getattr(sub, "inplace", False) is True:
-            sub.inplace, sub.featx_inplace = False, True
-    return module
-
-
-def _inplace_where_safe(graph: fx.GraphModule) -> fx.GraphModule:
-    """Give back in-place operation to the traced activations that can have it: those whose
-    input is a fresh tensor (a convolution's, linear or batch norm output) that nothing else reads
-    and that is not a requested layer. Each gets its own copy in the graph, so the model's
-    modules (shared with other extractors) stay as they are. In place saves a pass over memory
-    per activation: about 12% of VGG16's forward time on a CPU."""
-    returned = set(next(n for n in graph.graph.nodes if n.op == "output").all_input_nodes)
-    sites: dict[str, list[bool]] = {}
-    for node in graph.graph.nodes:
-        if node.op != "call_module" or not getattr(graph.get_submodule(node.target), "featx_inplace", False):
-            continue
-        source = node.args[0] if node.args else None
-        safe = (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1
-                and source not in returned and isinstance(graph.get_submodule(source.target), FRESH))
-        sites.setdefault(node.target, []).append(safe)
-    for target, safe in sites.items():
-        if all(safe):  # every call of this module is safe
-            parent, _, name = target.rpartition(".")
-            own = copy.copy(graph.get_submodule(target))
-            own.inplace = True
-            setattr(graph.get_submodule(parent) if parent else graph, name, own)
-    return graph
 
 
 @dataclass

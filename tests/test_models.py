@@ -17,6 +17,7 @@ from featx.errors import FeatxError
 from featx.extract import LayerExtractor, batches_of, extract_batches
 from featx.models import get_model, load_model
 from featx.preprocess import normalize
+from featx.rewrite import for_inference
 
 from conftest import write_images
 
@@ -115,6 +116,73 @@ def test_activations_run_in_place_only_where_no_requested_layer_is_overwritten()
     torch.testing.assert_close(out["relu6"], F.relu(out["fc6"]))
     again = default(images)
     assert torch.equal(again["relu6"], both(images)["relu6"])
+
+
+def _batch_norm_statistics(module: torch.nn.Module, seed: int) -> None:
+    """Random running statistics and affine terms, so that folding a batch norm is no identity."""
+    g = torch.Generator().manual_seed(seed)
+    for norm in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        n = norm.num_features
+        norm.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+        norm.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+        norm.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+        norm.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_lite0", "mobilenet_v3_small"])
+def test_the_graph_rewritten_for_inference_computes_the_traced_layers(name: str) -> None:
+    model = load_model(name, "imagenet" if name == "efficientnet_lite0" else "random")
+    if name != "efficientnet_lite0":  # Lite's ImageNet weights hold real statistics
+        _batch_norm_statistics(model.module, seed=5)
+    state = {k: v.clone() for k, v in model.module.state_dict().items()}
+    modules = dict(model.module.named_modules())
+    layers = model.spec.layers[1:] if name == "efficientnet_lite0" else model.spec.layers  # not the stem
+    traced = LayerExtractor(model, layers, "cpu", "fp32", rewrite=False)
+    rewritten = LayerExtractor(model, layers, "cpu", "fp32")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in rewritten.graph.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in traced.graph.modules())
+    pads = [m.padding for m in rewritten.graph.modules() if isinstance(m, torch.nn.ZeroPad2d)]
+    assert all(left != right or top != bottom for left, right, top, bottom in pads)  # stride 2 only
+    images = _images(2, model.preprocess.crop)
+    ours, reference = rewritten(images), traced(images)
+    for layer in layers:
+        assert_same(ours[layer.name], reference[layer.name], layer.name)
+    after = model.module.state_dict()  # the model itself is as loaded
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    assert dict(model.module.named_modules()) == modules
+
+
+def test_rewrites_leave_requested_and_shared_tensors_alone() -> None:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = torch.nn.Conv2d(4, 4, 5, padding=1), torch.nn.BatchNorm2d(4)
+            self.pad = torch.nn.ZeroPad2d(1)
+            self.relu = torch.nn.ReLU()  # called twice: after bn2, and on a sum
+
+        def forward(self, x):
+            a = self.bn1(self.conv1(x))
+            b = self.relu(self.bn2(self.conv2(self.pad(a))))
+            return self.relu(a + b)
+
+    net = Net().eval()
+    _batch_norm_statistics(net, seed=6)
+    x = torch.randn(2, 3, 12, 12)
+    nodes = {"conv1": "conv1", "conv2": "conv2_out", "relu": "block", "relu_1": "out"}
+    plain = create_feature_extractor(net, nodes)
+    expected = plain(x)
+    graph = for_inference(create_feature_extractor(net, {"conv1": "conv1", "relu_1": "out"}))
+    calls = {n.target: graph.get_submodule(n.target) for n in graph.graph.nodes if n.op == "call_module"}
+    assert "bn1" in calls and "bn2" not in calls  # conv1's output is requested: bn1 stays
+    assert "pad" not in calls and calls["conv2"].padding == (2, 2)  # conv2's padding took the pad's
+    assert not net.bn2.training and net.conv2.padding == (1, 1)  # the model's own modules are untouched
+    relus = [m for m in calls.values() if isinstance(m, torch.nn.ReLU)]
+    assert sorted(m.inplace for m in relus) == [False, True]  # in place after conv2, not on the sum
+    assert not net.relu.inplace
+    out = graph(x)
+    torch.testing.assert_close(out["conv1"], expected["conv1"], rtol=0, atol=0)
+    torch.testing.assert_close(out["out"], expected["out"], rtol=1e-5, atol=1e-6)
 
 
 def test_two_extractions_of_the_same_images_are_identical() -> None:

@@ -156,13 +156,14 @@ def test_concurrent_extracts_of_the_same_layer_do_the_work_once(tmp_path, demo_d
     assert [run["status"] for run in store.manifest["runs"]] == ["done"]
 
 
-def test_a_killed_run_is_recorded_with_its_time(tmp_path, demo_dir) -> None:
-    cache = tmp_path / "cache"
-    args = [sys.executable, "-m", "featx", "extract", str(demo_dir), *LITE_RANDOM, "--layer", "pool",
-            "--cache", str(cache), "--batch-size", "8", "--shard-size", "8", "--workers", "0",
-            "--precision", "fp32"]
+def test_a_killed_run_is_recorded_with_its_time(tmp_path) -> None:
+    data = write_images(tmp_path / "data", {"a": 200, "b": 200}, size=32)  # seconds of work after
+    cache = tmp_path / "cache"                                              # the first time note
+    args = [sys.executable, "-m", "featx", "extract", str(data), "--model", "resnet50", "--weights", "random",
+            "--layer", "pool", "--cache", str(cache), "--batch-size", "8", "--shard-size", "8",
+            "--workers", "0", "--precision", "fp32"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder = cache / "demo" / FOLDER
+    folder = cache / "data" / "resnet50-random-seed0"
     deadline = time.time() + 300
     while time.time() < deadline:
         manifest = folder / "manifest.json"
