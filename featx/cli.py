@@ -148,9 +148,30 @@ def _gpu_count(gpus: str) -> int:
     return wanted
 
 
+def _given_arguments(ctx: typer.Context, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The command line that gives this command the values it was given (defaults left out), for
+    ranks that run the same command; `leave_out` names parameters not passed on."""
+    positional: list[str] = []
+    options: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if (param.name in leave_out or value is None
+                or ctx.get_parameter_source(param.name).name == "DEFAULT"):
+            continue
+        values = value if param.multiple else [value]
+        if param.param_type_name == "argument":
+            positional += [str(v) for v in values]
+        elif getattr(param, "is_flag", False):
+            options.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            options += [text for v in values for text in (param.opts[0], str(v))]
+    return [ctx.command.name, *positional, *options]
+
+
 # --- commands ---------------------------------------------------------------------------------
 @app.command()
 def extract(
+    ctx: typer.Context,
     dataset: Annotated[Path, typer.Argument(help="Folder of class subfolders, or with train/ and test/.")],
     layer: Layers = None, model: Model = "vgg16", weights: Weights = "imagenet",
     cache: Cache = None, device: Device = "auto", precision: Precision = "auto",
@@ -173,13 +194,10 @@ def extract(
 
     count = _gpu_count(gpus) if gpus is not None and not Ranks.from_env().several else 1
     if count > 1:
-        given = {"--model": model, "--weights": weights, "--cache": cache, "--precision": precision,
-                 "--batch-size": batch_size, "--workers": workers, "--shard-size": shard_size,
-                 "--dtype": dtype, "--seed": seed, "--verify": verify, "--tta": tta, "--decode": decode,
-                 "--layer": ",".join(_layer_names(layer) or []) or None}
-        args = [str(dataset)] + [str(v) for key, value in given.items() if value is not None
-                                 for v in (key, value)]
-        raise typer.Exit(launch_local(["extract", *args], count))
+        if device not in ("auto", "cuda"):
+            raise OptionError("device", f"is {device}, but --gpus {gpus} puts each rank on a GPU of its "
+                              "own: leave --device out")
+        raise typer.Exit(launch_local(_given_arguments(ctx, leave_out=("gpus",)), count))
 
     run_extract(dataset, model, _layer_names(layer), weights, cache, seed,
                 _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta,

@@ -120,6 +120,41 @@ def test_gpus_asks_for_gpus_this_machine_has(tmp_path, tiny_dataset) -> None:
     assert result.returncode == 2 and "--gpus must be all or a number" in result.stderr
 
 
+def test_the_ranks_get_every_option_given_to_featx_extract_gpus(tmp_path, monkeypatch) -> None:
+    """Each option of `extract` but --gpus, given a value other than its default, reaches the
+    ranks' command line with that value (an option added later is passed on too)."""
+    import typing
+
+    import typer
+
+    from featx import cli, ranks
+
+    command = typer.main.get_command(cli.app).commands["extract"]
+    hints = typing.get_type_hints(cli.extract)
+    given = ["data-folder"]
+    for param in command.params:
+        if param.param_type_name == "option" and param.name not in ("gpus", "help", "device"):
+            if getattr(param, "is_flag", False):
+                given.append(param.secondary_opts[0] if param.default else param.opts[0])
+            else:
+                hint = hints[param.name]
+                value = "7" if int in (typing.get_args(hint) or [hint]) else f"given-{param.name}"
+                given += [param.opts[0], value]
+    launched: list[tuple[list[str], int]] = []
+    monkeypatch.setattr(cli, "_gpu_count", lambda gpus: 2)
+    monkeypatch.setattr(ranks, "launch_local", lambda args, count: launched.append((args, count)) or 0)
+    result = run_cli("extract", *given, "--device", "cpu", "--gpus", "all", cwd=tmp_path)
+    assert result.returncode == 2 and "--device is cpu, but --gpus all puts each rank" in result.stderr
+    given += ["--device", "cuda"]
+    result = run_cli("extract", *given, "--gpus", "all", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    [(args, count)] = launched
+    assert args[0] == "extract" and count == 2 and "--gpus" not in args
+    expected = command.make_context("extract", list(given), resilient_parsing=True).params
+    assert command.make_context("extract", args[1:], resilient_parsing=True).params == expected
+    assert len(given) > 20 and expected["layer"] == ["given-layer"]
+
+
 @pytest.fixture(scope="module")
 def wide_cache(tmp_path_factory) -> Path:
     """A layer wider than its training rows (kernel form), too large to hold in 64M (streamed,
