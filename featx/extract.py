@@ -3,8 +3,8 @@
 The network is traced once (torchvision's feature extraction) so that one pass returns every
 requested layer and stops at the deepest of them. Batches of uint8 crops come from `decode`;
 normalisation runs on the device. The features are converted to the cache's dtype on the device
-and copied to the host without waiting (pinned memory on a GPU), so the next batch's forward pass
-is queued while the last one's features travel.
+and copied to the host without waiting (on a GPU: pinned memory, a copy stream of its own), so the
+next batch's forward pass runs while the last one's features travel.
 """
 
 from __future__ import annotations
@@ -126,8 +126,10 @@ class LayerExtractor:
         self.graph = (for_inference(graph) if rewrite else graph).eval().to(self.device)
         if channels_last:
             self.graph = self.graph.to(memory_format=torch.channels_last)
+        self.copies = None  # on a GPU, the stream that copies features to the host
         if self.device.type == "cuda":  # one input size throughout: let cuDNN time its kernels once
             torch.backends.cudnn.benchmark = True
+            self.copies = torch.cuda.Stream(self.device)
 
     @property
     def preprocess(self) -> Preprocess:
@@ -162,18 +164,23 @@ class LayerExtractor:
     @torch.inference_mode()
     def to_host(self, values: dict[str, torch.Tensor]) -> HostFeatures:
         """Features on the device -> the host, in the cache's dtype, converted and checked where
-        they are; on a GPU through pinned memory, returning before the copy is done."""
+        they are. On a GPU the copy runs on a stream of its own into pinned memory, so that it
+        overlaps the next batch's forward pass; this returns before it is done."""
         stored = {name: to_stored(value, self.dtype) for name, value in values.items()}
-        if self.device.type != "cuda":
+        if self.copies is None:
             return HostFeatures({name: v for name, (v, _) in stored.items()},
                                 {name: code for name, (_, code) in stored.items()})
         host = {name: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for name, (v, _) in stored.items()}
         problems = {name: torch.empty((), dtype=torch.int8, pin_memory=True) for name in stored}
-        for name, (value, code) in stored.items():
-            host[name].copy_(value, non_blocking=True)
-            problems[name].copy_(code, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
+        self.copies.wait_stream(torch.cuda.current_stream(self.device))  # after the conversion
+        with torch.cuda.stream(self.copies):
+            for name, (value, code) in stored.items():
+                host[name].copy_(value, non_blocking=True)
+                problems[name].copy_(code, non_blocking=True)
+                value.record_stream(self.copies)  # not reused by the next batch before copied
+                code.record_stream(self.copies)
+            copied = torch.cuda.Event()
+            copied.record(self.copies)
         return HostFeatures(host, problems, copied)
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
