@@ -5,7 +5,9 @@ same process: `rewrite=False` (the traced graph as it is) and featx's default (b
 into convolutions, symmetric paddings into the convolutions' own, activations in place). Both
 forward the same batch of uint8 crops in turn, --rounds times after a warm-up; the best round of
 each gives images/s. The largest difference between their features, relative to each layer's
-largest value, says that they compute the same layers.
+largest value, says that they compute the same layers. Each side's distance from the fp32 graph as
+traced (the norm of the difference over the norm of the features, the largest over the layers)
+says what the precision costs each of them.
 
     python benchmarks/rewrite.py --models resnet50 efficientnet_lite0 vgg16 --precisions fp32 bf16
     python benchmarks/rewrite.py --device cuda --batch-size 256   # on a GPU
@@ -55,13 +57,16 @@ def compare(name: str, precision: str, device: str, batch: int, rounds: int) -> 
         for side, extractor in sides.items():
             seconds[side].append(one_pass(extractor, crops))
     rates = {side: batch / min(s) for side, s in seconds.items()}
-    difference = max(((features["rewritten"][k].float() - features["traced"][k].float()).abs().max()
-                      / features["traced"][k].float().abs().max().clamp_min(1e-12)).item()
-                     for k in features["traced"])
+    traced = {k: v.float() for k, v in features["traced"].items()}
+    difference = max(((features["rewritten"][k].float() - v).abs().max()
+                      / v.abs().max().clamp_min(1e-12)).item() for k, v in traced.items())
+    exact = LayerExtractor(model, layers, device, "fp32", rewrite=False).forward(crops)
+    from_fp32 = {side: max(((out[k].float() - v).norm() / v.norm().clamp_min(1e-12)).item()
+                           for k, v in exact.items()) for side, out in features.items()}
     return {"model": name, "layers": [layer.name for layer in layers],
             "precision": sides["traced"].precision, "batch": batch, "images_per_s": rates,
             "ratio": rates["rewritten"] / rates["traced"], "largest_relative_difference": difference,
-            "seconds": seconds}
+            "relative_norm_from_fp32": from_fp32, "seconds": seconds}
 
 
 def main() -> None:
@@ -76,14 +81,16 @@ def main() -> None:
     device = torch.device(args.device)
     rows = []
     print(f"{'model':<20} {'precision':<9} {'as traced':>10} {'rewritten':>10} {'ratio':>6}  "
-          "largest difference")
+          "largest difference  from fp32 (traced, rewritten)")
     for name in args.models:
         for precision in args.precisions:
             row = compare(name, precision, args.device, args.batch_size, args.rounds)
             rows.append(row)
             rates = row["images_per_s"]
             print(f"{name:<20} {row['precision']:<9} {rates['traced']:10.1f} {rates['rewritten']:10.1f} "
-                  f"{row['ratio']:5.2f}x  {row['largest_relative_difference']:.1e}", flush=True)
+                  f"{row['ratio']:5.2f}x  {row['largest_relative_difference']:.1e}"
+                  f"             {row['relative_norm_from_fp32']['traced']:.1e}, "
+                  f"{row['relative_norm_from_fp32']['rewritten']:.1e}", flush=True)
     print("images/s of the forward pass alone; difference relative to each layer's largest value")
     RESULTS.mkdir(exist_ok=True)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()

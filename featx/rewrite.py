@@ -48,11 +48,14 @@ def _returned(graph: fx.GraphModule) -> set[fx.Node]:
     return set(next(n for n in graph.graph.nodes if n.op == "output").all_input_nodes)
 
 
-def _module(graph: fx.GraphModule, node: object, kind: type | tuple[type, ...]) -> nn.Module | None:
-    """The module a call_module node runs, if it is of `kind`."""
+def _module(graph: fx.GraphModule, node: object, kinds: tuple[type, ...],
+            subclasses: bool = False) -> nn.Module | None:
+    """The module a call_module node runs, if it is one of `kinds` exactly (a subclass may
+    compute more, as a batch norm with its activation inside does), or a subclass if allowed."""
     if isinstance(node, fx.Node) and node.op == "call_module":
         module = graph.get_submodule(node.target)
-        return module if isinstance(module, kind) else None
+        if type(module) in kinds or (subclasses and isinstance(module, kinds)):
+            return module
     return None
 
 
@@ -84,7 +87,7 @@ def _copy(graph: fx.GraphModule, target: str) -> nn.Module:
 def _is_conv2d(graph: fx.GraphModule, node: fx.Node) -> bool:
     """A 2-D convolution: an nn.Conv2d module called once, or torch.conv2d on attribute weights."""
     if node.op == "call_module":
-        module = _module(graph, node, nn.Conv2d)
+        module = _module(graph, node, (nn.Conv2d,))
         return module is not None and module.padding_mode == "zeros" and _calls(graph)[node.target] == 1
     return (node.op == "call_function" and node.target in (torch.conv2d, nn.functional.conv2d)
             and len(node.args) == 7 and not node.kwargs
@@ -97,7 +100,7 @@ def fold_batch_norms(graph: fx.GraphModule) -> None:
     returned = _returned(graph)
     calls = _calls(graph)
     for node in list(graph.graph.nodes):
-        norm = _module(graph, node, nn.BatchNorm2d)
+        norm = _module(graph, node, (nn.BatchNorm2d,))
         conv = node.args[0] if norm is not None and node.args else None
         if (norm is None or norm.running_mean is None or calls[node.target] != 1
                 or not isinstance(conv, fx.Node) or len(conv.users) != 1 or conv in returned
@@ -126,12 +129,13 @@ def fold_within_sequences(graph: fx.GraphModule) -> None:
     nothing outside the module can read what passes between its children."""
     done: set[str] = set()
     for node in graph.graph.nodes:
-        if _module(graph, node, nn.Sequential) is None or node.target in done:
+        sequence = _module(graph, node, (nn.Sequential,), subclasses=True)
+        if sequence is None or type(sequence).forward is not nn.Sequential.forward or node.target in done:
             continue
         done.add(node.target)
-        children = list(graph.get_submodule(node.target))
+        children = list(sequence)
         pairs = [k for k in range(len(children) - 1) if type(children[k]) is nn.Conv2d
-                 and isinstance(children[k + 1], nn.BatchNorm2d) and children[k + 1].running_mean is not None]
+                 and type(children[k + 1]) is nn.BatchNorm2d and children[k + 1].running_mean is not None]
         if not pairs:
             continue
         own = _copy(graph, node.target)
@@ -139,7 +143,7 @@ def fold_within_sequences(graph: fx.GraphModule) -> None:
             conv = own[k] = _shallow(children[k])
             conv.weight, conv.bias = _folded(conv.weight, conv.bias, children[k + 1])
             own[k + 1] = nn.Identity()
-            if k + 2 < len(children) and isinstance(children[k + 2], ACTIVATIONS):
+            if k + 2 < len(children) and type(children[k + 2]) in ACTIVATIONS:
                 own[k + 2] = _shallow(children[k + 2])
                 own[k + 2].inplace = True
 
@@ -167,7 +171,7 @@ def fold_paddings(graph: fx.GraphModule) -> None:
     where the padding is the same on both sides of each axis and only the convolution reads it."""
     returned = _returned(graph)
     for node in list(graph.graph.nodes):
-        pad = _module(graph, node, nn.ZeroPad2d)
+        pad = _module(graph, node, (nn.ZeroPad2d,))
         if pad is None or len(node.users) != 1 or node in returned:
             continue
         left, right, top, bottom = pad.padding
@@ -200,10 +204,10 @@ def inplace_where_safe(graph: fx.GraphModule) -> None:
     calls = _calls(graph)
     for node in list(graph.graph.nodes):
         module = graph.get_submodule(node.target) if node.op == "call_module" else None
-        if not (getattr(module, "featx_inplace", False) or isinstance(module, ACTIVATIONS)):
+        if not (getattr(module, "featx_inplace", False) or type(module) in ACTIVATIONS):
             continue
         source = node.args[0] if node.args else None
-        fresh = _module(graph, source, FRESH) is not None or (
+        fresh = _module(graph, source, FRESH, subclasses=True) is not None or (
             isinstance(source, fx.Node) and source.op == "call_function" and _is_conv2d(graph, source))
         if not fresh or len(source.users) != 1 or source in returned:
             continue

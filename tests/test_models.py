@@ -152,6 +152,13 @@ def test_the_graph_rewritten_for_inference_computes_the_traced_layers(name: str)
     assert dict(model.module.named_modules()) == modules
 
 
+class _NormAct(torch.nn.BatchNorm2d):
+    """A batch norm with an activation inside (as timm's BatchNormAct2d): not foldable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
 def test_rewrites_leave_requested_and_shared_tensors_alone() -> None:
     class Net(torch.nn.Module):
         def __init__(self) -> None:
@@ -160,21 +167,23 @@ def test_rewrites_leave_requested_and_shared_tensors_alone() -> None:
             self.conv2, self.bn2 = torch.nn.Conv2d(4, 4, 5, padding=1), torch.nn.BatchNorm2d(4)
             self.pad = torch.nn.ZeroPad2d(1)
             self.relu = torch.nn.ReLU()  # called twice: after bn2, and on a sum
+            self.conv3, self.bn3 = torch.nn.Conv2d(4, 4, 1), _NormAct(4)
 
         def forward(self, x):
             a = self.bn1(self.conv1(x))
             b = self.relu(self.bn2(self.conv2(self.pad(a))))
-            return self.relu(a + b)
+            return self.bn3(self.conv3(self.relu(a + b)))
 
     net = Net().eval()
     _batch_norm_statistics(net, seed=6)
     x = torch.randn(2, 3, 12, 12)
-    nodes = {"conv1": "conv1", "conv2": "conv2_out", "relu": "block", "relu_1": "out"}
-    plain = create_feature_extractor(net, nodes)
-    expected = plain(x)
-    graph = for_inference(create_feature_extractor(net, {"conv1": "conv1", "relu_1": "out"}))
+    nodes = {"conv1": "conv1", "relu_1": "sum", "bn3": "out"}
+    leaves = {"leaf_modules": [_NormAct]}
+    expected = create_feature_extractor(net, nodes, tracer_kwargs=leaves)(x)
+    graph = for_inference(create_feature_extractor(net, nodes, tracer_kwargs=leaves))
     calls = {n.target: graph.get_submodule(n.target) for n in graph.graph.nodes if n.op == "call_module"}
     assert "bn1" in calls and "bn2" not in calls  # conv1's output is requested: bn1 stays
+    assert "bn3" in calls  # a subclass of batch norm may compute more than the norm: it stays
     assert "pad" not in calls and calls["conv2"].padding == (2, 2)  # conv2's padding took the pad's
     assert not net.bn2.training and net.conv2.padding == (1, 1)  # the model's own modules are untouched
     relus = [m for m in calls.values() if isinstance(m, torch.nn.ReLU)]
@@ -182,7 +191,8 @@ def test_rewrites_leave_requested_and_shared_tensors_alone() -> None:
     assert not net.relu.inplace
     out = graph(x)
     torch.testing.assert_close(out["conv1"], expected["conv1"], rtol=0, atol=0)
-    torch.testing.assert_close(out["out"], expected["out"], rtol=1e-5, atol=1e-6)
+    for name in ("sum", "out"):
+        torch.testing.assert_close(out[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
 def test_two_extractions_of_the_same_images_are_identical() -> None:
