@@ -169,15 +169,17 @@ def _decoded_batch(images: ImageSet, preprocess: Preprocess, device: torch.devic
     """One batch's read results -> its crops on the device: the JPEGs decoded together, a file
     the device decoder refuses through PIL."""
     indices = np.array(batch, dtype=np.int64)
-    crops: list[torch.Tensor | None] = [None if data is not None else crop.to(device)
-                                        for data, crop, _ in results]
+    host = {k: crop for k, (data, crop, _) in enumerate(results) if data is None}  # PIL's crops
     errors = [error for _, _, error in results]
     jpeg = [k for k, (data, _, _) in enumerate(results) if data is not None]
     decoded = dict(zip(jpeg, _jpeg_decode([results[k][0] for k in jpeg], device))) if jpeg else {}
+    for k in (k for k, image in decoded.items() if image is None):  # refused: through PIL
+        host[k], errors[k] = pil_crop(images, preprocess, int(indices[k]))
+    crops: list[torch.Tensor | None] = [None] * len(batch)
     kept = [k for k, image in decoded.items() if image is not None]
     for k, crop in zip(kept, _crop_all(preprocess, [decoded[k] for k in kept])):
         crops[k] = crop
-    for k in (k for k, image in decoded.items() if image is None):  # refused: through PIL
-        crop, errors[k] = pil_crop(images, preprocess, int(indices[k]))
-        crops[k] = crop.to(device)
+    if host:  # one copy without waiting: a copy per crop would each wait for the device's queue
+        for k, crop in zip(host, torch.stack(list(host.values())).to(device, non_blocking=True)):
+            crops[k] = crop
     return indices, torch.stack(crops), errors

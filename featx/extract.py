@@ -241,8 +241,9 @@ def extract_batches(extractor: LayerExtractor, images: ImageSet, batches: list[l
     for indices, pixels, errors in decoded_batches(extractor, images, batches, workers):
         ok = np.array([not e for e in errors], dtype=bool)
         skipped = {int(i): e for i, e in zip(indices, errors) if e}
-        launched = extractor.launch(pixels[torch.from_numpy(ok).to(pixels.device)] if not ok.all()
-                                    else pixels) if ok.any() else None
+        readable = pixels if ok.all() else pixels.index_select(  # picked without waiting for the device
+            0, torch.from_numpy(np.flatnonzero(ok)).to(pixels.device, non_blocking=True))
+        launched = extractor.launch(readable) if ok.any() else None
         if waiting is not None:
             yield _finished(extractor, *waiting)
         waiting = (indices[ok], launched, skipped)

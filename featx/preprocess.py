@@ -3,6 +3,7 @@ decoding workers, or a decoded tensor on the device), then scale and normalise o
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -46,6 +47,15 @@ def load(preprocess: Preprocess, path: str | Path) -> torch.Tensor:
 
 def normalize(preprocess: Preprocess, batch: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 normalised, on the batch's device."""
-    mean = torch.tensor(preprocess.mean, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, device=batch.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(preprocess.mean, preprocess.std, batch.device)
     return (batch.float().div_(255.0) - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (1, 3, 1, 1) mean and std on `device`, made once: made per batch, their copy from host
+    memory to a GPU would wait for all the work queued there before it."""
+    with torch.inference_mode(False):  # usable in and out of inference mode
+        return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
+                torch.tensor(std, device=device).view(1, 3, 1, 1))
