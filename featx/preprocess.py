@@ -47,7 +47,7 @@ def load(preprocess: Preprocess, path: str | Path) -> torch.Tensor:
 
 def normalize(preprocess: Preprocess, batch: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 normalised, on the batch's device."""
-    mean, std = _mean_std(preprocess.mean, preprocess.std, batch.device)
+    mean, std = _mean_std(tuple(preprocess.mean), tuple(preprocess.std), batch.device)
     return (batch.float().div_(255.0) - mean) / std
 
 
