@@ -11,9 +11,10 @@ ranks: the slower rank's). The ratio is two ranks over one process: 1.0 means th
 engine costs nothing, and the target is at most 1.15.
 
 With --probes, the probes are timed the same way on the cache the one process made: `featx svm
---probe svm,logreg` run by one process with two threads and by 2 ranks of one thread. Layers no
-wider than their training rows run in primal form (each rank solves on its half of the rows);
-wider ones in kernel form (the Gram matrix is shared, the small solve on it is done by each rank).
+--probe svm,logreg` run by one process with two threads and by 2 ranks of one thread. The passes
+over the layer are shared between the ranks; the solve runs whole on every rank while the training
+rows fit its budget (primal form: layers no wider than their training rows), and in kernel form
+on the Gram matrix the ranks built together.
 
     python benchmarks/ranks.py --dataset ../shared/data/15scene --images 600 \
         --model efficientnet_lite0 --layers stage4_pool,stage6_pool,pool --probes
@@ -37,6 +38,8 @@ import torch
 from featx.data import find_images
 
 from machine import cpu_name
+
+TWO_RANKS = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # python's arguments
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,9 +71,8 @@ def timed_probes(tmp: Path, layers: str | None) -> dict:
     (in test images: the solves agree to floating-point tolerance, not bit for bit)."""
     svm = ["svm", "--cache", str(tmp / "one"), "--probe", "svm,logreg", "--device", "cpu"]
     svm += ["--layer", layers] if layers else []
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     record, scores = {}, {}
-    for name, launch, threads in (("one", [], 2), ("two", torchrun, 1)):
+    for name, launch, threads in (("one", [], 2), ("two", TWO_RANKS, 1)):
         started = time.perf_counter()
         subprocess.run([sys.executable, *launch, "-m", "featx", *svm, "--out", str(tmp / f"svm-{name}")],
                        env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True,
@@ -106,8 +108,8 @@ def main() -> None:
         extract += ["--layer", args.layers] if args.layers else []
         extract += ["--workers", str(args.workers)] if args.workers is not None else []
         one = timed([sys.executable, "-m", "featx", *extract, "--cache", f"{tmp}/one"], 2, Path(tmp) / "one")
-        two = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                     "-m", "featx", *extract, "--cache", f"{tmp}/two"], 1, Path(tmp) / "two")
+        two = timed([sys.executable, *TWO_RANKS, "-m", "featx", *extract, "--cache", f"{tmp}/two"], 1,
+                    Path(tmp) / "two")
         probes = timed_probes(Path(tmp), args.layers) if args.probes else None
     record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": cpu_name(),
               "torch": torch.__version__, "model": args.model, "images": n, "workers": args.workers,

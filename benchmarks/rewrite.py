@@ -60,7 +60,8 @@ def compare(name: str, precision: str, device: str, batch: int, rounds: int) -> 
     traced = {k: v.float() for k, v in features["traced"].items()}
     difference = max(((features["rewritten"][k].float() - v).abs().max()
                       / v.abs().max().clamp_min(1e-12)).item() for k, v in traced.items())
-    exact = LayerExtractor(model, layers, device, "fp32", rewrite=False).forward(crops)
+    exact = features["traced"] if sides["traced"].precision == "fp32" else \
+        LayerExtractor(model, layers, device, "fp32", rewrite=False).forward(crops)
     from_fp32 = {side: max(((out[k].float() - v).norm() / v.norm().clamp_min(1e-12)).item()
                            for k, v in exact.items()) for side, out in features.items()}
     return {"model": name, "layers": [layer.name for layer in layers],

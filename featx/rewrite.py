@@ -84,11 +84,12 @@ def _copy(graph: fx.GraphModule, target: str) -> nn.Module:
     return module
 
 
-def _is_conv2d(graph: fx.GraphModule, node: fx.Node) -> bool:
-    """A 2-D convolution: an nn.Conv2d module called once, or torch.conv2d on attribute weights."""
+def _is_conv2d(graph: fx.GraphModule, node: fx.Node, calls: dict[str, int]) -> bool:
+    """A 2-D convolution: an nn.Conv2d module called once (`calls`: see _calls), or torch.conv2d
+    on attribute weights."""
     if node.op == "call_module":
         module = _module(graph, node, (nn.Conv2d,))
-        return module is not None and module.padding_mode == "zeros" and _calls(graph)[node.target] == 1
+        return module is not None and module.padding_mode == "zeros" and calls[node.target] == 1
     return (node.op == "call_function" and node.target in (torch.conv2d, nn.functional.conv2d)
             and len(node.args) == 7 and not node.kwargs
             and all(isinstance(a, fx.Node) and a.op == "get_attr" or a is None for a in node.args[1:3]))
@@ -104,7 +105,7 @@ def fold_batch_norms(graph: fx.GraphModule) -> None:
         conv = node.args[0] if norm is not None and node.args else None
         if (norm is None or norm.running_mean is None or calls[node.target] != 1
                 or not isinstance(conv, fx.Node) or len(conv.users) != 1 or conv in returned
-                or not _is_conv2d(graph, conv)):
+                or not _is_conv2d(graph, conv, calls)):
             continue
         if conv.op == "call_module":
             module = _copy(graph, conv.target)
@@ -170,13 +171,14 @@ def fold_paddings(graph: fx.GraphModule) -> None:
     """ZeroPad2d -> convolution becomes the convolution with that padding added to its own,
     where the padding is the same on both sides of each axis and only the convolution reads it."""
     returned = _returned(graph)
+    calls = _calls(graph)
     for node in list(graph.graph.nodes):
         pad = _module(graph, node, (nn.ZeroPad2d,))
         if pad is None or len(node.users) != 1 or node in returned:
             continue
         left, right, top, bottom = pad.padding
         conv = next(iter(node.users))
-        if left != right or top != bottom or not _is_conv2d(graph, conv) or conv.args[0] is not node:
+        if left != right or top != bottom or not _is_conv2d(graph, conv, calls) or conv.args[0] is not node:
             continue
         if conv.op == "call_module":
             if isinstance(graph.get_submodule(conv.target).padding, str):
@@ -208,7 +210,7 @@ def inplace_where_safe(graph: fx.GraphModule) -> None:
             continue
         source = node.args[0] if node.args else None
         fresh = _module(graph, source, FRESH, subclasses=True) is not None or (
-            isinstance(source, fx.Node) and source.op == "call_function" and _is_conv2d(graph, source))
+            isinstance(source, fx.Node) and source.op == "call_function" and _is_conv2d(graph, source, calls))
         if not fresh or len(source.users) != 1 or source in returned:
             continue
         if calls[node.target] == 1:
