@@ -34,15 +34,15 @@ import torchvision
 from sklearn.svm import LinearSVC
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from featx.data import ImageSet, find_images, load_image, seeded_split
-from featx.decode import pil_batches
-from featx.extract import LayerExtractor, batches_of, resolve_device, to_vectors
+from featx.cache.store import FeatureStore
+from featx.data.decode import pil_batches
+from featx.data.images import ImageSet, find_images, load_image, seeded_split
+from featx.data.preprocess import normalize, prepare
+from featx.extract.forward import LayerExtractor, batches_of, resolve_device, to_vectors
+from featx.extract.run import extract_to_cache
 from featx.models import load_model
-from featx.pipeline import extract_to_cache
-from featx.preprocess import normalize, prepare
 from featx.probes import ProbeOptions, get_probe
 from featx.probes.stream import LayerStream
-from featx.store import FeatureStore
 
 from machine import cpu_name
 

@@ -40,12 +40,12 @@ import torch
 import torchvision
 from extract import run_baseline, subset
 
-from featx.data import ImageSet, find_images
-from featx.decode import pil_batches
-from featx.extract import LayerExtractor, batches_of, decoded_batches
+from featx.cache.store import FeatureStore
+from featx.data.decode import pil_batches
+from featx.data.images import ImageSet, find_images
+from featx.extract.forward import LayerExtractor, batches_of, decoded_batches
+from featx.extract.run import extract_to_cache
 from featx.models import load_model
-from featx.pipeline import extract_to_cache
-from featx.store import FeatureStore
 
 from machine import cpu_name
 

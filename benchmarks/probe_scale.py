@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featx.data import seeded_split
+from featx.cache.store import FeatureStore
+from featx.data.images import seeded_split
 from featx.probes import ProbeOptions, get_probe, parse_probes
 from featx.probes.stream import LayerStream, parse_memory
-from featx.store import FeatureStore
 
 from machine import cpu_name
 

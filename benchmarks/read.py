@@ -24,9 +24,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featx.data import ImageSet
+from featx.cache.store import FeatureStore
+from featx.data.images import ImageSet
 from featx.models import Layer, get_model
-from featx.store import FeatureStore
 
 from machine import cpu_name
 

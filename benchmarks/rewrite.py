@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from featx.extract import LayerExtractor
+from featx.extract.forward import LayerExtractor
 from featx.models import load_model
 
 from machine import cpu_name

@@ -26,12 +26,12 @@ _API = {
     "run_table": ("featx.study", "run_table"),
     "ExtractOptions": ("featx.study", "ExtractOptions"),
     "SvmOptions": ("featx.study", "SvmOptions"),
-    "FeatureStore": ("featx.store", "FeatureStore"),
-    "FeatureExtractor": ("featx.transformer", "FeatureExtractor"),
+    "FeatureStore": ("featx.cache.store", "FeatureStore"),
+    "FeatureExtractor": ("featx.extract.transformer", "FeatureExtractor"),
     "get_model": ("featx.models", "get_model"),
     "load_model": ("featx.models", "load_model"),
     "model_names": ("featx.models", "model_names"),
-    "Report": ("featx.report", "Report"),
+    "Report": ("featx.report.tables", "Report"),
     "FeatxError": ("featx.errors", "FeatxError"),
 }
 __all__ = ["__version__", *_API]

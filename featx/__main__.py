@@ -2,6 +2,6 @@
 
 import sys
 
-from featx.cli import main
+from featx.cli.app import main
 
 sys.exit(main())

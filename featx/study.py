@@ -1,4 +1,4 @@
-"""The study, top to bottom: find images -> extract once to the cache (featx.pipeline) -> a probe
+"""The study, top to bottom: find images -> extract once to the cache (featx.extract.run) -> a probe
 per layer on each split -> the Report that tables, figures and the page are drawn from."""
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import joblib
 import numpy as np
 
 from featx import __version__
-from featx.data import ImageSet, Split, find_images, fixed_split, read_split_file, seeded_split
+from featx.cache.store import FeatureStore, default_cache_root, list_stores
+from featx.data.images import ImageSet, Split, find_images, fixed_split, read_split_file, seeded_split
 from featx.errors import FeatxError, OptionError
+from featx.extract.ranks import Ranks
+from featx.extract.run import ExtractOptions, console, extract_images
 from featx.models import get_model
-from featx.pipeline import ExtractOptions, console, extract_images
-from featx.places import writable_folder
+from featx.options import writable_folder
 from featx.probes import ProbeOptions, ProbeResult, get_probe, parse_probes
 from featx.probes.linear import train_gram
 from featx.probes.stream import (
@@ -32,10 +34,8 @@ from featx.probes.stream import (
     parse_memory,
     probe_device,
 )
-from featx.ranks import Ranks
-from featx.report import LayerReport, ModelIdentity, ProbeScore, Report, write_table
-from featx.similarity import Similarity, similarity
-from featx.store import FeatureStore, default_cache_root, list_stores
+from featx.report.similarity import Similarity, similarity
+from featx.report.tables import LayerReport, ModelIdentity, ProbeScore, Report, write_table
 
 __all__ = ["ExtractOptions", "SvmOptions", "evaluate", "extract", "find_store", "run_table"]
 

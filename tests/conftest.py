@@ -59,7 +59,7 @@ def demo_copy(tmp_path: Path, demo_dir: Path) -> Path:
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `featx ARGS` in this process (the same entry point the command calls), in `cwd`
     with ./featx-cache as the cache; stdout and stderr are captured as a user would see them."""
-    from featx.cli import main
+    from featx.cli.app import main
 
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd = dict(os.environ), Path.cwd()
@@ -96,7 +96,7 @@ def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> No
 def array_store(root: Path, layers: dict[str, np.ndarray], labels: np.ndarray, shard_size: int = 16,
                 missing: tuple[int, ...] = ()):
     """A cache holding these arrays (rows in `missing` absent, as unreadable images are)."""
-    from featx.store import FeatureStore
+    from featx.cache.store import FeatureStore
 
     classes = tuple(f"c{i}" for i in range(int(labels.max()) + 1))
     store = FeatureStore.for_arrays(root, "arrays", labels, classes,

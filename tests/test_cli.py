@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from featx.store import FeatureStore
+from featx.cache.store import FeatureStore
 
 from conftest import assert_clean_error, run_cli, run_installed, write_images
 
@@ -241,7 +241,7 @@ def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path) -> None:
 
 
 def test_every_command_has_help_with_examples(tmp_path) -> None:
-    from featx.cli import app
+    from featx.cli.app import app
 
     commands = [command.name or command.callback.__name__ for command in app.registered_commands]
     assert len(commands) >= 10
@@ -254,7 +254,7 @@ def test_every_command_has_help_with_examples(tmp_path) -> None:
 def test_the_installed_command_runs_and_lists_layers_without_torch(tmp_path) -> None:
     result = run_installed("--help", cwd=tmp_path)
     assert result.returncode == 0 and "layers" in result.stdout
-    code = ("import sys; from featx.cli import main; code = main(['layers', '--model', 'vit_b_16']); "
+    code = ("import sys; from featx.cli.app import main; code = main(['layers', '--model', 'vit_b_16']); "
             "assert code == 0; assert 'torch' not in sys.modules, 'torch was imported'")
     import subprocess
     import sys

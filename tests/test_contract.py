@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featx.store import FeatureStore
+from featx.cache.store import FeatureStore
 
 from conftest import assert_clean_error, run_cli, write_images
 
@@ -168,7 +168,7 @@ BAD = [
 
 
 def test_the_battery_has_at_least_60_bad_invocations_over_every_command() -> None:
-    from featx.cli import app
+    from featx.cli.app import app
 
     commands = {command.name or command.callback.__name__ for command in app.registered_commands}
     assert len(BAD) >= 60

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featx.data import find_images, load_image, read_split_file, seeded_split
+from featx.data.images import find_images, load_image, read_split_file, seeded_split
 from featx.errors import FeatxError
 
 from conftest import write_images

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from featx.data import find_images
-from featx.decode import device_batches, device_can_decode, pil_batches, resolve_decode
+from featx.cache.store import FeatureStore
+from featx.data.decode import device_batches, device_can_decode, pil_batches, resolve_decode
+from featx.data.images import find_images
 from featx.errors import OptionError
-from featx.extract import LayerExtractor, batches_of, extract_batches
+from featx.extract.forward import LayerExtractor, batches_of, extract_batches
+from featx.extract.run import ExtractOptions, extract_images
 from featx.models import load_model
-from featx.pipeline import ExtractOptions, extract_images
-from featx.store import FeatureStore
 
 from conftest import run_cli
 

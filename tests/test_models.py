@@ -12,12 +12,12 @@ import torchvision
 from torch.nn import functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from featx.data import find_images
+from featx.data.images import find_images
+from featx.data.preprocess import normalize
 from featx.errors import FeatxError
-from featx.extract import LayerExtractor, batches_of, extract_batches
+from featx.extract.forward import LayerExtractor, batches_of, extract_batches
+from featx.extract.rewrite import for_inference
 from featx.models import get_model, load_model
-from featx.preprocess import normalize
-from featx.rewrite import for_inference
 
 from conftest import write_images
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featx.html import write_html
-from featx.plots import best_per_model, confusion_matrix, per_class_accuracy, plot_stem, write_plots
-from featx.report import LayerReport, ModelIdentity, Report, table_rows
+from featx.report.html import write_html
+from featx.report.plots import best_per_model, confusion_matrix, per_class_accuracy, plot_stem, write_plots
+from featx.report.tables import LayerReport, ModelIdentity, Report, table_rows
 
 CLASSES = ["MITcoast", "MITforest", "MIThighway", "MITinsidecity", "MITmountain",
            "MITopencountry", "MITstreet", "MITtallbuilding", "PARoffice", "bedroom",

@@ -13,11 +13,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, normalize
 from sklearn.svm import LinearSVC
 
-from featx.data import Split, seeded_split
+from featx.cache.store import DamagedShard, FeatureStore
+from featx.data.images import Split, seeded_split
 from featx.errors import FeatxError
 from featx.probes import ProbeOptions, balanced_accuracy, get_probe
 from featx.probes.stream import LayerStream
-from featx.store import DamagedShard, FeatureStore
 from featx.study import SvmOptions
 
 from conftest import array_store
@@ -226,8 +226,8 @@ def test_a_device_out_of_memory_is_one_clear_line_and_touches_no_cache_file(tmp_
 def test_knn_first_over_several_splits_tables_without_a_C(tmp_path) -> None:
     import json
 
-    from featx.html import write_html
-    from featx.report import render_markdown, write_table
+    from featx.report.html import write_html
+    from featx.report.tables import render_markdown, write_table
     from featx.study import evaluate
 
     x, y, _ = problem(n_per_class=20, dim=30, classes=3)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featx.store import FeatureStore
+from featx.cache.store import FeatureStore
 
 from conftest import run_cli
 
@@ -96,7 +96,8 @@ def test_a_killed_rank_leaves_whole_shards_and_a_rerun_with_other_ranks_finishes
 
 def test_featx_starts_the_ranks_itself(tmp_path, demo_dir, single) -> None:
     """The launcher behind `--gpus`, with two CPU ranks."""
-    code = ("import sys; from featx.ranks import launch_local; sys.exit(launch_local(sys.argv[1:], 2))")
+    code = ("import sys; from featx.extract.ranks import launch_local; "
+            "sys.exit(launch_local(sys.argv[1:], 2))")
     result = subprocess.run(
         [sys.executable, "-c", code, *EXTRACT, str(demo_dir), "--model", "resnet50", "--layer", "pool",
          "--batch-size", "4", "--shard-size", "8", "--cache", "c"],
@@ -127,7 +128,8 @@ def test_the_ranks_get_every_option_given_to_featx_extract_gpus(tmp_path, monkey
 
     import typer
 
-    from featx import cli, ranks
+    from featx.cli import app as cli
+    from featx.extract import ranks
 
     command = typer.main.get_command(cli.app).commands["extract"]
     hints = typing.get_type_hints(cli.extract)
@@ -218,7 +220,7 @@ def _mid_cache(root: Path) -> Path:
 
 def _probes(stream, budget: int) -> dict:
     """svm and logreg (C fixed: the solve's own memory stays small) on every other row."""
-    from featx.data import Split
+    from featx.data.images import Split
     from featx.probes import ProbeOptions, get_probe
 
     rows = np.arange(len(stream.index))
@@ -311,8 +313,8 @@ def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path) -> None:
 def test_every_shard_of_every_layer_has_one_rank(sizes) -> None:
     """Shards go with the unit (of the largest shard size) of their first image; where the sizes
     divide each other, as the cache plans them, no image is needed by two ranks."""
-    from featx.pipeline import rank_shards
-    from featx.ranks import Ranks
+    from featx.extract.ranks import Ranks
+    from featx.extract.run import rank_shards
 
     images = 50
     missing = {name: [k for k in range(-(-images // size)) if k % 3 != 1 or name == "a"]
@@ -331,8 +333,8 @@ def test_every_shard_of_every_layer_has_one_rank(sizes) -> None:
 
 
 def test_wide_layers_get_shard_sizes_that_divide_the_others(tmp_path, tiny_dataset) -> None:
+    from featx.cache.store import SHARD_BYTES, FeatureStore
     from featx.models import Layer
-    from featx.store import SHARD_BYTES, FeatureStore
 
     store = FeatureStore.for_arrays(tmp_path / "c", "arrays", np.zeros(4, np.int64), ("a",), {"x": 4},
                                     shard_size=512)

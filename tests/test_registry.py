@@ -81,7 +81,7 @@ def test_token_layers_are_reduced_never_flattened() -> None:
 def test_layer_reductions_match_the_network_itself() -> None:
     """The class token after the final norm is what vit's head sees; swin's pool is its head's input."""
     vit = load_model("vit_b_32", "random")
-    from featx.extract import LayerExtractor
+    from featx.extract.forward import LayerExtractor
 
     x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     out = LayerExtractor(vit, vit.spec.resolve_layers(["ln_cls", "ln_mean", "logits"]), "cpu", "fp32")(x)
@@ -122,7 +122,7 @@ def test_architecture_arguments_build_what_torchvision_builds_for_every_weight_s
                                             ("timm:vit_tiny_patch16_224", "random")])
 def test_timm_models_by_name_with_random_weights(model, weights) -> None:
     pytest.importorskip("timm")
-    from featx.extract import LayerExtractor
+    from featx.extract.forward import LayerExtractor
 
     spec = get_model(model, weights)
     loaded = load_model(model, weights)
@@ -131,7 +131,7 @@ def test_timm_models_by_name_with_random_weights(model, weights) -> None:
     for layer in spec.layers:
         assert out[layer.name].shape == (2, layer.dim), layer.name
     with torch.no_grad():
-        from featx.preprocess import normalize
+        from featx.data.preprocess import normalize
 
         logits = loaded.module(normalize(spec.preprocess, x))
     torch.testing.assert_close(out["logits"], logits, rtol=1e-4, atol=1e-4)

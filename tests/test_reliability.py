@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featx.store import FeatureStore
+from featx.cache.store import FeatureStore
 
 from conftest import assert_clean_error, run_cli, write_images
 
@@ -226,7 +226,7 @@ def test_the_default_split_falls_back_to_half_the_smallest_class_and_says_so(tmp
 def test_a_disk_filling_up_during_a_run_is_one_line_and_keeps_the_shards_before(cached, monkeypatch) -> None:
     import errno
 
-    from featx.store import FeatureStore as Store
+    from featx.cache.store import FeatureStore as Store
 
     data, store, featx, extract = cached
     (store / "pool" / "shard-00003.h5").unlink()

@@ -14,7 +14,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.svm import LinearSVC
 
-from featx.transformer import FeatureExtractor
+from featx.extract.transformer import FeatureExtractor
 
 from conftest import REPO, assert_clean_error, run_cli
 
@@ -177,8 +177,8 @@ def test_a_layer_combination_is_one_row_from_the_cached_layers(tmp_path, demo_di
                          "table.json").read_text())
     (row,) = report["layers"]
     assert row["layer"] == "stage6_pool+pool" and row["dim"] == 192 + 1280
+    from featx.cache.store import FeatureStore
     from featx.probes.stream import LayerStream
-    from featx.store import FeatureStore
 
     store = FeatureStore(tmp_path / "featx-cache" / "demo" / "efficientnet_lite0-random-seed0")
     stream = LayerStream(store, "stage6_pool+pool", "none", "cpu")  # the rows the probes are given

@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import ortho_group
 
 from featx.errors import FeatxError
-from featx.similarity import linear_cka, similarity
+from featx.report.similarity import linear_cka, similarity
 
 from conftest import array_store, assert_clean_error, run_cli
 
@@ -68,7 +68,7 @@ def test_the_command_writes_matrix_and_heatmap_and_the_page_shows_it(tmp_path, d
 
 
 def test_cka_streamed_from_a_cache_equals_cka_of_the_layers_read_whole(tmp_path) -> None:
-    from featx.store import FeatureStore
+    from featx.cache.store import FeatureStore
     from featx.study import layer_similarity
 
     rng = np.random.default_rng(3)

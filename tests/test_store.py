@@ -16,14 +16,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from featx.data import find_images
+from featx.cache.dtypes import check_stored, to_stored
+from featx.cache.store import FeatureStore, ShardWriter
+from featx.cli.progress import LogLines
+from featx.data.images import find_images
 from featx.errors import FeatxError
-from featx.extract import HostFeatures, LayerExtractor, batch_that_fits, batches_of, extract_batches
+from featx.extract.forward import HostFeatures, LayerExtractor, batch_that_fits, batches_of, extract_batches
+from featx.extract.run import extract_to_cache
 from featx.models import load_model
-from featx.pipeline import extract_to_cache
-from featx.progress import LogLines
-from featx.store import FeatureStore, ShardWriter
-from featx.stored import check_stored, to_stored
 
 LAYERS = ["stage6_pool", "pool", "logits"]
 
@@ -123,7 +123,7 @@ def test_resume_after_an_exception_mid_shard_gives_identical_features(tmp_path, 
 
 def test_resume_after_the_process_is_killed(tmp_path, demo_dir) -> None:
     cache = tmp_path / "cache"
-    args = [sys.executable, "-m", "featx.cli", "extract", str(demo_dir), "--model",
+    args = [sys.executable, "-m", "featx", "extract", str(demo_dir), "--model",
             "efficientnet_lite0", "--weights", "random", "--layer", "pool", "--cache", str(cache),
             "--batch-size", "8", "--shard-size", "8", "--workers", "0", "--precision", "fp32"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

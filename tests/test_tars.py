@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featx.data import find_images
+from featx.cache.store import FeatureStore
+from featx.data.images import find_images
 from featx.errors import FeatxError
-from featx.pipeline import ExtractOptions, extract_images
-from featx.store import FeatureStore
+from featx.extract.run import ExtractOptions, extract_images
 
 from conftest import assert_clean_error, run_cli, write_images
 

@@ -31,10 +31,10 @@ import xxhash
 from filelock import FileLock, Timeout
 
 from featx import __version__
-from featx.data import ImageSet
+from featx.cache.dtypes import DTYPES, as_stored
+from featx.data.images import ImageSet
 from featx.errors import FeatxError
 from featx.models import Layer, Weights
-from featx.stored import DTYPES, as_stored
 
 SHARD_BYTES = 256 << 20  # bound on one layer's shard in memory and on disk
 CACHE_FORMAT = 3  # 1: weights named by strings; 2: shards without checksums

@@ -1,4 +1,4 @@
-"""The `featx` command: a thin typer layer over featx.study and featx.report."""
+"""The `featx` command: a thin typer layer over featx.study and featx.report.tables."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from featx.errors import FeatxError, OptionError
-from featx.places import describe, writable_file, writable_folder
+from featx.options import describe, writable_file, writable_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
@@ -111,7 +111,7 @@ def _layer_names(layer: list[str] | None) -> list[str] | None:
 def _write_figures(report, out_dir: Path, html: Path | None) -> None:
     """Plots beside the table (when matplotlib is installed) and the optional HTML page."""
     try:
-        from featx.plots import write_plots
+        from featx.report.plots import write_plots
     except FeatxError as exc:
         typer.echo(f"note: no plots ({exc})", err=True)
         return
@@ -120,7 +120,7 @@ def _write_figures(report, out_dir: Path, html: Path | None) -> None:
     if (out_dir / "similarity.png").is_file():  # featx similarity was run into this folder
         plots["similarity"] = [out_dir / "similarity.png"]
     if html:
-        from featx.html import write_html
+        from featx.report.html import write_html
 
         typer.echo(f"report: {write_html(report, html, plots)}", err=True)
 
@@ -189,7 +189,7 @@ def extract(
     ; `featx extract imagenet/train --gpus all`. An interrupted run resumes from the first missing
     shard, with any number of ranks.
     """
-    from featx.ranks import Ranks, launch_local
+    from featx.extract.ranks import Ranks, launch_local
     from featx.study import extract as run_extract
 
     count = _gpu_count(gpus) if gpus is not None and not Ranks.from_env().several else 1
@@ -228,8 +228,8 @@ def svm(
     `featx svm --layer pool1 --probe svm,logreg,knn --memory 1G`.
     Each model is saved with joblib beside a JSON report in the results folder.
     """
-    from featx.ranks import Ranks
-    from featx.report import render_markdown, write_table
+    from featx.extract.ranks import Ranks
+    from featx.report.tables import render_markdown, write_table
     from featx.study import default_out_dir, evaluate, find_store
 
     options = _svm_options(C, scaling, train_per_class, seed, split, splits, probe, solver, memory, device)
@@ -267,8 +267,8 @@ def table(
     --split 15scene-split.csv` ; `featx table 15scene/ --model vgg16 --model resnet50 --splits 5
     --html report.html` ; `featx table 15scene/ --probe svm,logreg,knn`.
     """
-    from featx.ranks import Ranks
-    from featx.report import render_markdown
+    from featx.extract.ranks import Ranks
+    from featx.report.tables import render_markdown
     from featx.study import run_table
 
     if html:
@@ -340,7 +340,7 @@ def similarity(
     Examples: `featx similarity` ; `featx similarity --model vgg16 --model resnet50 --dataset 15scene`.
     """
     from featx.probes.stream import parse_memory, probe_device
-    from featx.similarity import heatmap
+    from featx.report.similarity import heatmap
     from featx.study import default_out_dir, find_store, layer_similarity
 
     memory_bytes, device = parse_memory(memory), probe_device(device) or "auto"  # checked before work
@@ -371,7 +371,7 @@ def predict(
 
     Example: `featx predict cat.jpg --top 5` ; `featx predict a.jpg b.png --model vgg16`.
     """
-    from featx.predict import predict_images
+    from featx.extract.predict import predict_images
 
     for path, ranked in predict_images(images, model, weights, top, device):
         typer.echo(f"{path}:")
@@ -387,7 +387,7 @@ def _report_path(path: Path) -> Path:
 
 
 def _read_report(path: Path):
-    from featx.report import load_report
+    from featx.report.tables import load_report
 
     return load_report(_report_path(path))
 
@@ -403,7 +403,7 @@ def plot(report: ReportArg, out: Annotated[Path | None, typer.Option(
 
     Example: `featx plot featx-results/15scene/vgg16-imagenet/table.json`.
     """
-    from featx.plots import write_plots
+    from featx.report.plots import write_plots
 
     data = _read_report(report)
     folder = writable_folder(out or _report_path(report).parent, "out")
@@ -419,7 +419,7 @@ def html_report(report: ReportArg, html: Annotated[Path | None, typer.Option(
 
     Example: `featx report featx-results/15scene/vgg16-imagenet --html vgg16.html`.
     """
-    from featx.html import write_html
+    from featx.report.html import write_html
 
     data = _read_report(report)
     folder = _report_path(report).parent
@@ -436,7 +436,7 @@ def info(cache: Annotated[Path | None, typer.Argument(
 
     Example: `featx info` ; `featx info /data/featx-cache`.
     """
-    from featx.store import default_cache_root, list_stores
+    from featx.cache.store import default_cache_root, list_stores
 
     root = cache or default_cache_root()
     stores, broken = list_stores(root)
@@ -473,7 +473,7 @@ def activations(
 
     Example: `featx activations cat.jpg --model vgg16 --layer conv1_1 --channels 16`.
     """
-    from featx.activations import write_activation_grid
+    from featx.report.activations import write_activation_grid
 
     target = writable_file(out or Path(f"{image.stem}_{model}_{layer}.png".replace(":", "-")), "out")
     typer.echo(str(write_activation_grid(image, target, model, layer, channels, weights, device)))
@@ -581,9 +581,9 @@ def main(args: list[str] | None = None) -> int:
 
 def _leave_ranks(together: bool) -> None:
     """Under torchrun, leave the ranks' process group before the process ends (see Ranks.leave);
-    a command that joined none never imported featx.ranks, nor torch for it."""
-    if "featx.ranks" in sys.modules:
-        sys.modules["featx.ranks"].Ranks.from_env().leave(together)
+    a command that joined none never imported featx.extract.ranks, nor torch for it."""
+    if "featx.extract.ranks" in sys.modules:
+        sys.modules["featx.extract.ranks"].Ranks.from_env().leave(together)
 
 
 if __name__ == "__main__":

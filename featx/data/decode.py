@@ -24,10 +24,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from featx.data import LARGE_PIXELS, ImageSet, load_image
+from featx.data.images import LARGE_PIXELS, ImageSet, load_image
+from featx.data.preprocess import prepare
 from featx.errors import OptionError
 from featx.models import Preprocess
-from featx.preprocess import prepare
 
 DECODERS = ("auto", "pil", "device")
 EXIF_ORIENTATION = 0x0112

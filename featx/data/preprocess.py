@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from featx.data import load_image
+from featx.data.images import load_image
 from featx.errors import FeatxError
 from featx.models.weights import Preprocess
 

@@ -20,13 +20,13 @@ import torch
 from torch.nn import functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from featx.data import ImageSet
-from featx.decode import device_batches, pil_batches, resolve_decode
+from featx.cache.dtypes import check_stored, resolve_dtype, to_stored
+from featx.data.decode import device_batches, pil_batches, resolve_decode
+from featx.data.images import ImageSet
+from featx.data.preprocess import normalize
 from featx.errors import FeatxError, OptionError
+from featx.extract.rewrite import for_inference, without_inplace
 from featx.models import Layer, LoadedModel, Preprocess
-from featx.preprocess import normalize
-from featx.rewrite import for_inference, without_inplace
-from featx.stored import check_stored, resolve_dtype, to_stored
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CPU_BATCH = 32  # the batch size on a CPU when none is given

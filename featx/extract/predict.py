@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from featx.data.preprocess import load
 from featx.errors import FeatxError, OptionError
-from featx.extract import LayerExtractor
+from featx.extract.forward import LayerExtractor
 from featx.models import get_model, load_model
-from featx.preprocess import load
 
 
 def predict_images(paths: list[Path], model: str = "efficientnet_lite0", weights: str = "imagenet",

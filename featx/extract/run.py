@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from featx.data import VERIFY, ImageSet
-from featx.decode import DECODERS
+from featx.cache.dtypes import DTYPES
+from featx.cache.store import FeatureStore, ShardWriter, default_cache_root
+from featx.cli.progress import extraction_progress
+from featx.data.decode import DECODERS
+from featx.data.images import VERIFY, ImageSet
 from featx.errors import OptionError
-from featx.extract import PRECISIONS, TTA, LayerExtractor, extract_batches
+from featx.extract.forward import PRECISIONS, TTA, LayerExtractor, extract_batches
+from featx.extract.ranks import ALONE, Ranks
 from featx.models import get_model, load_model
-from featx.places import describe, writable_folder
-from featx.progress import extraction_progress
-from featx.ranks import ALONE, Ranks
-from featx.store import FeatureStore, ShardWriter, default_cache_root
-from featx.stored import DTYPES
+from featx.options import describe, writable_folder
 
 console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
 SPACE_MARGIN = 16 << 20  # room for the manifest and HDF5 headers beside the features

@@ -9,9 +9,9 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from featx.data import ImageSet
+from featx.data.images import ImageSet
 from featx.errors import FeatxError
-from featx.extract import LayerExtractor, batches_of, extract_batches
+from featx.extract.forward import LayerExtractor, batches_of, extract_batches
 from featx.models import load_model
 
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from featx.data import Split
+from featx.data.images import Split
 from featx.probes import ProbeOptions, ProbeResult, balanced_accuracy
 from featx.probes.stream import LayerStream
 

@@ -40,7 +40,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 
-from featx.data import Split
+from featx.data.images import Split
 from featx.errors import FeatxError
 from featx.probes import ProbeOptions, ProbeResult, balanced_accuracy
 from featx.probes.solvers import LinearFit, Total, decision, whole, working_bytes

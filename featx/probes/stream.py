@@ -15,9 +15,9 @@ from functools import reduce
 import numpy as np
 import torch
 
+from featx.cache.store import FeatureStore
 from featx.errors import FeatxError, OptionError
-from featx.ranks import Ranks
-from featx.store import FeatureStore
+from featx.extract.ranks import Ranks
 
 DEFAULT_MEMORY = 2 << 30
 BLOCK_BYTES = 32 << 20  # rows read at a time, in float32: large enough for fast matrix products

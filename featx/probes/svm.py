@@ -20,7 +20,7 @@ from __future__ import annotations
 from sklearn.pipeline import Pipeline
 from sklearn.svm import LinearSVC
 
-from featx.data import Split
+from featx.data.images import Split
 from featx.probes import ProbeOptions, ProbeResult
 from featx.probes.linear import (
     Pick,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.data.preprocess import load
 from featx.errors import FeatxError, OptionError
-from featx.extract import LayerExtractor
+from featx.extract.forward import LayerExtractor
 from featx.models import get_model, load_model
-from featx.preprocess import load
 
 
 def layer_maps(image: str | Path, model: str = "vgg16", layer: str = "conv1_1",

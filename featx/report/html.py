@@ -8,7 +8,7 @@ import tempfile
 from html import escape
 from pathlib import Path
 
-from featx.report import LayerReport, Report, notes, table_rows
+from featx.report.tables import LayerReport, Report, notes, table_rows
 
 CSS = """
 body { font-family: sans-serif; max-width: 1200px; margin: 1.5em auto; padding: 0 1em;
@@ -28,12 +28,12 @@ img { max-width: 100%; height: auto; }
 
 def write_html(report: Report, path: Path, plots: dict[str, list[Path]] | None = None,
                extra: dict[str, list[Path]] | None = None) -> Path:
-    """Write the report as one HTML file; `plots` as returned by `featx.plots.write_plots`
+    """Write the report as one HTML file; `plots` as returned by `featx.report.plots.write_plots`
     (drawn into a temporary folder when None, which needs matplotlib), `extra` figures made
     elsewhere (the layer similarity heatmap)."""
     path = Path(path)
     if plots is None:
-        from featx.plots import write_plots  # matplotlib is only needed to draw
+        from featx.report.plots import write_plots  # matplotlib is only needed to draw
 
         with tempfile.TemporaryDirectory() as tmp:
             drawn = {**write_plots(report, Path(tmp)), **(extra or {})}
@@ -156,7 +156,7 @@ def _layer_section(report: Report, layer: LayerReport, images: dict[str, str]) -
             parts.append(f'<p class="warn">The {escape(score.probe)} solver did not converge for this '
                          "layer (it stopped short of its tolerance).</p>")
     if images:
-        from featx.plots import plot_stem  # the names write_plots gave
+        from featx.report.plots import plot_stem  # the names write_plots gave
 
         pair = [_img(images[stem], f"{kind} of {name}") for kind, stem in
                 (("confusion matrix", plot_stem("confusion", layer)),

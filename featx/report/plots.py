@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import FeatxError
-from featx.report import LayerReport, Report
+from featx.report.tables import LayerReport, Report
 
 try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -1,0 +1,1 @@
+"""Find images (class folders, tar shards), labels and splits; decode and preprocess them safely."""
