@@ -62,17 +62,17 @@ def peak_rss_mib() -> float:
 
 
 def open_store(root: Path, images: ImageSet, extractor: LayerExtractor) -> FeatureStore:
-    return FeatureStore.open_for(root, images, extractor.model.weights, extractor.precision,
-                                 [layer.name for layer in extractor.model.spec.layers])
+    return FeatureStore.open_for(root, images, extractor.model.weights, precision=extractor.precision,
+                                 layer_names=[layer.name for layer in extractor.model.spec.layers])
 
 
 def run_featx(images: ImageSet, args, cache: Path) -> tuple[dict[str, np.ndarray], dict]:
     model = load_model(args.model, args.weights)
     extractor = LayerExtractor(model, model.spec.resolve_layers(args.layers), args.device,
-                               args.precision, channels_last=not args.no_channels_last)
+                               precision=args.precision, channels_last=not args.no_channels_last)
     started = time.perf_counter()
     store = open_store(cache, images, extractor)
-    extract_to_cache(store, extractor, images, args.batch_size, workers=args.workers)
+    extract_to_cache(store, extractor, images, batch_size=args.batch_size, workers=args.workers)
     seconds = time.perf_counter() - started
     features = {layer.name: store.read_layer(layer.name).features for layer in extractor.layers}
     return features, {"seconds": seconds, "precision": extractor.precision,
@@ -87,7 +87,7 @@ def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureS
     batches = batches_of(range(len(images)), args.batch_size)
     started = time.perf_counter()
     decoded = [pixels for _, pixels, _ in
-               pil_batches(images, extractor.preprocess, batches, args.workers)]
+               pil_batches(images, extractor.preprocess, batches, workers=args.workers)]
     decode = time.perf_counter() - started
     forward = copy = 0.0
     outputs = []
@@ -107,7 +107,7 @@ def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureS
         probe.plan_layers(extractor.layers, args.batch_size, 10**9)
         for name in outputs[0]:
             rows = np.concatenate([o[name] for o in outputs])
-            probe.write_shard(name, 0, np.arange(len(rows)), rows, {})
+            probe.write_shard(name, 0, np.arange(len(rows)), features=rows, skipped={})
     write = time.perf_counter() - started
     return {"decode_s": decode, "forward_s": forward, "copy_to_host_s": copy, "write_s": write}
 
@@ -155,16 +155,16 @@ def svm_both(images: ImageSet, featx_features: dict, baseline_features: dict, pe
              seed: int) -> dict:
     """A linear SVM per layer on both sides' features, on one seeded split: featx's probe streams
     its features from a cache (written here from featx's side), the baseline fits LinearSVC()."""
-    split = seeded_split(images.labels, images.classes, per_class, seed)
+    split = seeded_split(images.labels, images.classes, per_class, seed=seed)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        store = FeatureStore.for_arrays(Path(tmp), "features", images.labels, images.classes,
-                                        {name: x.shape[1] for name, x in featx_features.items()})
+        store = FeatureStore.for_arrays(Path(tmp), "features", images.labels, classes=images.classes,
+                                        layers={name: x.shape[1] for name, x in featx_features.items()})
         for name, x in featx_features.items():
             for k, (start, stop) in enumerate(store.shard_ranges(name)):
-                store.write_shard(name, k, np.arange(start, stop), x[start:stop], {})
+                store.write_shard(name, k, np.arange(start, stop), features=x[start:stop], skipped={})
         for name in featx_features:
-            result, _ = get_probe("svm")(LayerStream(store, name), split, ProbeOptions(seed=seed))
+            result, _ = get_probe("svm").train(LayerStream(store, name), split, ProbeOptions(seed=seed))
             xb, y = baseline_features[name], images.labels
             started = time.perf_counter()
             reference = LinearSVC().fit(xb[split.train], y[split.train])

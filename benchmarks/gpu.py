@@ -91,11 +91,11 @@ def time_stages(images: ImageSet, extractor: LayerExtractor, batch: int, workers
     batches = batches_of(range(len(images)), batch)
     stages = {"read_s": time_read(images, workers or os.cpu_count() or 1)}
     with Clock(extractor.device) as clock:
-        crops = [pixels for _, pixels, _ in decoded_batches(extractor, images, batches, workers)]
+        crops = [pixels for _, pixels, _ in decoded_batches(extractor, images, batches, workers=workers)]
     stages["decode_s"] = clock.seconds
     if extractor.decode == "device":
         with Clock(extractor.device) as clock:
-            for _ in pil_batches(images, extractor.preprocess, batches, workers):
+            for _ in pil_batches(images, extractor.preprocess, batches, workers=workers):
                 pass
         stages["decode_pil_workers_s"] = clock.seconds
     crops = [c.to(extractor.device) for c in crops]
@@ -110,24 +110,25 @@ def time_stages(images: ImageSet, extractor: LayerExtractor, batch: int, workers
     features = {name: torch.cat([h[name] for h in host]).numpy() for name in host[0]}
     stages["feature_bytes"] = int(sum(f.nbytes for f in features.values()))
     with tempfile.TemporaryDirectory() as tmp:
-        store = FeatureStore.for_arrays(Path(tmp), "stages", images.labels, images.classes,
-                                        {name: f.shape[1] for name, f in features.items()},
-                                        extractor.dtype, SHARD)
+        store = FeatureStore.for_arrays(Path(tmp), "stages", images.labels, classes=images.classes,
+                                        layers={name: f.shape[1] for name, f in features.items()},
+                                        dtype=extractor.dtype, shard_size=SHARD)
         with Clock(torch.device("cpu")) as clock:
             for name, f in features.items():
                 for k, (start, stop) in enumerate(store.shard_ranges(name)):
-                    store.write_shard(name, k, np.arange(start, stop), f[start:stop], {})
+                    store.write_shard(name, k, np.arange(start, stop), features=f[start:stop], skipped={})
         stages["write_s"] = clock.seconds
     return stages
 
 
 def time_e2e(images: ImageSet, extractor: LayerExtractor, batch: int, workers: int | None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        store = FeatureStore.open_for(Path(tmp), images, extractor.model.weights, extractor.precision,
-                                      [layer.name for layer in extractor.model.spec.layers],
-                                      extractor.dtype, decode=extractor.decode)
+        store = FeatureStore.open_for(Path(tmp), images, extractor.model.weights,
+                                      precision=extractor.precision,
+                                      layer_names=[layer.name for layer in extractor.model.spec.layers],
+                                      dtype=extractor.dtype, decode=extractor.decode)
         with Clock(extractor.device) as clock:
-            extract_to_cache(store, extractor, images, batch, SHARD, workers)
+            extract_to_cache(store, extractor, images, batch_size=batch, shard_size=SHARD, workers=workers)
     return clock.seconds
 
 
@@ -142,8 +143,9 @@ def forward_variants(images: ImageSet, model, layers, device: str, batch: int) -
                 "fp32": {"precision": "fp32"}, "compiled": {"compile": "default"},
                 "compiled, CUDA graphs": {"compile": "reduce-overhead"}}
     for name, setting in settings.items():
-        extractor = LayerExtractor(model, layers, device, setting.get("precision", "auto"),
-                                   setting.get("channels_last", True), rewrite=setting.get("rewrite", True))
+        extractor = LayerExtractor(model, layers, device, precision=setting.get("precision", "auto"),
+                                   channels_last=setting.get("channels_last",
+                                                             True), rewrite=setting.get("rewrite", True))
         if "compile" in setting:
             extractor.graph = torch.compile(extractor.graph, mode=setting["compile"])
         x = crops.to(extractor.device)

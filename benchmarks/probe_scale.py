@@ -44,7 +44,8 @@ def write_layer(root: Path, rows: int, dim: int, classes: int, shard_size: int, 
     rng = np.random.default_rng(seed)
     labels = np.arange(rows) % classes
     names = tuple(f"class{c:03d}" for c in range(classes))
-    store = FeatureStore.for_arrays(root, f"synthetic-{rows}x{dim}", labels, names, {"features": dim},
+    store = FeatureStore.for_arrays(root, f"synthetic-{rows}x{dim}", labels, classes=names,
+                                    layers={"features": dim},
                                     dtype="float16", shard_size=shard_size)
     centres = rng.standard_normal((classes, dim), dtype=np.float32) * 0.15
     for k, (start, stop) in enumerate(store.shard_ranges("features")):
@@ -53,7 +54,7 @@ def write_layer(root: Path, rows: int, dim: int, classes: int, shard_size: int, 
         index = np.arange(start, stop)
         block = rng.standard_normal((stop - start, dim), dtype=np.float32)
         block += centres[labels[index]]
-        store.write_shard("features", k, index, block, {})
+        store.write_shard("features", k, index, features=block, skipped={})
     return FeatureStore(store.folder)
 
 
@@ -78,12 +79,12 @@ def main() -> None:
     print(f"{args.rows} rows x {args.dim} values, {args.classes} classes: {on_disk / 2**30:.2f} GiB "
           f"in {written_s:.1f} s; peak RSS {rss_written:.0f} MiB", flush=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    split = seeded_split(store.labels, store.classes, 100, args.seed)
+    split = seeded_split(store.labels, store.classes, 100, seed=args.seed)
     options = ProbeOptions(memory=parse_memory(args.memory), seed=args.seed)
-    stream = LayerStream(store, "features", "l2", device)
+    stream = LayerStream(store, "features", "l2", device=device)
     figures = []
     for probe in parse_probes(args.probe):
-        result, _ = get_probe(probe)(stream, split, options)
+        result, _ = get_probe(probe).train(stream, split, options)
         figures.append({"probe": probe, "seconds": result.train_seconds, "accuracy": result.accuracy,
                         "balanced_accuracy": result.balanced_accuracy, "C": result.C,
                         "peak_rss_mib": peak_rss_mib()})

@@ -37,12 +37,13 @@ def build(root: Path, rows: int, dim: int) -> FeatureStore:
     images = ImageSet(root / "images", tuple(f"c/{i}.jpg" for i in range(rows)),
                       np.zeros(rows, np.int64), ("c",))
     weights = get_model("efficientnet_lite0", "random").weights.with_checksum("0" * 16)
-    store = FeatureStore.open_for(root / "cache", images, weights, "fp32", ["layer"])
+    store = FeatureStore.open_for(root / "cache", images, weights, precision="fp32", layer_names=["layer"])
     layer = Layer("layer", "node", (dim,))
     store.plan_layers([layer], batch_size=32, shard_size=512)
     rng = np.random.default_rng(0)
     for k, (start, stop) in enumerate(store.shard_ranges("layer")):
-        store.write_shard("layer", k, np.arange(start, stop), rng.random((stop - start, dim), np.float32), {})
+        store.write_shard("layer", k, np.arange(start, stop), features=rng.random((stop - start, dim),
+                                                                                  np.float32), skipped={})
     return store
 
 

@@ -48,8 +48,8 @@ def compare(name: str, precision: str, device: str, batch: int, rounds: int) -> 
     crop = model.preprocess.crop
     crops = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
-    sides = {"traced": LayerExtractor(model, layers, device, precision, rewrite=False),
-             "rewritten": LayerExtractor(model, layers, device, precision)}
+    sides = {"traced": LayerExtractor(model, layers, device, precision=precision, rewrite=False),
+             "rewritten": LayerExtractor(model, layers, device, precision=precision)}
     crops = crops.to(sides["traced"].device)
     features = {side: extractor.forward(crops) for side, extractor in sides.items()}  # warm-up
     seconds = {side: [] for side in sides}
@@ -61,7 +61,7 @@ def compare(name: str, precision: str, device: str, batch: int, rounds: int) -> 
     difference = max(((features["rewritten"][k].float() - v).abs().max()
                       / v.abs().max().clamp_min(1e-12)).item() for k, v in traced.items())
     exact = features["traced"] if sides["traced"].precision == "fp32" else \
-        LayerExtractor(model, layers, device, "fp32", rewrite=False).forward(crops)
+        LayerExtractor(model, layers, device, precision="fp32", rewrite=False).forward(crops)
     from_fp32 = {side: max(((out[k].float() - v).norm() / v.norm().clamp_min(1e-12)).item()
                            for k, v in exact.items()) for side, out in features.items()}
     return {"model": name, "layers": [layer.name for layer in layers],

@@ -33,7 +33,7 @@ from featx.probes import ProbeOptions, get_probe
 from featx.probes.linear import liblinear_solver, training_rows
 from featx.probes.solvers import fit_squared_hinge, primal_objective_svm
 from featx.probes.stream import LayerStream, parse_memory
-from featx.study import SvmOptions, check_dataset, find_store, split_rows
+from featx.study import ProbingOptions, check_dataset, find_store, split_rows
 
 from machine import cpu_name
 
@@ -72,17 +72,19 @@ def same_C(stream: LayerStream, split, C: float, budget: int) -> dict:
     out = {}
     for name, solve in (("torch", fit_squared_hinge), ("liblinear", liblinear_solver(0))):
         started = time.perf_counter()
-        fit = solve(training.x, training.y, ones, Cs, n_classes)
+        fit = solve(training.x, training.y, ones, C=Cs, n_classes=n_classes)
         seconds = time.perf_counter() - started
-        objective = primal_objective_svm(training.x, training.y, fit.coef[0], fit.intercept[0], C, n_classes)
+        objective = primal_objective_svm(training.x, training.y, fit.coef[0], intercept=fit.intercept[0],
+                                         C=C, n_classes=n_classes)
         out[name] = {"fit_s": seconds, "objective": float(objective), "coef": fit.coef[0],
                      "intercept": fit.intercept[0]}
     from featx.probes.linear import feature_weights, predict_rows
 
     y_true = stream.labels[split.test]
     for name in ("torch", "liblinear"):
-        weights = feature_weights(stream, training, out[name].pop("coef"), budget)
-        predicted = predict_rows(stream, split.test, weights, out[name].pop("intercept"), budget)
+        weights = feature_weights(stream, training, out[name].pop("coef"), budget=budget)
+        predicted = predict_rows(stream, split.test, weights, intercept=out[name].pop("intercept"),
+                                 budget=budget)
         out[name]["accuracy"] = float((predicted == y_true).mean())
     out["objective_gap"] = (out["torch"]["objective"] - out["liblinear"]["objective"]) / \
         abs(out["liblinear"]["objective"])
@@ -92,19 +94,19 @@ def same_C(stream: LayerStream, split, C: float, budget: int) -> dict:
 
 def compare_layer(store, name: str, args: argparse.Namespace) -> dict:
     """Both solvers through the whole probe, then at the same C; print and return the figures."""
-    stream = LayerStream(store, name, "l2", args.device)
-    options = SvmOptions(train_per_class=args.train_per_class, seed=args.seed, split_file=args.split)
+    stream = LayerStream(store, name, "l2", device=args.device)
+    options = ProbingOptions(train_per_class=args.train_per_class, seed=args.seed, split_file=args.split)
     split = split_rows(store, stream.index, options)[0]
     memory = parse_memory(args.memory)
     row = {"layer": name, "dim": stream.dim, "n_train": len(split.train), "n_test": len(split.test)}
     for solver in ("torch", "liblinear"):
-        stream = LayerStream(store, name, "l2", args.device)  # nothing held over from the other side
+        stream = LayerStream(store, name, "l2", device=args.device)  # nothing held over from the other side
         options = ProbeOptions(seed=args.seed, solver=solver, memory=memory)
-        result, _ = get_probe("svm")(stream, split, options)
+        result, _ = get_probe("svm").train(stream, split, options)
         row[solver] = {"seconds": result.train_seconds, "accuracy": result.accuracy, "C": result.C,
                        "kernel_form": result.kernel_form, "converged": result.converged}
     row["speedup"] = row["liblinear"]["seconds"] / row["torch"]["seconds"]
-    stream = LayerStream(store, name, "l2", args.device)
+    stream = LayerStream(store, name, "l2", device=args.device)
     row["same_C"] = {"C": row["torch"]["C"], **same_C(stream, split, row["torch"]["C"], memory)}
     t, lib, same = row["torch"], row["liblinear"], row["same_C"]
     print(f"{name:<12} dim {stream.dim:>7}  torch {t['seconds']:7.2f} s acc {t['accuracy']:.4f} "
@@ -138,7 +140,7 @@ def main() -> None:
     parser.add_argument("--baseline-timeout", type=float, default=900)
     args = parser.parse_args()
 
-    store = find_store(args.cache, args.dataset, args.model, args.weights)
+    store = find_store(args.cache, args.dataset, args.model, weights=args.weights)
     check_dataset(store)
     rows = []
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

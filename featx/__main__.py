@@ -2,6 +2,6 @@
 
 import sys
 
-from featx.cli.app import main
+from featx.cli.main import main
 
 sys.exit(main())

@@ -1,16 +1,145 @@
-"""Output places, checked before any work starts: a folder featx will write into must be a
-folder (or creatable as one) where a file can be made, else an OptionError naming the path."""
+"""Option values, checked once where they enter: the named choices as enums, the one device parser,
+the memory budget, and the places featx writes (a folder or a file it must be able to write)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
+from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
-from featx.errors import OptionError
+from featx.errors import FeatxError, OptionError
+
+C = TypeVar("C", bound="Choice")
 
 
+class Choice(str, Enum):
+    """A named choice: its value is what a user types, and str() gives that value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls: type[C], value: object, option: str) -> C:
+        """The member `value` names (a member or its text), else an OptionError for `option`."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise OptionError(option, f"must be one of {cls.names()}, not {value!r}") from None
+
+    @classmethod
+    def names(cls) -> str:
+        return ", ".join(member.value for member in cls)
+
+
+class Precision(Choice):
+    """The forward pass's arithmetic."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Dtype(Choice):
+    """The cached features' type."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+class Decode(Choice):
+    """How image files become crops: PIL worker processes, or batches decoded on the device."""
+
+    AUTO = "auto"
+    PIL = "pil"
+    DEVICE = "device"
+
+
+class Tta(Choice):
+    """Test-time augmentation: none, or each image's features averaged with its mirror's."""
+
+    NONE = "none"
+    FLIP = "flip"
+
+
+class Verify(Choice):
+    """How a cached image is recognised: its size and modification time, or its bytes too."""
+
+    SIZE = "size"
+    HASH = "hash"
+
+
+class Scaling(Choice):
+    """How a probe scales the features before training."""
+
+    L2 = "l2"
+    STANDARDIZE = "standardize"
+    NONE = "none"
+
+
+class Solver(Choice):
+    """Which solver fits the linear probes."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    LIBLINEAR = "liblinear"
+
+
+# --- devices ----------------------------------------------------------------------------------
+def parse_device(text: str, option: str = "device") -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked as text (no torch needed)."""
+    value = str(text).strip().lower()
+    if value not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", value):
+        raise OptionError(option, f"must be auto, cpu, cuda or cuda:N, not {text!r}")
+    return value
+
+
+def resolve_device(text: str = "auto"):
+    """The torch.device a parsed device names: `auto` is CUDA where there is a GPU; a CUDA device
+    asked for where there is none is a FeatxError."""
+    import torch
+
+    value = parse_device(text)
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise FeatxError(f"device {value} asked for, but no CUDA GPU is available")
+    return torch.device(value)
+
+
+# --- memory -----------------------------------------------------------------------------------
+DEFAULT_MEMORY = 2 << 30
+MIN_MEMORY = 64 << 20
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes from `2G`, `512M`, `1.5GB` (at least MIN_MEMORY), or an int of bytes taken as given
+    (the API's way to test a tiny budget)."""
+    if isinstance(text, int):
+        if text < 1:
+            raise OptionError("memory", f"must be a positive number of bytes, not {text}")
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)i?b?\s*", str(text).lower())
+    if not match:
+        raise OptionError("memory", f"must be a size such as 2G or 512M, not {text!r}")
+    value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value < MIN_MEMORY:
+        raise OptionError("memory", f"must be at least {MIN_MEMORY >> 20}M (the program itself needs "
+                          f"that much beside the features), not {text!r}")
+    return value
+
+
+def describe_bytes(n: int) -> str:
+    return f"{n / (1 << 30):.1f}G" if n >= 1 << 30 else f"{max(1, -(-n >> 20))}M"
+
+
+# --- places featx writes ----------------------------------------------------------------------
 def writable_folder(path: str | Path, option: str) -> Path:
     """Make `path` if missing and prove a file can be written in it."""
     path = Path(path).expanduser()

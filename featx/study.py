@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,44 +21,48 @@ from featx.cache.store import FeatureStore, default_cache_root, list_stores
 from featx.data.images import ImageSet, Split, find_images, fixed_split, read_split_file, seeded_split
 from featx.errors import FeatxError, OptionError
 from featx.extract.ranks import Ranks
-from featx.extract.run import ExtractOptions, console, extract_images
+from featx.extract.run import ExtractOptions, Progress, extract_images, logged_progress
 from featx.models import get_model
-from featx.options import writable_folder
-from featx.probes import ProbeOptions, ProbeResult, get_probe, parse_probes
-from featx.probes.linear import train_gram
-from featx.probes.stream import (
+from featx.options import (
     DEFAULT_MEMORY,
-    DEFAULT_SCALING,
-    SCALINGS,
-    LayerStream,
+    Scaling,
+    Solver,
     describe_bytes,
+    parse_device,
     parse_memory,
-    probe_device,
+    resolve_device,
+    writable_folder,
 )
+from featx.probes import ProbeOptions, ProbeResult, get_probe, parse_probe_params, parse_probes
+from featx.probes.linear import train_gram
+from featx.probes.stream import LayerStream
 from featx.report.similarity import Similarity, similarity
 from featx.report.tables import LayerReport, ModelIdentity, ProbeScore, Report, write_table
 
-__all__ = ["ExtractOptions", "SvmOptions", "evaluate", "extract", "find_store", "run_table"]
+__all__ = ["ExtractOptions", "ProbingOptions", "evaluate", "extract", "find_store", "run_table"]
 
 
+log = logging.getLogger(__name__)
 C_RANGE = (1e-6, 1e6)  # values of C a linear SVM on l2-scaled features can tell apart
 
 
 @dataclass(frozen=True)
-class SvmOptions:
-    """How to train and test: the probes, C, scaling, the split, the solver, the memory budget
-    and the device; checked once when made."""
+class ProbingOptions:
+    """How to train and test: the probes and their parameters, C, scaling, the split, the solver,
+    the memory budget and the device; checked once when made. `probe_params` takes
+    `PROBE.PARAM=VALUE` items (or a mapping) and holds, once made, every probe's parameters."""
 
     C: float | str = "auto"
-    scaling: str = DEFAULT_SCALING
+    scaling: Scaling = Scaling.L2
     train_per_class: int | None = None  # None: 100, or half of the smallest class (see seeded_split)
     seed: int = 0
     split_file: str | None = None
     splits: int = 1
     probe: str | tuple[str, ...] = "svm"  # one or several, comma-separated: a column each
-    solver: str = "auto"
+    solver: Solver = Solver.AUTO
     memory: str | int = DEFAULT_MEMORY
     device: str = "auto"
+    probe_params: Sequence[str] | Mapping[str, object] = ()
 
     def __post_init__(self) -> None:
         if self.C != "auto":
@@ -71,47 +76,48 @@ class SvmOptions:
                 raise OptionError("C", f"must lie between {C_RANGE[0]:g} and {C_RANGE[1]:g} (or be auto), "
                                   f"not {value:g}: beyond that the solver only runs longer")
             object.__setattr__(self, "C", value)
-        if self.scaling not in SCALINGS:
-            raise OptionError("scaling", f"must be one of {', '.join(SCALINGS)}, not {self.scaling!r}")
+        object.__setattr__(self, "scaling", Scaling.parse(self.scaling, "scaling"))
+        object.__setattr__(self, "solver", Solver.parse(self.solver, "solver"))
         for name in ("train_per_class", "splits"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionError(name, f"must be at least 1, not {getattr(self, name)}")
         object.__setattr__(self, "probe", parse_probes(self.probe))
+        if not (isinstance(self.probe_params, Mapping) and set(self.probe_params) == set(self.probe)):
+            object.__setattr__(self, "probe_params", parse_probe_params(self.probe_params, self.probe))
         object.__setattr__(self, "memory", parse_memory(self.memory))
-        self.probe_options()  # the solver is checked there
-        probe_device(self.device)
+        object.__setattr__(self, "device", parse_device(self.device))
+        resolve_device(self.device)  # a GPU asked for where there is none: said before any work
         if self.split_file:
             read_split_file(self.split_file)  # exists, is a CSV of path,label,split: checked now
 
-    def probe_options(self) -> ProbeOptions:
-        return ProbeOptions(C=self.C, seed=self.seed, solver=self.solver, memory=self.memory)
-
-    @property
-    def probe_device(self) -> str | None:
-        return probe_device(self.device)
+    def probe_options(self, probe: str) -> ProbeOptions:
+        """What the probe `probe` is given: the shared settings and its own parameters."""
+        return ProbeOptions(C=self.C, seed=self.seed, solver=self.solver, memory=self.memory,
+                            params=self.probe_params.get(probe, {}))
 
 
-def check_split(images: ImageSet, svm: SvmOptions) -> None:
+def check_split(images: ImageSet, probing: ProbingOptions) -> None:
     """Fail before the long extraction when the split cannot work."""
-    if svm.split_file:
-        mapping = read_split_file(svm.split_file)
+    if probing.split_file:
+        mapping = read_split_file(probing.split_file)
         if not set(mapping) & set(images.paths):
-            raise FeatxError(f"no path of split file {svm.split_file} is an image of {images.root}")
+            raise FeatxError(f"no path of split file {probing.split_file} is an image of {images.root}")
     elif images.fixed_split is None:
-        seeded_split(images.labels, images.classes, svm.train_per_class, svm.seed)
+        seeded_split(images.labels, images.classes, probing.train_per_class, seed=probing.seed)
 
 
-def extract(dataset: str | Path, model: str = "vgg16", layers: list[str] | None = None,
+def extract(dataset: str | Path, model: str = "vgg16", layers: list[str] | None = None, *,
             weights: str = "imagenet", cache: str | Path | None = None, seed: int = 0,
-            options: ExtractOptions | None = None, progress: bool = True) -> FeatureStore:
+            options: ExtractOptions | None = None, progress: Progress | None = logged_progress,
+            ) -> FeatureStore:
     """Cache the requested layers (default: the model's standard ones) for every image of
     `dataset` in one forward pass, resuming where an earlier run stopped."""
-    return extract_images(find_images(dataset), model, layers, weights, cache, seed,
-                          options or ExtractOptions(), progress)
+    return extract_images(find_images(dataset), model, layers, weights=weights, cache=cache, seed=seed,
+                          options=options, progress=progress)
 
 
 def find_store(cache: str | Path | None = None, dataset: str | None = None,
-               model: str | None = None, weights: str | None = None,
+               model: str | None = None, *, weights: str | None = None,
                tta: str | None = None, dtype: str | None = None, decode: str | None = None,
                ) -> FeatureStore:
     """The one cached dataset/model/weights matching the filters; a clear error when none or
@@ -122,7 +128,7 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
         raise FeatxError(f"the cache {root} is a file, not a folder")
     stores, broken = list_stores(root)
     for reason in broken.values():
-        console.print(f"[yellow]warning:[/] {reason}; passed over")
+        log.warning(f"{reason}; passed over")
     if not stores:
         raise FeatxError(f"no features cached under {root}; run featx extract DATASET first")
     folder = Path(dataset).expanduser().resolve() if dataset and Path(dataset).expanduser().is_dir() else None
@@ -154,7 +160,7 @@ def check_dataset(store: FeatureStore, images: ImageSet | None = None) -> None:
     if store.manifest.get("arrays"):  # features made elsewhere (FeatureStore.for_arrays): no images
         return
     if not (root.parent if root.name.endswith(".tar") else root).is_dir():  # tar shards: their folder
-        console.print(f"[yellow]warning:[/] the dataset folder {root} is not there: {store.label} is "
+        log.warning(f"the dataset folder {root} is not there: {store.label} is "
                       "scored as it was extracted, unchecked")
         return
     changes = store.compare_images(images or find_images(root))
@@ -168,42 +174,43 @@ def default_out_dir(store: FeatureStore) -> Path:
     return Path("featx-results") / store.manifest["dataset"] / store.folder.name
 
 
-def split_rows(store: FeatureStore, index: np.ndarray, svm: SvmOptions) -> list[Split]:
+def split_rows(store: FeatureStore, index: np.ndarray, probing: ProbingOptions) -> list[Split]:
     """Train/test rows (positions in `index`) for the cached images: one split from a split file
     or the dataset's own train/ and test/ folders, else `splits` seeded per-class splits."""
-    once = "; one fixed split, so more splits were not drawn" if svm.splits > 1 else ""
+    once = "; one fixed split, so more splits were not drawn" if probing.splits > 1 else ""
     paths = [store.manifest["paths"][i] for i in index]
-    if svm.split_file:
-        mapping = read_split_file(svm.split_file)
+    if probing.split_file:
+        mapping = read_split_file(probing.split_file)
         names = [mapping.get(p, "") for p in paths]
         unknown = len(set(mapping) - set(paths))
         if not any(names):
-            raise FeatxError(f"no path of split file {svm.split_file} is among the cached images of "
+            raise FeatxError(f"no path of split file {probing.split_file} is among the cached images of "
                              f"{store.label} (paths must be relative to the dataset folder)")
         note = f"; {unknown} listed images not in the cache" if unknown else ""
-        return [fixed_split(names, f"split file {svm.split_file}{note}{once}")]
+        return [fixed_split(names, f"split file {probing.split_file}{note}{once}")]
     if store.manifest.get("fixed_split"):
         names = [store.manifest["fixed_split"][i] for i in index]
         return [fixed_split(names, f"the dataset's own train/ and test/ folders{once}")]
     labels = store.labels[index]
-    seeds = range(svm.seed, svm.seed + svm.splits)
-    parts = [seeded_split(labels, store.classes, svm.train_per_class, s) for s in seeds]
-    if svm.splits == 1:
+    seeds = range(probing.seed, probing.seed + probing.splits)
+    parts = [seeded_split(labels, store.classes, probing.train_per_class, seed=s) for s in seeds]
+    if probing.splits == 1:
         return parts
     per_class = parts[0].description.split(", seed ")[0]
-    description = (f"{svm.splits} random splits (seeds {svm.seed}..{svm.seed + svm.splits - 1}) of "
-                   f"{per_class}, the rest for test")
+    last = probing.seed + probing.splits - 1
+    description = (f"{probing.splits} random splits (seeds {probing.seed}..{last}) of {per_class}, the "
+                   "rest for test")
     return [Split(p.train, p.test, description) for p in parts]
 
 
-def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptions | None = None,
-             out_dir: str | Path | None = None,
+def evaluate(store: FeatureStore, layers: list[str] | None = None, probing: ProbingOptions | None = None,
+             *, out_dir: str | Path | None = None,
              on_layer: Callable[[ProbeResult], None] | None = None,
              images: ImageSet | None = None) -> Report:
     """Train and test the probe on each cached layer (on each split when several); save each
     layer's model (first split) with joblib beside its JSON in `out_dir`; return the report.
     `images` is the dataset as scanned already in this run, to check the cache against."""
-    svm = svm or SvmOptions()
+    probing = probing or ProbingOptions()
     names = list(dict.fromkeys(layers)) if layers else store.complete_layers()
     if not names:
         raise FeatxError(f"no complete layer in the cache {store.label}; run featx extract first")
@@ -211,41 +218,40 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, svm: SvmOptio
     check_dataset(store, images)
     out = writable_folder(Path(out_dir) if out_dir else default_out_dir(store), "out")
     lead = Ranks.from_env().lead  # under torchrun every rank probes, rank 0 writes
-    options = svm.probe_options()
     entries, description = [], ""
     for name in names:
-        stream = LayerStream(store, name, svm.scaling, svm.probe_device)
-        splits = split_rows(store, stream.index, svm)
+        stream = LayerStream(store, name, probing.scaling, device=probing.device)
+        splits = split_rows(store, stream.index, probing)
         description = splits[0].description
         paths = [store.manifest["paths"][i] for i in stream.index]
-        results: dict[str, list[ProbeResult]] = {probe: [] for probe in svm.probe}
+        results: dict[str, list[ProbeResult]] = {probe: [] for probe in probing.probe}
         for k, split in enumerate(splits):
-            for probe in svm.probe:
-                result, model = run_probe(probe, stream, split, options)
+            for probe in probing.probe:
+                result, model = run_probe(probe, stream, split, options=probing.probe_options(probe))
                 result.test_paths = [paths[i] for i in split.test]
                 results[probe].append(result)
                 if k == 0 and model is not None and lead:
-                    joblib.dump(model, out / (f"{name}.joblib" if probe == svm.probe[0]
+                    joblib.dump(model, out / (f"{name}.joblib" if probe == probing.probe[0]
                                               else f"{name}.{probe}.joblib"))
                 if on_layer:
                     on_layer(result)
         seconds, shared = combined_feature_time(store, name)
-        first, *others = svm.probe
+        first, *others = probing.probe
         entry = LayerReport.from_results(results[first], store.manifest["model"], store.manifest["weights"],
-                                         seconds, shared)
+                                         feature_seconds=seconds, shared=shared)
         entry.other_probes = [ProbeScore.from_results(results[probe]) for probe in others]
         entries.append(entry)
         if lead:
             (out / f"{name}.json").write_text(json.dumps(asdict(entry), indent=1))
-    return build_report(store, entries, svm, description)
+    return build_report(store, entries, probing, split=description)
 
 
-def run_probe(probe: str, stream: LayerStream, split: Split, options: ProbeOptions):
+def run_probe(probe: str, stream: LayerStream, split: Split, *, options: ProbeOptions):
     """One probe on one layer; a device out of memory is a clear error naming a budget that fits."""
     import torch
 
     try:
-        return get_probe(probe)(stream, split, options)
+        return get_probe(probe).train(stream, split, options)
     except torch.OutOfMemoryError:
         on_gpu = stream.device.startswith("cuda")
         free = torch.cuda.mem_get_info(torch.device(stream.device))[0] if on_gpu else 0
@@ -269,11 +275,11 @@ def combined_feature_time(store: FeatureStore, name: str) -> tuple[float, list[s
 
 
 def layer_similarity(stores: list[FeatureStore], layers: list[str] | None = None,
-                     memory: str | int = DEFAULT_MEMORY, device: str = "auto") -> Similarity:
+                     memory: str | int = DEFAULT_MEMORY, *, device: str = "auto") -> Similarity:
     """Linear CKA between every pair of cached layers of these caches (one dataset), on the
     images all of them hold; names are `model/layer` when there are several models. Each layer
     is streamed into its n x n Gram matrix within `memory`."""
-    budget, device = parse_memory(memory), probe_device(device)
+    budget, device = parse_memory(memory), parse_device(device)
     roots = {store.manifest["dataset_root"] for store in stores}
     if len(roots) > 1:
         raise FeatxError("layer similarity compares layers on the same images; these caches hold "
@@ -285,7 +291,7 @@ def layer_similarity(stores: list[FeatureStore], layers: list[str] | None = None
         check_dataset(store)
         for name in names:
             label = f"{store.manifest['model']}/{name}" if len(stores) > 1 else name
-            streams[label] = LayerStream(store, name, "none", device)
+            streams[label] = LayerStream(store, name, "none", device=device)
     paths = {label: [s.store.manifest["paths"][i] for i in s.index] for label, s in streams.items()}
     common = sorted(set.intersection(*(set(p) for p in paths.values())))
     grams = {}
@@ -298,7 +304,8 @@ def layer_similarity(stores: list[FeatureStore], layers: list[str] | None = None
     return similarity(grams, grams=True)
 
 
-def build_report(store: FeatureStore, entries: list[LayerReport], svm: SvmOptions, split: str) -> Report:
+def build_report(store: FeatureStore, entries: list[LayerReport], probing: ProbingOptions,
+                 *, split: str) -> Report:
     """Everything the table is made of: settings, versions, split and per-layer predictions."""
     import sklearn
     import torch
@@ -311,9 +318,12 @@ def build_report(store: FeatureStore, entries: list[LayerReport], svm: SvmOption
     return Report(
         title=f"{m['model']} on {m['dataset']} ({weights})", dataset=m["dataset"],
         dataset_root=m["dataset_root"], classes=m["classes"], models=[identity], layers=entries,
-        split=split, seed=svm.seed, train_per_class=svm.train_per_class, split_file=svm.split_file,
-        splits=svm.splits, scaling=svm.scaling, C_option=str(svm.C), probes=list(svm.probe),
-        solver=svm.solver, featx_version=__version__,
+        split=split, seed=probing.seed, train_per_class=probing.train_per_class,
+        split_file=probing.split_file, splits=probing.splits, scaling=probing.scaling,
+        C_option=str(probing.C), probes=list(probing.probe), solver=probing.solver,
+        probe_params={name: dict(values) for name, values in probing.probe_params.items() if values},
+        featx_version=__version__,
+        probe_info={name: get_probe(name).describe() for name in probing.probe},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), skipped=m["skipped"],
         versions={"featx": __version__, "python": platform.python_version(),
                   "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -321,18 +331,19 @@ def build_report(store: FeatureStore, entries: list[LayerReport], svm: SvmOption
 
 
 def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
-              layers: list[str] | None = None, weights: str = "imagenet",
+              layers: list[str] | None = None, *, weights: str = "imagenet",
               cache: str | Path | None = None, out_dir: str | Path | None = None,
-              extract_options: ExtractOptions | None = None, svm: SvmOptions | None = None,
-              progress: bool = True, on_layer: Callable[[ProbeResult], None] | None = None,
+              extract_options: ExtractOptions | None = None, probing: ProbingOptions | None = None,
+              progress: Progress | None = logged_progress,
+              on_layer: Callable[[ProbeResult], None] | None = None,
               ) -> tuple[Report, dict[str, Path]]:
     """The whole study: for each model, extract every requested layer in one pass (or reuse
     the cache) and probe each layer; one table written as Markdown, CSV and JSON."""
-    svm = svm or SvmOptions()
+    probing = probing or ProbingOptions()
     models = [model] if isinstance(model, str) else list(dict.fromkeys(model))
     images = find_images(dataset)
-    check_split(images, svm)
-    specs = [get_model(name, weights, svm.seed) for name in models]  # bad names fail before any work
+    check_split(images, probing)
+    specs = [get_model(name, weights, probing.seed) for name in models]  # bad names fail before any work
     parts = layer_parts(layers) if layers else None
     for spec in specs:
         spec.resolve_layers(parts)
@@ -340,8 +351,8 @@ def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
         writable_folder(out_dir, "out")
     reports = []
     for spec in specs:
-        store = extract_images(images, spec.name, parts, weights, cache, svm.seed,
-                               extract_options or ExtractOptions(), progress)
+        store = extract_images(images, spec.name, parts, weights=weights, cache=cache, seed=probing.seed,
+                               options=extract_options, progress=progress)
         gc.collect()  # the traced network holds reference cycles: free it before the probes run
         singles = [name for name in layers or [] if "+" not in name]
         names = [layer.name for layer in spec.resolve_layers(singles)] if singles or not layers else []
@@ -352,6 +363,6 @@ def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
             joined = "+".join(s.weights.folder for s in specs)
             out = Path(out_dir) if out_dir else default_out_dir(store).parent / joined
             model_dir = out / spec.weights.folder
-        reports.append(evaluate(store, names, svm, model_dir, on_layer, images))
+        reports.append(evaluate(store, names, probing, out_dir=model_dir, on_layer=on_layer, images=images))
     report = reports[0] if len(reports) == 1 else Report.merge(reports)
     return report, write_table(report, out) if Ranks.from_env().lead else {}

@@ -59,7 +59,7 @@ def demo_copy(tmp_path: Path, demo_dir: Path) -> Path:
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `featx ARGS` in this process (the same entry point the command calls), in `cwd`
     with ./featx-cache as the cache; stdout and stderr are captured as a user would see them."""
-    from featx.cli.app import main
+    from featx.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd = dict(os.environ), Path.cwd()
@@ -99,10 +99,11 @@ def array_store(root: Path, layers: dict[str, np.ndarray], labels: np.ndarray, s
     from featx.cache.store import FeatureStore
 
     classes = tuple(f"c{i}" for i in range(int(labels.max()) + 1))
-    store = FeatureStore.for_arrays(root, "arrays", labels, classes,
-                                    {name: x.shape[1] for name, x in layers.items()}, shard_size=shard_size)
+    store = FeatureStore.for_arrays(root, "arrays", labels, classes=classes,
+                                    layers={name: x.shape[1] for name,
+                                            x in layers.items()}, shard_size=shard_size)
     for name, x in layers.items():
         for k, (start, stop) in enumerate(store.shard_ranges(name)):
             rows = np.array([i for i in range(start, stop) if i not in missing], dtype=np.int64)
-            store.write_shard(name, k, rows, x[rows], {})
+            store.write_shard(name, k, rows, features=x[rows], skipped={})
     return FeatureStore(store.folder)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from featx.study import SvmOptions, run_table
+from featx.study import ProbingOptions, run_table
 
 from conftest import SHARED_DATA
 
@@ -19,9 +19,9 @@ pytestmark = [
 
 
 def test_pretrained_pool_layer_reaches_90_percent_and_random_weights_do_not(tmp_path) -> None:
-    svm = SvmOptions(split_file=str(SPLIT))
+    svm = ProbingOptions(split_file=str(SPLIT))
     pretrained, paths = run_table(SCENE, "efficientnet_lite0", cache=tmp_path / "cache",
-                                  out_dir=tmp_path / "pretrained", svm=svm, progress=False)
+                                  out_dir=tmp_path / "pretrained", probing=svm, progress=None)
     layers = {entry.layer: entry for entry in pretrained.layers}
     assert set(layers) == {"stage6_pool", "stage7_pool", "pool", "logits"}
     pool = layers["pool"]
@@ -30,7 +30,7 @@ def test_pretrained_pool_layer_reaches_90_percent_and_random_weights_do_not(tmp_
     assert paths["md"].is_file()
 
     random, _ = run_table(SCENE, "efficientnet_lite0", ["pool"], weights="random",
-                          cache=tmp_path / "cache", out_dir=tmp_path / "random", svm=svm,
-                          progress=False)
+                          cache=tmp_path / "cache", out_dir=tmp_path / "random", probing=svm,
+                          progress=None)
     assert random.weights_random
     assert random.layers[0].accuracy <= pool.accuracy - 0.20, random.layers[0]

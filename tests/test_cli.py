@@ -254,7 +254,7 @@ def test_every_command_has_help_with_examples(tmp_path) -> None:
 def test_the_installed_command_runs_and_lists_layers_without_torch(tmp_path) -> None:
     result = run_installed("--help", cwd=tmp_path)
     assert result.returncode == 0 and "layers" in result.stdout
-    code = ("import sys; from featx.cli.app import main; code = main(['layers', '--model', 'vit_b_16']); "
+    code = ("import sys; from featx.cli.main import main; code = main(['layers', '--model', 'vit_b_16']); "
             "assert code == 0; assert 'torch' not in sys.modules, 'torch was imported'")
     import subprocess
     import sys

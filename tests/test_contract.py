@@ -85,10 +85,11 @@ BAD = [
     (["extract", "{tiny}", *LITE_RANDOM, "--dtype", "int8"], "--dtype must be one of"),
     (["extract", "{tiny}", *LITE_RANDOM, "--decode", "gpu"], "--decode must be one of"),
     (["table", "{tiny}", *LITE_RANDOM, "--decode", "nvjpeg"], "--decode must be one of"),
-    (["extract", "{tiny}", *LITE_RANDOM, "--device", "tpu"], "unknown device 'tpu'"),
+    (["extract", "{tiny}", *LITE_RANDOM, "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["extract", "{tiny}", *LITE_RANDOM, "--cache", "{root}/file.txt"], "--cache"),
     (["extract", "{tiny}", *LITE_RANDOM, "--cache", "{root}/file.txt/sub"], "--cache"),
     (["extract", "{tiny}", "--bogus"], "No such option"),
+    (["probes", "--bogus"], "No such option"),
     (["extract"], "Missing argument"),
     # svm
     (["svm", "--cache", "{cache}", "--layer", "relu7"], "has no layer 'relu7'"),

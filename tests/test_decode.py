@@ -77,7 +77,7 @@ def test_device_crops_match_pil_and_failures_are_the_same(odd_files) -> None:
     preprocess = load_model("vgg16", "random").preprocess
     batches = batches_of(range(len(images)), 4)
     pil = list(pil_batches(images, preprocess, batches, workers=0))
-    device = list(device_batches(images, preprocess, batches, torch.device("cpu"), workers=2))
+    device = list(device_batches(images, preprocess, batches, device=torch.device("cpu"), workers=2))
     for (i_pil, x_pil, e_pil), (i_dev, x_dev, e_dev) in zip(pil, device):
         assert i_pil.tolist() == i_dev.tolist()
         assert e_pil == e_dev  # the same files unreadable, in PIL's words
@@ -102,7 +102,8 @@ def test_device_and_pil_decoding_give_the_same_features(demo_dir, model, weights
     batches = batches_of(range(len(images)), 16)
     features = {}
     for decode in ("pil", "device"):
-        extractor = LayerExtractor(loaded, loaded.spec.resolve_layers(layers), "cpu", "fp32", decode=decode)
+        extractor = LayerExtractor(loaded, loaded.spec.resolve_layers(layers), "cpu", precision="fp32",
+                                   decode=decode)
         out = list(extract_batches(extractor, images, batches, workers=0))
         features[decode] = {name: np.concatenate([b.features[name] for b in out]) for name in layers}
     for name in layers:
@@ -121,9 +122,9 @@ def test_auto_decoding_is_device_on_a_gpu_and_pil_on_a_cpu() -> None:
 
 def test_the_decoder_is_part_of_the_cache_identity(tmp_path, tiny_dataset) -> None:
     images = find_images(tiny_dataset)
-    stores = {decode: extract_images(images, "efficientnet_lite0", ["pool"], "random", tmp_path, 0,
-                                     ExtractOptions(device="cpu", workers=0, decode=decode),
-                                     progress=False)
+    stores = {decode: extract_images(images, "efficientnet_lite0", ["pool"], weights="random", cache=tmp_path,
+                                     options=ExtractOptions(device="cpu", workers=0, decode=decode),
+                                     progress=None)
               for decode in ("pil", "device")}
     assert stores["pil"].folder != stores["device"].folder
     assert stores["device"].folder.name.endswith("-device-decode")
@@ -137,13 +138,15 @@ def test_the_decoder_is_part_of_the_cache_identity(tmp_path, tiny_dataset) -> No
 def test_a_cache_made_before_decoders_were_recorded_is_a_pil_cache(tmp_path, tiny_dataset) -> None:
     images = find_images(tiny_dataset)
     options = ExtractOptions(device="cpu", workers=0, decode="pil")
-    store = extract_images(images, "efficientnet_lite0", ["pool"], "random", tmp_path, 0, options,
-                           progress=False)
+    store = extract_images(images, "efficientnet_lite0", ["pool"], weights="random", cache=tmp_path,
+                           options=options,
+                           progress=None)
     manifest = json.loads(store.manifest_path.read_text())
     del manifest["decode"]  # as an older featx wrote it
     store.manifest_path.write_text(json.dumps(manifest))
-    again = extract_images(images, "efficientnet_lite0", ["pool"], "random", tmp_path, 0, options,
-                           progress=False)
+    again = extract_images(images, "efficientnet_lite0", ["pool"], weights="random", cache=tmp_path,
+                           options=options,
+                           progress=None)
     assert again.folder == store.folder and len(again.manifest["runs"]) == 1  # reused, nothing redone
 
 

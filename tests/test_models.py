@@ -44,7 +44,7 @@ def assert_same(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:
 def test_every_layer_has_its_listed_dimension(name: str) -> None:
     model = load_model(name, "random")
     spec = model.spec
-    out = LayerExtractor(model, spec.layers, "cpu", "fp32")(_images(1, spec.preprocess.crop))
+    out = LayerExtractor(model, spec.layers, "cpu", precision="fp32")(_images(1, spec.preprocess.crop))
     for layer in spec.layers:
         assert out[layer.name].shape == (1, layer.dim), layer.name
     if name == "vgg16":
@@ -66,7 +66,7 @@ def test_vgg16_layers_equal_torchvision_computation() -> None:
     model, reference = _with_reference("vgg16", seed=3)
     images = _images(2)
     names = ["conv1_1", "pool1", "pool3", "pool4", "pool5", "fc6", "relu6", "fc7", "relu7", "logits"]
-    ours = LayerExtractor(model, model.spec.resolve_layers(names), "cpu", "fp32")(images)
+    ours = LayerExtractor(model, model.spec.resolve_layers(names), "cpu", precision="fp32")(images)
     x = _normalised(model, images)
     with torch.no_grad():
         tv = create_feature_extractor(reference, {"classifier.1": "relu6", "classifier.4": "relu7",
@@ -93,7 +93,7 @@ def test_resnet50_layers_equal_torchvision_computation() -> None:
     model, reference = _with_reference("resnet50", seed=4)
     images = _images(2)
     ours = LayerExtractor(model, model.spec.resolve_layers(["layer3", "layer4", "pool", "logits"]),
-                          "cpu", "fp32")(images)
+                          "cpu", precision="fp32")(images)
     with torch.no_grad():
         tv = create_feature_extractor(reference, {"layer3": "layer3", "layer4": "layer4",
                                                   "avgpool": "pool", "fc": "logits"})(
@@ -105,8 +105,8 @@ def test_resnet50_layers_equal_torchvision_computation() -> None:
 def test_activations_run_in_place_only_where_no_requested_layer_is_overwritten() -> None:
     model = load_model("vgg16", "random")
     images = _images(2)
-    default = LayerExtractor(model, model.spec.resolve_layers(None), "cpu", "fp32")  # pool4..relu7
-    both = LayerExtractor(model, model.spec.resolve_layers(["fc6", "relu6"]), "cpu", "fp32")
+    default = LayerExtractor(model, model.spec.resolve_layers(None), "cpu", precision="fp32")  # pool4..relu7
+    both = LayerExtractor(model, model.spec.resolve_layers(["fc6", "relu6"]), "cpu", precision="fp32")
     inplace = {name for name, m in default.graph.named_modules() if getattr(m, "inplace", False)}
     assert "classifier.1" in inplace and "features.1" in inplace  # after fc6, after conv1_1
     assert not both.graph.get_submodule("classifier.1").inplace  # fc6 is requested
@@ -137,8 +137,8 @@ def test_the_graph_rewritten_for_inference_computes_the_traced_layers(name: str)
     state = {k: v.clone() for k, v in model.module.state_dict().items()}
     modules = dict(model.module.named_modules())
     layers = model.spec.layers[1:] if name == "efficientnet_lite0" else model.spec.layers  # not the stem
-    traced = LayerExtractor(model, layers, "cpu", "fp32", rewrite=False)
-    rewritten = LayerExtractor(model, layers, "cpu", "fp32")
+    traced = LayerExtractor(model, layers, "cpu", precision="fp32", rewrite=False)
+    rewritten = LayerExtractor(model, layers, "cpu", precision="fp32")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in rewritten.graph.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in traced.graph.modules())
     pads = [m.padding for m in rewritten.graph.modules() if isinstance(m, torch.nn.ZeroPad2d)]
@@ -346,7 +346,7 @@ def test_features_equal_torchvision_with_the_weights_own_transforms(tmp_path, mo
     assert (loaded.preprocess.resize, loaded.preprocess.crop) == (
         weights.transforms().resize_size[0], weights.transforms().crop_size[0])
     layers = loaded.spec.resolve_layers(list(nodes.values()))
-    extractor = LayerExtractor(loaded, layers, "cpu", "fp32")
+    extractor = LayerExtractor(loaded, layers, "cpu", precision="fp32")
     ours = next(extract_batches(extractor, images, batches_of(range(len(images)), 8), workers=0))
 
     reference = torchvision.models.get_model(model, weights=weights).eval()  # reads the same file
@@ -390,12 +390,12 @@ def test_flip_averaging_is_the_mean_of_each_image_and_its_mirror() -> None:
     model = load_model("efficientnet_lite0", "random")
     layers = model.spec.resolve_layers(["stage6_pool", "pool"])
     images = _images(3)
-    plain = LayerExtractor(model, layers, "cpu", "fp32")
+    plain = LayerExtractor(model, layers, "cpu", precision="fp32")
     mirror = plain(images.flip(-1))
-    flipped = LayerExtractor(model, layers, "cpu", "fp32", tta="flip")(images)
+    flipped = LayerExtractor(model, layers, "cpu", precision="fp32", tta="flip")(images)
     for name, value in plain(images).items():
         scale = value.abs().max()
         assert (flipped[name] - (value + mirror[name]) / 2).abs().max() <= 1e-4 * scale
         assert (flipped[name] - value).abs().max() > 1e-2 * scale  # the mirror does count
     with pytest.raises(FeatxError, match="tta must be one of none, flip"):
-        LayerExtractor(model, layers, "cpu", "fp32", tta="rotate")
+        LayerExtractor(model, layers, "cpu", precision="fp32", tta="rotate")

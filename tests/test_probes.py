@@ -3,6 +3,8 @@ the saved models, logistic regression, k-NN and balanced accuracy."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from featx.data.images import Split, seeded_split
 from featx.errors import FeatxError
 from featx.probes import ProbeOptions, balanced_accuracy, get_probe
 from featx.probes.stream import LayerStream
-from featx.study import SvmOptions
+from featx.study import ProbingOptions
 
 from conftest import array_store
 
@@ -29,14 +31,14 @@ def problem(n_per_class: int = 30, dim: int = 400, classes: int = 3, seed: int =
     centres = rng.normal(0, 1, (classes, dim))
     labels = np.repeat(np.arange(classes), n_per_class)
     features = (centres[labels] * separation + rng.normal(0, 1, (len(labels), dim))).astype(np.float32)
-    split = seeded_split(labels, tuple(f"c{i}" for i in range(classes)), n_per_class // 2, seed)
+    split = seeded_split(labels, tuple(f"c{i}" for i in range(classes)), n_per_class // 2, seed=seed)
     return features, labels, split
 
 
 def train(store: FeatureStore, name: str, split: Split, probe: str = "svm", scaling: str = "l2",
           memory: int = 1 << 30, **options):
-    stream = LayerStream(store, name, scaling, "cpu")
-    return get_probe(probe)(stream, split, ProbeOptions(memory=memory, **options))
+    stream = LayerStream(store, name, scaling, device="cpu")
+    return get_probe(probe).train(stream, split, ProbeOptions(memory=memory, **options))
 
 
 @pytest.mark.parametrize("solver", ["torch", "liblinear"])
@@ -61,7 +63,7 @@ def test_a_layer_larger_than_the_budget_streams_in_chunks_and_gives_the_same_cla
     store = array_store(tmp_path, {"layer": x}, y)
     whole, whole_model = train(store, "layer", split, C=1.0)
     # 90 rows x 3000 values x 4 bytes = 1 MB: a budget of 128 KB of rows holds a few at a time
-    stream = LayerStream(store, "layer", "l2", "cpu")
+    stream = LayerStream(store, "layer", "l2", device="cpu")
     assert not stream.hold(len(stream.index) * stream.row_bytes - 1)
     from featx.probes.linear import train_gram
 
@@ -150,7 +152,7 @@ def test_combinations_stream_like_the_layers_read_whole(tmp_path) -> None:
     store = array_store(tmp_path, layers, y, shard_size=16, missing=(5, 33))
     # b is wider, so its shards hold fewer rows: the parts line up all the same
     assert store.manifest["layers"]["a"]["shard_size"] == 16
-    stream = LayerStream(store, "a+b", "none", "cpu")
+    stream = LayerStream(store, "a+b", "none", device="cpu")
     kept = np.array([i for i in range(60) if i not in (5, 33)])
     # each part read whole, scaled to unit length, side by side
     whole = np.hstack([x[kept] / np.linalg.norm(x[kept], axis=1, keepdims=True) for x in layers.values()])
@@ -197,10 +199,10 @@ def test_balanced_accuracy_is_the_mean_recall_per_class() -> None:
 ])
 def test_bad_svm_options_are_refused_when_made(kwargs, message) -> None:
     with pytest.raises(FeatxError, match=message):
-        SvmOptions(**kwargs)
-    assert SvmOptions(C="0.5").C == 0.5
-    assert SvmOptions(probe="svm, knn").probe == ("svm", "knn")
-    assert SvmOptions(memory="1.5G").memory == 3 << 29
+        ProbingOptions(**kwargs)
+    assert ProbingOptions(C="0.5").C == 0.5
+    assert ProbingOptions(probe="svm, knn").probe == ("svm", "knn")
+    assert ProbingOptions(memory="1.5G").memory == 3 << 29
 
 
 def test_a_device_out_of_memory_is_one_clear_line_and_touches_no_cache_file(tmp_path, monkeypatch) -> None:
@@ -216,10 +218,11 @@ def test_a_device_out_of_memory_is_one_clear_line_and_touches_no_cache_file(tmp_
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(featx.study, "get_probe", lambda name: exhausted)
+    monkeypatch.setattr(featx.study, "get_probe",
+                        lambda name: dataclasses.replace(get_probe(name), train=exhausted))
     with pytest.raises(FeatxError, match=r"cpu ran out of memory for the svm probe on layer layer "
                                          r"with --memory 2\.0G; a smaller --memory would fit"):
-        evaluate(store, ["layer"], SvmOptions(device="cpu", train_per_class=10), tmp_path / "out")
+        evaluate(store, ["layer"], ProbingOptions(device="cpu", train_per_class=10), out_dir=tmp_path / "out")
     assert {p: p.read_bytes() for p in store.folder.rglob("*") if p.is_file()} == before
 
 
@@ -232,8 +235,8 @@ def test_knn_first_over_several_splits_tables_without_a_C(tmp_path) -> None:
 
     x, y, _ = problem(n_per_class=20, dim=30, classes=3)
     store = array_store(tmp_path / "cache", {"layer": x}, y)
-    report = evaluate(store, ["layer"], SvmOptions(probe="knn,svm", splits=2, train_per_class=8, C=1.0),
-                      tmp_path / "out")
+    report = evaluate(store, ["layer"], ProbingOptions(probe="knn,svm", splits=2, train_per_class=8, C=1.0),
+                      out_dir=tmp_path / "out")
     layer = report.layers[0]
     assert layer.probe == "knn" and layer.C is None and len(layer.split_accuracies) == 2
     assert layer.other_probes[0].probe == "svm" and layer.other_probes[0].accuracy_std is not None
@@ -254,15 +257,15 @@ def test_the_linear_probes_of_a_layer_share_its_training_rows_and_gram(tmp_path,
 
     x, y, split = problem(dim=500)
     store = array_store(tmp_path, {"layer": x}, y)
-    stream = LayerStream(store, "layer", "l2", "cpu")
+    stream = LayerStream(store, "layer", "l2", device="cpu")
     made = []
     real = linear._training_rows
-    monkeypatch.setattr(linear, "_training_rows", lambda *args: made.append(1) or real(*args))
-    svm, _ = get_probe("svm")(stream, split, ProbeOptions(C=1.0, memory=1 << 30))
-    logreg, _ = get_probe("logreg")(stream, split, ProbeOptions(C=1.0, memory=1 << 30))
+    monkeypatch.setattr(linear, "_training_rows", lambda *args, **kw: made.append(1) or real(*args, **kw))
+    svm, _ = get_probe("svm").train(stream, split, ProbeOptions(C=1.0, memory=1 << 30))
+    logreg, _ = get_probe("logreg").train(stream, split, ProbeOptions(C=1.0, memory=1 << 30))
     assert len(made) == 1 and svm.kernel_form and logreg.kernel_form
     other = seeded_split(y, ("c0", "c1", "c2"), 10, seed=5)  # another split: made anew
-    get_probe("logreg")(stream, other, ProbeOptions(C=1.0, memory=1 << 30))
+    get_probe("logreg").train(stream, other, ProbeOptions(C=1.0, memory=1 << 30))
     assert len(made) == 2
 
 
@@ -281,9 +284,9 @@ def test_a_probe_stopped_at_its_step_limit_is_flagged_everywhere(tmp_path, monke
     array_store(tmp_path / "c", {"a": x}, labels)
     newton = solvers._newton
 
-    def two_steps_for_logreg(x, model, reg, tol, max_iter, *rest, **kwargs):
-        return newton(x, model, reg, tol, 2 if isinstance(model, solvers._Multinomial) else max_iter,
-                      *rest, **kwargs)
+    def two_steps_for_logreg(x, model, reg, *, max_iter, **kwargs):
+        return newton(x, model, reg, max_iter=2 if isinstance(model, solvers._Multinomial) else max_iter,
+                      **kwargs)
 
     monkeypatch.setattr(solvers, "_newton", two_steps_for_logreg)
     result = run_cli("svm", "--cache", str(tmp_path / "c"), "--probe", "svm,logreg", "--C", "100",

@@ -121,6 +121,9 @@ def test_gpus_asks_for_gpus_this_machine_has(tmp_path, tiny_dataset) -> None:
     assert result.returncode == 2 and "--gpus must be all or a number" in result.stderr
 
 
+CHOSEN = {"precision": "fp16", "dtype": "float16", "decode": "device", "tta": "flip", "verify": "hash"}
+
+
 def test_the_ranks_get_every_option_given_to_featx_extract_gpus(tmp_path, monkeypatch) -> None:
     """Each option of `extract` but --gpus, given a value other than its default, reaches the
     ranks' command line with that value (an option added later is passed on too)."""
@@ -141,6 +144,7 @@ def test_the_ranks_get_every_option_given_to_featx_extract_gpus(tmp_path, monkey
             else:
                 hint = hints[param.name]
                 value = "7" if int in (typing.get_args(hint) or [hint]) else f"given-{param.name}"
+                value = CHOSEN.get(param.name, value)  # choices are checked before the ranks start
                 given += [param.opts[0], value]
     launched: list[tuple[list[str], int]] = []
     monkeypatch.setattr(cli, "_gpu_count", lambda gpus: 2)
@@ -227,7 +231,7 @@ def _probes(stream, budget: int) -> dict:
     split = Split(rows[::2], rows[1::2], "every other row")
     out = {}
     for probe in ("svm", "logreg"):
-        result, _ = get_probe(probe)(stream, split, ProbeOptions(C=1.0, memory=budget))
+        result, _ = get_probe(probe).train(stream, split, ProbeOptions(C=1.0, memory=budget))
         training = next(iter(stream.memo.values()))
         out[probe] = (result.accuracy, result.y_pred, len(training.x))
     return out
@@ -249,7 +253,7 @@ def _solve_in_part(rank: int, world: int, port: int, problems: dict, cache: Path
     fits = {}
     for name, (x, y, masks, C, classes) in problems.items():
         fit = (fit_squared_hinge if name.startswith("hinge") else fit_logistic)(
-            x[part], y[part], masks[:, part], C, classes, total=stream.ranks.sum)
+            x[part], y[part], masks[:, part], C=C, n_classes=classes, total=stream.ranks.sum)
         fits[name] = (fit.coef, fit.intercept, fit.objective, fit.converged)
     fits["probes"] = _probes(stream, SPLIT_BUDGET)
     torch.save(fits, out / f"rank{rank}.pt")
@@ -287,7 +291,7 @@ def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path) -> None:
     mp.spawn(_solve_in_part, args=(2, port, problems, cache, tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, (x, y, masks, C, classes) in problems.items():
-        whole = (fit_squared_hinge if name.startswith("hinge") else fit_logistic)(x, y, masks, C, classes)
+        whole = (fit_squared_hinge if name.startswith("hinge") else fit_logistic)(x, y, masks, C=C, n_classes=classes)
         for coef, intercept, objective, converged in (r[name] for r in ranks):
             assert converged.all() and whole.converged.all(), name
             torch.testing.assert_close(objective, whole.objective, rtol=1e-5, atol=0)  # float32 sums
@@ -336,7 +340,8 @@ def test_wide_layers_get_shard_sizes_that_divide_the_others(tmp_path, tiny_datas
     from featx.cache.store import SHARD_BYTES, FeatureStore
     from featx.models import Layer
 
-    store = FeatureStore.for_arrays(tmp_path / "c", "arrays", np.zeros(4, np.int64), ("a",), {"x": 4},
+    store = FeatureStore.for_arrays(tmp_path / "c", "arrays", np.zeros(4, np.int64), classes=("a",),
+                                    layers={"x": 4},
                                     shard_size=512)
     wide = SHARD_BYTES // 4 // 300  # 300 rows of it fill a shard
     store.plan_layers([Layer("w", "w", (wide,)), Layer("n", "n", (10,)),

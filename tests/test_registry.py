@@ -12,8 +12,9 @@ import pytest
 import torch
 import torchvision
 
-from featx.models import catalog, get_model, load_model, model_names, torchvision_zoo
+from featx.models import catalog, get_model, load_model, model_names
 from featx.models.layers import Layer
+from featx.models.zoos import torchvision_zoo
 
 from conftest import assert_clean_error, run_cli, write_images
 
@@ -32,22 +33,16 @@ def test_every_torchvision_classifier_is_registered_with_its_weights() -> None:
 
 
 def test_the_shipped_catalog_is_what_the_graphs_give_now() -> None:
-    if not catalog.current():
-        pytest.skip("the catalog was made with another torchvision than the installed one; "
-                    "rebuild it with python -m featx.models.catalog")
-    from featx.models import lite
-
     for name in CHECKED:
         spec = get_model(name)
+        if not catalog.ships(spec.zoo):
+            pytest.skip(f"the catalog was made with another {spec.zoo.LIBRARY} than the installed one; "
+                        "rebuild it with python -m featx.models.catalog")
         size = spec.preprocess.crop
-        if spec.source == "torchvision":
-            layers, defaults = torchvision_zoo.layer_table(name, spec.weights.tag, size)
-            live_weights = torchvision_zoo.weight_sets(name)
-        else:
-            (layers, defaults), live_weights = lite.layer_table(name, None, size), lite.weight_sets(name)
+        layers, defaults = spec.zoo.layer_table(name, spec.weights.tag, size)
         assert list(spec.layers) == layers, name
         assert list(spec.default_layers) == defaults, name
-        assert catalog.weights_of(name, spec.source) == live_weights, name
+        assert catalog.weights_of(name, spec.zoo) == spec.zoo.weight_sets(name), name
 
 
 def test_every_catalog_table_has_stages_a_vector_per_layer_and_logits() -> None:
@@ -84,7 +79,8 @@ def test_layer_reductions_match_the_network_itself() -> None:
     from featx.extract.forward import LayerExtractor
 
     x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
-    out = LayerExtractor(vit, vit.spec.resolve_layers(["ln_cls", "ln_mean", "logits"]), "cpu", "fp32")(x)
+    out = LayerExtractor(vit, vit.spec.resolve_layers(["ln_cls", "ln_mean", "logits"]), "cpu",
+                         precision="fp32")(x)
     with torch.no_grad():
         torch.testing.assert_close(vit.module.heads(out["ln_cls"]), out["logits"], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out["ln_cls"], out["ln_mean"])
@@ -127,7 +123,7 @@ def test_timm_models_by_name_with_random_weights(model, weights) -> None:
     spec = get_model(model, weights)
     loaded = load_model(model, weights)
     x = torch.randint(0, 256, (2, 3, spec.preprocess.crop, spec.preprocess.crop), dtype=torch.uint8)
-    out = LayerExtractor(loaded, spec.layers, "cpu", "fp32")(x)
+    out = LayerExtractor(loaded, spec.layers, "cpu", precision="fp32")(x)
     for layer in spec.layers:
         assert out[layer.name].shape == (2, layer.dim), layer.name
     with torch.no_grad():

@@ -234,11 +234,11 @@ def test_a_disk_filling_up_during_a_run_is_one_line_and_keeps_the_shards_before(
     before = shard_sums(store)
     write = Store._write_h5
 
-    def full_after_one(self, tmp, *args):
+    def full_after_one(self, tmp, *args, **kwargs):
         if tmp.name.startswith("shard-00004"):
             tmp.write_bytes(b"partial")  # what a full disk leaves behind
             raise OSError(errno.ENOSPC, "Driver write request failed")
-        return write(self, tmp, *args)
+        return write(self, tmp, *args, **kwargs)
 
     monkeypatch.setattr(Store, "_write_h5", full_after_one)
     result = featx("extract", str(data), *LITE_RANDOM, "--layer", "pool", "--batch-size", "4",

@@ -181,7 +181,7 @@ def test_a_layer_combination_is_one_row_from_the_cached_layers(tmp_path, demo_di
     from featx.probes.stream import LayerStream
 
     store = FeatureStore(tmp_path / "featx-cache" / "demo" / "efficientnet_lite0-random-seed0")
-    stream = LayerStream(store, "stage6_pool+pool", "none", "cpu")  # the rows the probes are given
+    stream = LayerStream(store, "stage6_pool+pool", "none", device="cpu")  # the rows the probes are given
     both = np.concatenate([block.numpy() for _, block in stream.blocks(32)])
     assert np.allclose(np.linalg.norm(both[:, :192], axis=1), 1) and np.allclose(np.linalg.norm(both[:, 192:],
                                                                                                    axis=1), 1)

@@ -43,7 +43,7 @@ SOLVERS = {"hinge": (fit_squared_hinge, primal_objective_svm),
 
 def _fit(loss: str, x, y, masks, C, classes: int, **kw) -> LinearFit:
     return SOLVERS[loss][0](torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(masks),
-                            torch.as_tensor(C, dtype=torch.float64), classes, **kw)
+                            C=torch.as_tensor(C, dtype=torch.float64), n_classes=classes, **kw)
 
 
 @pytest.mark.parametrize("loss", ["hinge", "logistic"])
@@ -59,8 +59,8 @@ def test_matches_scikit_learn(loss: str, n: int, d: int, classes: int) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a reference that did not converge is no reference
             ref = _reference(loss, C).fit(x.astype(np.float64), y)
-        ours = objective(x, y, fit.coef[p], fit.intercept[p], C, classes)
-        theirs = objective(x, y, ref.coef_, ref.intercept_, C, classes)
+        ours = objective(x, y, fit.coef[p], intercept=fit.intercept[p], C=C, n_classes=classes)
+        theirs = objective(x, y, ref.coef_, intercept=ref.intercept_, C=C, n_classes=classes)
         assert ours <= theirs * (1 + 1e-3)
         assert abs(ours - theirs) <= 1e-3 * theirs
         assert fit.objective[p].item() == pytest.approx(ours, rel=1e-5)
@@ -137,7 +137,7 @@ def test_types_and_devices(loss: str) -> None:
     for device in devices:
         xt = torch.from_numpy(x).to(device)
         yt, masks = torch.from_numpy(y).to(device), torch.ones((2, 120), dtype=torch.bool, device=device)
-        fit = SOLVERS[loss][0](xt, yt, masks, torch.tensor([0.5, 5.0], device=device), 3)
+        fit = SOLVERS[loss][0](xt, yt, masks, C=torch.tensor([0.5, 5.0], device=device), n_classes=3)
         assert fit.coef.shape == (2, 3, 16) and fit.intercept.shape == (2, 3)
         assert fit.coef.dtype == torch.float32 and fit.coef.device == xt.device
         assert fit.intercept.device == xt.device and fit.objective.device == xt.device
@@ -153,9 +153,9 @@ def test_types_and_devices(loss: str) -> None:
 def test_objective_functions_accept_scikit_learn_and_our_layouts() -> None:
     x, y = _data(100, 10, 2, seed=6)
     ref = LinearSVC(C=1.0, dual=False, tol=1e-8).fit(x, y)
-    one = primal_objective_svm(x, y, ref.coef_, ref.intercept_, 1.0, 2)
+    one = primal_objective_svm(x, y, ref.coef_, intercept=ref.intercept_, C=1.0, n_classes=2)
     both = np.vstack([-ref.coef_, ref.coef_]), np.r_[-ref.intercept_, ref.intercept_]
-    two = primal_objective_svm(x, y, *both, 1.0, 2)
+    two = primal_objective_svm(x, y, both[0], intercept=both[1], C=1.0, n_classes=2)
     assert one == pytest.approx(two)
     w, b = ref.coef_[0], ref.intercept_[0]
     t = np.where(y == 1, 1.0, -1.0)
@@ -175,9 +175,10 @@ def test_empty_mask_and_absent_class() -> None:
 
 
 def test_working_bytes_grows_with_the_problem() -> None:
-    small = working_bytes(1000, 1000, 16, 15)
+    small = working_bytes(1000, 1000, 16, n_classes=15)
     assert small >= 4 * 12 * 1000 * 16 * 15
-    assert working_bytes(2000, 1000, 16, 15) > small and working_bytes(1000, 1000, 32, 15) > small
+    assert working_bytes(2000, 1000, 16, n_classes=15) > small and working_bytes(1000, 1000, 32,
+                                                                                 n_classes=15) > small
 
 
 def test_bad_input() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,15 +14,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 
 from featx.cache.dtypes import check_stored, to_stored
 from featx.cache.store import FeatureStore, ShardWriter
-from featx.cli.progress import LogLines
 from featx.data.images import find_images
 from featx.errors import FeatxError
 from featx.extract.forward import HostFeatures, LayerExtractor, batch_that_fits, batches_of, extract_batches
-from featx.extract.run import extract_to_cache
+from featx.extract.run import extract_to_cache, logged_progress
 from featx.models import load_model
 
 LAYERS = ["stage6_pool", "pool", "logits"]
@@ -30,13 +28,14 @@ LAYERS = ["stage6_pool", "pool", "logits"]
 
 def _extractor(seed: int = 0, layers=LAYERS) -> LayerExtractor:
     model = load_model("efficientnet_lite0", "random", seed=seed)
-    return LayerExtractor(model, model.spec.resolve_layers(layers), "cpu", "fp32")
+    return LayerExtractor(model, model.spec.resolve_layers(layers), "cpu", precision="fp32")
 
 
 def _open(root, images, extractor: LayerExtractor, dtype: str = "float32", weights=None) -> FeatureStore:
     """The cache of these images for the extractor's weights and precision."""
-    return FeatureStore.open_for(root, images, weights or extractor.model.weights, extractor.precision,
-                                 [layer.name for layer in extractor.model.spec.layers], dtype)
+    return FeatureStore.open_for(root, images, weights or extractor.model.weights,
+                                 precision=extractor.precision, dtype=dtype,
+                                 layer_names=[layer.name for layer in extractor.model.spec.layers])
 
 
 def _cache(root, images, extractor=None, **kwargs) -> FeatureStore:
@@ -73,7 +72,7 @@ def test_cache_round_trip_equals_direct_extraction(tmp_path, demo_dir) -> None:
 
 def _pretrained(layers=("pool",)) -> LayerExtractor:
     model = load_model("efficientnet_lite0", "imagenet")
-    return LayerExtractor(model, model.spec.resolve_layers(list(layers)), "cpu", "fp32")
+    return LayerExtractor(model, model.spec.resolve_layers(list(layers)), "cpu", precision="fp32")
 
 
 def test_float16_cache_is_kept_apart_and_close(tmp_path, tiny_dataset) -> None:
@@ -152,9 +151,9 @@ def test_float16_refuses_features_it_would_misrepresent(tmp_path, tiny_dataset, 
     store = _open(tmp_path / "cache", find_images(tiny_dataset), extractor, dtype="float16")
     store.plan_layers(extractor.layers, batch_size=1, shard_size=1)
     features = np.random.default_rng(0).uniform(0.5, 2.0, (1, 1280)).astype(np.float32)
-    store.write_shard("pool", 0, np.array([0]), features, {})  # ordinary values are stored
+    store.write_shard("pool", 0, np.array([0]), features=features, skipped={})  # ordinary values are stored
     with pytest.raises(FeatxError, match=message):
-        store.write_shard("pool", 1, np.array([1]), features * scale, {})
+        store.write_shard("pool", 1, np.array([1]), features=features * scale, skipped={})
     assert not store.shard_path("pool", 1).exists() and not list(store.folder.rglob("*.tmp"))
 
 
@@ -162,12 +161,12 @@ def test_the_extractor_hands_features_over_in_the_cache_dtype() -> None:
     model = load_model("efficientnet_lite0", "imagenet")  # random weights' pool is below float16
     layers = model.spec.resolve_layers(["pool", "logits"])
     images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
-    full = LayerExtractor(model, layers, "cpu", "fp32", dtype="float32")(images)
-    half = LayerExtractor(model, layers, "cpu", "fp32", dtype="float16")(images)
+    full = LayerExtractor(model, layers, "cpu", precision="fp32", dtype="float32")(images)
+    half = LayerExtractor(model, layers, "cpu", precision="fp32", dtype="float16")(images)
     for name in ("pool", "logits"):
         assert full[name].dtype == torch.float32 and half[name].dtype == torch.float16
         assert torch.equal(half[name], full[name].half())  # rounded once, where computed
-    assert LayerExtractor(model, layers, "cpu", "fp32", dtype="auto").dtype == "float32"  # on a CPU
+    assert LayerExtractor(model, layers, "cpu", precision="fp32", dtype="auto").dtype == "float32"  # on a CPU
 
 
 @pytest.mark.parametrize("scale, message", [(1e5, "beyond the float16 range"),
@@ -199,7 +198,7 @@ def test_a_cache_made_with_other_weights_or_images_is_refused(tmp_path, tiny_dat
     with pytest.raises(FeatxError, match=r"another weights checksum \(\w+ there, 0+ now\)"):
         _open(tmp_path / "cache", images, extractor, weights=changed)
     model = load_model("efficientnet_lite0", "random", seed=0)
-    bf16 = LayerExtractor(model, model.spec.resolve_layers(LAYERS), "cpu", "bf16")
+    bf16 = LayerExtractor(model, model.spec.resolve_layers(LAYERS), "cpu", precision="bf16")
     with pytest.raises(FeatxError, match=r"another precision \(fp32 there, bf16 now\)"):
         _open(tmp_path / "cache", images, bf16)
     # a changed image list is not a refusal: sync_images redoes only what it touches
@@ -237,7 +236,8 @@ def test_shard_writer_writes_every_submitted_shard(tmp_path, tiny_dataset) -> No
     store.plan_layers(extractor.layers, batch_size=1, shard_size=1)
     writer = ShardWriter(store, depth=1)
     for k in range(len(images)):
-        writer.submit("pool", k, np.array([k]), np.full((1, 1280), k, np.float32), {})
+        writer.submit(layer="pool", shard=k, index=np.array([k]), features=np.full((1, 1280), k, np.float32),
+                      skipped={})
     writer.close()
     data = store.read_layer("pool")
     assert data.index.tolist() == list(range(len(images)))
@@ -248,8 +248,8 @@ def test_bf16_computes_in_bf16_and_stays_close_to_fp32() -> None:
     model = load_model("efficientnet_lite0", "imagenet")
     layers = model.spec.resolve_layers(["pool"])
     images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
-    fp32 = LayerExtractor(model, layers, "cpu", "fp32")(images)["pool"]
-    extractor = LayerExtractor(model, layers, "cpu", "bf16")
+    fp32 = LayerExtractor(model, layers, "cpu", precision="fp32")(images)["pool"]
+    extractor = LayerExtractor(model, layers, "cpu", precision="bf16")
     assert extractor.forward(images)["pool"].dtype == torch.bfloat16  # the pass ran in bf16
     bf16 = extractor(images)["pool"]
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # handed on as float32
@@ -257,15 +257,15 @@ def test_bf16_computes_in_bf16_and_stays_close_to_fp32() -> None:
     assert cosine > 0.99
 
 
-def test_progress_in_a_log_is_a_line_every_interval_and_one_at_the_end() -> None:
-    out = io.StringIO()
-    lines = LogLines(Console(file=out, width=200), "demo", every=3600)
-    for _ in range(4):
-        lines(8, 32)
-    assert len(out.getvalue().splitlines()) == 1  # only the final line
-    assert out.getvalue().startswith("demo: 32/32 images, ") and "0 s left" in out.getvalue()
-    out.truncate(0), out.seek(0)
-    every_call = LogLines(Console(file=out, width=200), "demo", every=0)
-    every_call(8, 32), every_call(8, 32)
-    assert [line.split(",")[0] for line in out.getvalue().splitlines()] == ["demo: 8/32 images",
-                                                                         "demo: 16/32 images"]
+def test_progress_in_a_log_is_a_line_every_interval_and_one_at_the_end(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="featx")
+    with logged_progress("demo", every=3600) as advance:
+        for _ in range(4):
+            advance(8, 32)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("demo: 32/32 images, ") and "0 s left" in lines[0]
+    caplog.clear()
+    with logged_progress("demo", every=0) as advance:
+        advance(8, 32), advance(8, 32)
+    assert [record.getMessage().split(",")[0] for record in caplog.records] == ["demo: 8/32 images",
+                                                                             "demo: 16/32 images"]

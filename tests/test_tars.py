@@ -61,10 +61,12 @@ def test_tar_shards_give_the_features_of_the_same_images_in_a_folder(tmp_path, d
     assert tars.name == "part" and len(tars) == len(folder) and tars.classes == folder.classes
     assert tars.paths[0] == "part-000000.tar/checkerboard/img_000.jpg"
     options = ExtractOptions(device="cpu", workers=0, shard_size=8, batch_size=4, decode=decode)
-    from_tars = extract_images(tars, "efficientnet_lite0", ["pool"], "random", tmp_path / "c", 0, options,
-                               progress=False)
-    from_folder = extract_images(folder, "efficientnet_lite0", ["pool"], "random", tmp_path / "c", 0,
-                                 options, progress=False)
+    from_tars = extract_images(tars, "efficientnet_lite0", ["pool"], weights="random", cache=tmp_path / "c",
+                               options=options,
+                               progress=None)
+    from_folder = extract_images(folder, "efficientnet_lite0", ["pool"], weights="random",
+                                 cache=tmp_path / "c",
+                                 options=options, progress=None)
     ours, theirs = _by_image(from_tars, tars), _by_image(from_folder, folder)
     assert ours.keys() == theirs.keys()
     for image, row in ours.items():
@@ -101,8 +103,9 @@ def test_a_corrupt_member_is_skipped_and_a_damaged_tar_keeps_what_precedes_the_d
     images = find_images(pattern)
     assert "part-000001.tar" in images.skipped and "damaged tar" in images.skipped["part-000001.tar"]
     assert 6 <= len(images) < 13  # the first tar whole (with the broken member), part of the second
-    store = extract_images(images, "efficientnet_lite0", ["pool"], "random", tmp_path / "c", 0, OPTIONS,
-                           progress=False)
+    store = extract_images(images, "efficientnet_lite0", ["pool"], weights="random", cache=tmp_path / "c",
+                           options=OPTIONS,
+                           progress=None)
     skipped = FeatureStore(store.folder).manifest["skipped"]
     assert set(skipped) == {"part-000000.tar/a/broken.jpg", "part-000001.tar"}  # the member and the tar
     assert len(store.read_layer("pool").index) == len(images) - 1
@@ -111,19 +114,22 @@ def test_a_corrupt_member_is_skipped_and_a_damaged_tar_keeps_what_precedes_the_d
 def test_a_rewritten_tar_is_extracted_again_and_the_rest_is_kept(tmp_path) -> None:
     write_images(tmp_path / "imgs", {"a": 8, "b": 8})
     pattern = to_tars(tmp_path / "imgs", tmp_path / "tars", shards=2)
-    first = extract_images(find_images(pattern), "efficientnet_lite0", ["pool"], "random", tmp_path / "c", 0,
-                           OPTIONS, progress=False)
+    first = extract_images(find_images(pattern), "efficientnet_lite0", ["pool"], weights="random",
+                           cache=tmp_path / "c",
+                           options=OPTIONS, progress=None)
     time.sleep(0.01)
     write_images(tmp_path / "imgs", {"a": 8, "b": 8}, seed=5)  # other pixels, same names
     to_tars(tmp_path / "imgs", tmp_path / "other", shards=2)
     (tmp_path / "tars" / "part-000001.tar").write_bytes((tmp_path / "other" / "part-000001.tar").read_bytes())
-    again = extract_images(find_images(pattern), "efficientnet_lite0", ["pool"], "random", tmp_path / "c", 0,
-                           OPTIONS, progress=False)
+    again = extract_images(find_images(pattern), "efficientnet_lite0", ["pool"], weights="random",
+                           cache=tmp_path / "c",
+                           options=OPTIONS, progress=None)
     assert again.folder == first.folder
     redone = again.manifest["runs"][-1]["images"]
     assert 0 < redone < len(again.manifest["paths"])  # only the shards holding the rewritten tar's images
-    fresh = extract_images(find_images(pattern), "efficientnet_lite0", ["pool"], "random", tmp_path / "fresh",
-                           0, OPTIONS, progress=False)
+    fresh = extract_images(find_images(pattern), "efficientnet_lite0", ["pool"], weights="random",
+                           cache=tmp_path / "fresh",
+                           seed=0, options=OPTIONS, progress=None)
     assert np.array_equal(again.read_layer("pool").features, fresh.read_layer("pool").features)
 
 

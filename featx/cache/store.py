@@ -54,7 +54,7 @@ class CacheKey:
     decode: str = "pil"
 
     @classmethod
-    def of(cls, weights: Weights, precision: str, dtype: str, tta: str = "none",
+    def of(cls, weights: Weights, precision: str, dtype: str, *, tta: str = "none",
            decode: str = "pil") -> CacheKey:
         return cls(weights.model, weights.name, weights.checksum, weights.preprocess.to_dict(),
                    precision, dtype, tta, decode)
@@ -165,7 +165,7 @@ class FeatureStore:
 
     # --- creation ----------------------------------------------------------------------------
     @classmethod
-    def open_for(cls, root: Path, images: ImageSet, weights: Weights, precision: str,
+    def open_for(cls, root: Path, images: ImageSet, weights: Weights, *, precision: str,
                  layer_names: list[str], dtype: str = "float32", imagenet_default: bool = False,
                  verify: str = "size", tta: str = "none", decode: str = "pil") -> FeatureStore:
         """Open (or create) the cache for these images and these weights; refuse a cache whose
@@ -175,7 +175,7 @@ class FeatureStore:
         `--weights imagenet` names; `verify` how images are recognised (see ImageSet.file_stats)."""
         if dtype not in DTYPES:
             raise FeatxError(f"unknown dtype {dtype!r}; use float32 or float16")
-        key = CacheKey.of(weights, precision, dtype, tta, decode)
+        key = CacheKey.of(weights, precision, dtype, tta=tta, decode=decode)
         folder = Path(root) / dataset_folder(Path(root), images) / key.folder
         if (folder / "manifest.json").is_file():
             store = cls(folder)
@@ -212,7 +212,7 @@ class FeatureStore:
         return cls(folder)
 
     @classmethod
-    def for_arrays(cls, root: Path, name: str, labels: np.ndarray, classes: tuple[str, ...],
+    def for_arrays(cls, root: Path, name: str, labels: np.ndarray, *, classes: tuple[str, ...],
                    layers: dict[str, int], dtype: str = "float32", shard_size: int = 512) -> FeatureStore:
         """A cache for features computed elsewhere (no image files behind them: rows are named
         row-N): fill it with `write_shard` per layer, shard by shard, then probe it like any cache.
@@ -224,7 +224,7 @@ class FeatureStore:
         images = ImageSet(origin, paths, np.asarray(labels, dtype=np.int64), tuple(classes))
         weights = Weights(model="arrays", tag=name, source="file", preprocess=Preprocess(),
                           location=str(origin), categories=None, checksum="arrays")
-        store = cls.open_for(root, images, weights, "fp32", list(layers), dtype)
+        store = cls.open_for(root, images, weights, precision="fp32", layer_names=list(layers), dtype=dtype)
         store.update_manifest(lambda manifest: manifest.update(arrays=True))
         store.plan_layers([Layer(layer, layer, (dim,)) for layer, dim in layers.items()], 1, shard_size)
         return store
@@ -401,7 +401,7 @@ class FeatureStore:
 
         self.update_manifest(add)
 
-    def write_shard(self, layer: str, shard: int, index: np.ndarray, features: np.ndarray,
+    def write_shard(self, layer: str, shard: int, index: np.ndarray, *, features: np.ndarray,
                     skipped: dict[int, str]) -> Path:
         """Write one complete shard under a temporary name, then rename it into place."""
         path = self.shard_path(layer, shard)
@@ -413,7 +413,7 @@ class FeatureStore:
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a shard needs {needed >> 20} MiB)",
                           str(path.parent))
         try:
-            self._write_h5(tmp, layer, shard, index, stored, skipped)
+            self._write_h5(tmp, layer, shard, index=index, stored=stored, skipped=skipped)
             os.replace(tmp, path)
         except OSError as exc:
             if exc.filename:
@@ -424,7 +424,7 @@ class FeatureStore:
             tmp.unlink(missing_ok=True)  # a shard that failed (disk full) leaves no partial file
         return path
 
-    def _write_h5(self, tmp: Path, layer: str, shard: int, index: np.ndarray, stored: np.ndarray,
+    def _write_h5(self, tmp: Path, layer: str, shard: int, *, index: np.ndarray, stored: np.ndarray,
                   skipped: dict[int, str]) -> None:
         rows, dim = stored.shape
         with h5py.File(tmp, "w") as f:
@@ -456,7 +456,7 @@ class FeatureStore:
         self.update_manifest(add)
         return run_id
 
-    def update_run(self, run_id: str, seconds: float, n_images: int, status: str = "running",
+    def update_run(self, run_id: str, seconds: float, n_images: int, *, status: str = "running",
                    skipped: dict[str, str] | None = None) -> None:
         """The run's time and images so far; its status at the end (done or stopped)."""
         def change(manifest: dict) -> None:
@@ -666,11 +666,11 @@ class ShardWriter:
         while (job := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.written.append(self.store.write_shard(*job))
+                    self.written.append(self.store.write_shard(**job))
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                     self.error = exc
 
-    def submit(self, *job) -> None:
+    def submit(self, **job) -> None:
         self._raise()
         self.queue.put(job)
 

@@ -1,5 +1,5 @@
 """The `featx` command: a thin typer layer over featx.study and featx.report."""
 
-from featx.cli.app import app, main
+from featx.cli.main import main
 
-__all__ = ["app", "main"]
+__all__ = ["main"]

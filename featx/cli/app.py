@@ -1,45 +1,50 @@
-"""The `featx` command: a thin typer layer over featx.study and featx.report.tables."""
+"""The `featx` commands: each parses its options, calls featx.study or featx.report, and prints.
+
+Option values are checked where the library takes them (featx.options, ExtractOptions,
+ProbingOptions); a command only turns text into those values and results into lines.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-import tempfile
-import threading
-import time
-import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from featx.cli.progress import progress_bar
 from featx.errors import FeatxError, OptionError
-from featx.options import describe, writable_file, writable_folder
+from featx.options import (
+    Decode,
+    Dtype,
+    Precision,
+    Scaling,
+    Solver,
+    Tta,
+    Verify,
+    writable_file,
+    writable_folder,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
-                  help="Pretrained CNN layer features, cached to HDF5, compared with linear SVM, logistic "
-                       "regression and k-NN probes.")
+                  help="Pretrained network layer features, cached to HDF5, compared with linear probes "
+                       "(SVM, logistic regression), k-NN and any registered probe.")
 
 # --- shared options ---------------------------------------------------------------------------
 Model = Annotated[str, typer.Option("--model", "-m", help=(
     "Any torchvision classifier (vgg16, resnet50, vit_b_16, ...: `featx models` lists them), "
-    "efficientnet_lite0/1/2, or timm:NAME."))]
+    "efficientnet_lite0/1/2, or SOURCE:NAME of another model source (timm:NAME, ...)."))]
 Layers = Annotated[list[str] | None, typer.Option(
     "--layer", "-l", help="Layer name; repeat or comma-separate. Default: the model's standard layers.")]
 Weights = Annotated[str, typer.Option(
     help="imagenet (the model's first pretrained set, downloaded once), random (seeded baseline), "
-         "a weight set such as IMAGENET1K_V2 (`featx models` lists them), or PATH to a state dict.")]
+         "a weight set such as IMAGENET1K_V2 (`featx models` lists them), or PATH to local weights.")]
 Cache = Annotated[Path | None, typer.Option(
     help="Cache folder. Default: $FEATX_CACHE or ./featx-cache.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Precision = Annotated[str, typer.Option(
-    help="auto, fp32, bf16 or fp16. auto: bf16 on a GPU (fp16 where bf16 is missing); on a CPU "
-         "with native bf16, bf16 for models measured faster with it and within 0.3 points of fp32 "
-         "on 15-Scene (efficientnet_lite0), else fp32.")]
+PrecisionOption = Annotated[str, typer.Option(
+    "--precision", help=f"{Precision.names()}. auto: bf16 on a GPU (fp16 where bf16 is missing), fp32 "
+                        "on a CPU.")]
 BatchSize = Annotated[int | None, typer.Option(
     help="Images per forward pass. Default: 32 on a CPU; on a GPU the largest power of two up to 256 "
          "that fits in half of its free memory.")]
@@ -47,26 +52,23 @@ Workers = Annotated[int | None, typer.Option(
     help="Image-decoding worker processes (threads that read files, with --decode device). Default: "
          "cores - 1, at most 8.")]
 ShardSize = Annotated[int, typer.Option(help="Images per HDF5 shard (at most; large layers get fewer).")]
-Dtype = Annotated[str, typer.Option(
-    help="Cached feature type: auto, float32 or float16. auto: float16 on a GPU (half the bytes to "
-         "copy, write and read), float32 on a CPU.")]
-Decode = Annotated[str, typer.Option(
-    help="How images are decoded: auto, pil (PIL in worker processes) or device (JPEG batches "
-         "decoded on the device; other files through PIL). auto: device on a GPU, pil on a CPU. "
-         "Part of the cache's identity.")]
-CachedDtype = Annotated[str | None, typer.Option(
-    "--dtype", help="float32 or float16: the cache made with that --dtype, when there are both.")]
-CachedDecode = Annotated[str | None, typer.Option(
-    "--decode", help="pil or device: the cache made with that --decode, when there are both.")]
-Tta = Annotated[str, typer.Option(
-    help="none, or flip: each image's features averaged with its mirror's (one pass over a batch "
-         "twice the size); a cache of its own.")]
-Verify = Annotated[str, typer.Option(
-    help="How a cached image is recognised: size (size and modification time) or hash (its bytes "
-         "too, read once per run).")]
+DtypeOption = Annotated[str, typer.Option(
+    "--dtype", help=f"Cached feature type: {Dtype.names()}. auto: float16 on a GPU (half the bytes to "
+                    "copy, write and read), float32 on a CPU.")]
+DecodeOption = Annotated[str, typer.Option(
+    "--decode", help=f"How images are decoded: {Decode.names()}. pil: PIL in worker processes; "
+                     "device: JPEG batches decoded on the device, other files through PIL; auto: device "
+                     "on a GPU, pil on a CPU. Part of the cache's identity.")]
+TtaOption = Annotated[str, typer.Option(
+    "--tta", help=f"{Tta.names()}. flip: each image's features averaged with its mirror's (one pass "
+                  "over a batch twice the size); a cache of its own.")]
+VerifyOption = Annotated[str, typer.Option(
+    "--verify", help=f"How a cached image is recognised: {Verify.names()}. size: size and modification "
+                     "time; hash: its bytes too, read once per run.")]
 Seed = Annotated[int, typer.Option(help="Seed of the split, of CV folds and of random weights.")]
-CValue = Annotated[str, typer.Option("--C", help="SVM C, or auto: cross-validated on the training part.")]
-Scaling = Annotated[str, typer.Option(help="Feature scaling: l2, standardize or none.")]
+CValue = Annotated[str, typer.Option("--C", help="C of the linear probes, or auto: cross-validated on "
+                                                 "the training part.")]
+ScalingOption = Annotated[str, typer.Option("--scaling", help=f"Feature scaling: {Scaling.names()}.")]
 TrainPerClass = Annotated[int | None, typer.Option(
     help="Training images per class for the seeded split. Default: 100 (the 15-Scene protocol) "
          "where every class has more images, else half of the smallest class; the table says which.")]
@@ -74,33 +76,42 @@ SplitFile = Annotated[Path | None, typer.Option("--split", help="CSV with path,l
 Splits = Annotated[int, typer.Option(
     help="Random splits to train and test on (mean +/- std); 1 with a fixed split.")]
 Probe = Annotated[str, typer.Option(
-    help="Probes, comma-separated, a column each: svm (linear SVM), logreg (logistic regression), "
-         "knn (20 nearest neighbours, cosine).")]
-Solver = Annotated[str, typer.Option(
-    help="SVM solver: auto, torch (every C and fold as one batched problem, GPU or CPU) or "
-         "liblinear (scikit-learn's LinearSVC).")]
+    help="Probes, comma-separated, a column each: svm (linear SVM, the default), logreg (logistic "
+         "regression), knn (nearest neighbours, cosine); `featx probes` lists every registered probe.")]
+ProbeOption = Annotated[list[str] | None, typer.Option(
+    "--probe-option", help="A probe's own parameter as PROBE.PARAM=VALUE, such as knn.k=10; repeat for "
+                           "several. `featx probes` lists them with their defaults and ranges.")]
+SolverOption = Annotated[str, typer.Option(
+    "--solver", help=f"Linear probe solver: {Solver.names()}. torch: every C and fold as one batched "
+                     "problem, GPU or CPU; liblinear: scikit-learn's LinearSVC.")]
 Memory = Annotated[str, typer.Option(
     help="Memory budget of a probe (such as 2G or 512M): layers stream from the cache in blocks "
          "within it, whatever their size.")]
 OutDir = Annotated[Path | None, typer.Option(
     "--out", help="Results folder. Default: featx-results/DATASET/MODEL-WEIGHTS.")]
+# choosing one cache among several (svm, similarity): left out means any, then the default variant
+CachedDataset = Annotated[str | None, typer.Option(
+    "--dataset", help="Dataset in the cache, when it holds several: its name, or its folder.")]
+CachedWeights = Annotated[str | None, typer.Option(
+    "--weights", help="Weights in the cache (imagenet, random, a tag or a file), when several.")]
+CachedTta = Annotated[str | None, typer.Option(
+    "--tta", help="none or flip: the cache made with that --tta, when there are both.")]
+CachedDtype = Annotated[str | None, typer.Option(
+    "--dtype", help="float32 or float16: the cache made with that --dtype, when there are both.")]
+CachedDecode = Annotated[str | None, typer.Option(
+    "--decode", help="pil or device: the cache made with that --decode, when there are both.")]
 
 
-def _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify="size",
-                     tta="none", decode="auto"):
+def _extract_options(**values):
     from featx.study import ExtractOptions
 
-    return ExtractOptions(device=device, precision=precision, batch_size=batch_size, workers=workers,
-                          shard_size=shard_size, dtype=dtype, verify=verify, tta=tta, decode=decode)
+    return ExtractOptions(**values)
 
 
-def _svm_options(C, scaling, train_per_class, seed, split, splits=1, probe="svm", solver="auto",
-                 memory="2G", device="auto"):
-    from featx.study import SvmOptions
+def _probing_options(split: Path | None, **values):
+    from featx.study import ProbingOptions
 
-    return SvmOptions(C=C, scaling=scaling, train_per_class=train_per_class, seed=seed,
-                      split_file=str(split) if split else None, splits=splits, probe=probe,
-                      solver=solver, memory=memory, device=device)
+    return ProbingOptions(split_file=str(split) if split else None, **values)
 
 
 def _layer_names(layer: list[str] | None) -> list[str] | None:
@@ -174,10 +185,10 @@ def extract(
     ctx: typer.Context,
     dataset: Annotated[Path, typer.Argument(help="Folder of class subfolders, or with train/ and test/.")],
     layer: Layers = None, model: Model = "vgg16", weights: Weights = "imagenet",
-    cache: Cache = None, device: Device = "auto", precision: Precision = "auto",
+    cache: Cache = None, device: Device = "auto", precision: PrecisionOption = "auto",
     batch_size: BatchSize = None, workers: Workers = None, shard_size: ShardSize = 512,
-    dtype: Dtype = "auto", seed: Seed = 0, verify: Verify = "size", tta: Tta = "none",
-    decode: Decode = "auto",
+    dtype: DtypeOption = "auto", seed: Seed = 0, verify: VerifyOption = "size", tta: TtaOption = "none",
+    decode: DecodeOption = "auto",
     gpus: Annotated[str | None, typer.Option(
         help="Extract on several GPUs of this machine: all, or a number. featx starts one rank per "
              "GPU itself (under torchrun or Slurm, leave it out: the launcher starts the ranks).")] = None,
@@ -192,51 +203,50 @@ def extract(
     from featx.extract.ranks import Ranks, launch_local
     from featx.study import extract as run_extract
 
+    options = _extract_options(device=device, precision=precision, batch_size=batch_size, workers=workers,
+                               shard_size=shard_size, dtype=dtype, verify=verify, tta=tta, decode=decode)
     count = _gpu_count(gpus) if gpus is not None and not Ranks.from_env().several else 1
     if count > 1:
-        if device not in ("auto", "cuda"):
+        if options.device not in ("auto", "cuda"):
             raise OptionError("device", f"is {device}, but --gpus {gpus} puts each rank on a GPU of its "
                               "own: leave --device out")
         raise typer.Exit(launch_local(_given_arguments(ctx, leave_out=("gpus",)), count))
-
-    run_extract(dataset, model, _layer_names(layer), weights, cache, seed,
-                _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta,
-                                 decode))
+    run_extract(dataset, model, _layer_names(layer), weights=weights, cache=cache, seed=seed,
+                options=options, progress=progress_bar)
 
 
 @app.command()
 def svm(
-    layer: Layers = None, dataset: Annotated[str | None, typer.Option(
-        help="Dataset in the cache, when it holds several: its name, or its folder.")] = None,
+    layer: Layers = None, dataset: CachedDataset = None,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Model in the cache, when it holds several.")] = None,
-    weights: Annotated[str | None, typer.Option(
-        help="Weights in the cache (imagenet, random, ...), when several.")] = None,
-    tta: Annotated[str | None, typer.Option(
-        help="none or flip: the cache made with that --tta, when there are both.")] = None,
-    dtype: CachedDtype = None, decode: CachedDecode = None,
-    cache: Cache = None, C: CValue = "auto", scaling: Scaling = "l2",
+    weights: CachedWeights = None, tta: CachedTta = None, dtype: CachedDtype = None,
+    decode: CachedDecode = None, cache: Cache = None, C: CValue = "auto", scaling: ScalingOption = "l2",
     train_per_class: TrainPerClass = None, seed: Seed = 0, split: SplitFile = None,
-    splits: Splits = 1, out: OutDir = None, probe: Probe = "svm", solver: Solver = "auto",
-    memory: Memory = "2G", device: Device = "auto",
+    splits: Splits = 1, out: OutDir = None, probe: Probe = "svm", probe_option: ProbeOption = None,
+    solver: SolverOption = "auto", memory: Memory = "2G", device: Device = "auto",
 ) -> None:
     """Train a linear SVM (or the probes of --probe) per cached layer, streamed from the cache
     within --memory; print accuracy, balanced accuracy, dim, C and time.
 
     Examples: `featx svm --layer relu7` (finds the cache in ./featx-cache) ;
     `featx svm --layer pool5 --C 1 --scaling standardize` ; `featx svm --dataset 15scene --model vgg16` ;
-    `featx svm --layer pool1 --probe svm,logreg,knn --memory 1G`.
+    `featx svm --layer pool1 --probe svm,logreg,knn --memory 1G` ;
+    `featx svm --probe knn --probe-option knn.k=10`.
     Each model is saved with joblib beside a JSON report in the results folder.
     """
     from featx.extract.ranks import Ranks
     from featx.report.tables import render_markdown, write_table
     from featx.study import default_out_dir, evaluate, find_store
 
-    options = _svm_options(C, scaling, train_per_class, seed, split, splits, probe, solver, memory, device)
-    store = find_store(cache, dataset, model, weights, tta, dtype, decode)
+    options = _probing_options(split, C=C, scaling=scaling, train_per_class=train_per_class, seed=seed,
+                               splits=splits, probe=probe, solver=solver, memory=memory, device=device,
+                               probe_params=probe_option or ())
+    store = find_store(cache, dataset, model, weights=weights, tta=tta, dtype=dtype, decode=decode)
     out_dir = out or default_out_dir(store)
     lead = Ranks.from_env().lead  # under torchrun every rank probes, rank 0 reports
-    report = evaluate(store, _layer_names(layer), options, out_dir, _print_layer if lead else None)
+    report = evaluate(store, _layer_names(layer), options, out_dir=out_dir,
+                      on_layer=_print_layer if lead else None)
     if not lead:
         return
     paths = write_table(report, out_dir, stem="svm")
@@ -250,14 +260,15 @@ def table(
     model: Annotated[list[str], typer.Option(
         "--model", "-m", help="Model; repeat for one table comparing several.")] = ["vgg16"],  # noqa: B006
     layer: Layers = None, weights: Weights = "imagenet", cache: Cache = None,
-    C: CValue = "auto", scaling: Scaling = "l2", train_per_class: TrainPerClass = None,
+    C: CValue = "auto", scaling: ScalingOption = "l2", train_per_class: TrainPerClass = None,
     seed: Seed = 0, split: SplitFile = None, splits: Splits = 1, out: OutDir = None,
-    probe: Probe = "svm", solver: Solver = "auto", memory: Memory = "2G",
+    probe: Probe = "svm", probe_option: ProbeOption = None, solver: SolverOption = "auto",
+    memory: Memory = "2G",
     html: Annotated[Path | None, typer.Option(help="Also write the one-page HTML report here.")] = None,
     device: Device = "auto",
-    precision: Precision = "auto", batch_size: BatchSize = None, workers: Workers = None,
-    shard_size: ShardSize = 512, dtype: Dtype = "auto", verify: Verify = "size", tta: Tta = "none",
-    decode: Decode = "auto",
+    precision: PrecisionOption = "auto", batch_size: BatchSize = None, workers: Workers = None,
+    shard_size: ShardSize = 512, dtype: DtypeOption = "auto", verify: VerifyOption = "size",
+    tta: TtaOption = "none", decode: DecodeOption = "auto",
 ) -> None:
     """The layer-comparison table: extract all layers in one pass (or reuse the cache), train an
     SVM (or the probes of --probe) per layer, print the table and write it as Markdown, CSV and JSON.
@@ -271,14 +282,18 @@ def table(
     from featx.report.tables import render_markdown
     from featx.study import run_table
 
+    extract_options = _extract_options(device=device, precision=precision, batch_size=batch_size,
+                                       workers=workers, shard_size=shard_size, dtype=dtype, verify=verify,
+                                       tta=tta, decode=decode)
+    probing = _probing_options(split, C=C, scaling=scaling, train_per_class=train_per_class, seed=seed,
+                               splits=splits, probe=probe, solver=solver, memory=memory, device=device,
+                               probe_params=probe_option or ())
     if html:
         writable_file(html, "html")
     lead = Ranks.from_env().lead  # under torchrun every rank extracts and probes, rank 0 reports
-    report, paths = run_table(
-        dataset, model, _layer_names(layer), weights, cache, out,
-        _extract_options(device, precision, batch_size, workers, shard_size, dtype, verify, tta, decode),
-        _svm_options(C, scaling, train_per_class, seed, split, splits, probe, solver, memory, device),
-        on_layer=_print_layer if lead else None)
+    report, paths = run_table(dataset, model, _layer_names(layer), weights=weights, cache=cache, out_dir=out,
+                              extract_options=extract_options, probing=probing, progress=progress_bar,
+                              on_layer=_print_layer if lead else None)
     if not lead:
         return
     typer.echo(render_markdown(report))
@@ -293,9 +308,9 @@ def models(
     """List the models featx knows, with their weight sets and input sizes.
 
     Examples: `featx models` ; `featx models resnet` ; then `featx layers --model resnet50`.
-    Any timm model is also available as timm:NAME (`pip install 'featx[timm]'`).
+    Model sources with a prefix (timm:NAME, ...) take any name of their library.
     """
-    from featx.models import model_names, weight_sets
+    from featx.models import model_names, prefixed_sources, weight_sets
 
     for model_name in model_names():
         if name and name.lower() not in model_name:
@@ -303,7 +318,8 @@ def models(
         sets = weight_sets(model_name)
         tags = ", ".join(f"{w.tag} ({w.preprocess.crop}px)" for w in sets) or "none"
         typer.echo(f"{model_name:<20} {tags}")
-    typer.echo("timm:NAME            any timm model, e.g. timm:convnext_tiny.fb_in1k (featx[timm])")
+    for source in prefixed_sources():
+        typer.echo(f"{source.PREFIX + 'NAME':<20} {source.SUMMARY}")
 
 
 @app.command()
@@ -325,29 +341,44 @@ def layers(model: Model = "vgg16", weights: Weights = "imagenet") -> None:
 
 
 @app.command()
+def probes() -> None:
+    """List the probes `--probe` takes, with their parameters (`--probe-option PROBE.PARAM=VALUE`).
+
+    Example: `featx probes` ; then `featx svm --probe knn --probe-option knn.k=10`.
+    """
+    from featx.probes import registered
+
+    for probe in registered().values():
+        typer.echo(f"{probe.name:<8} {probe.title}: {probe.summary}"
+                   + ("; C by cross-validation or --C" if probe.chooses_C else ""))
+        for param in probe.params:
+            typer.echo(f"  {probe.name}.{param.name}={param.default:g}  {param.help} "
+                       f"({param.low:g} to {param.high:g})")
+
+
+@app.command()
 def similarity(
-    layer: Layers = None, dataset: Annotated[str | None, typer.Option(
-        help="Dataset in the cache, when it holds several: its name, or its folder.")] = None,
+    layer: Layers = None, dataset: CachedDataset = None,
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="Model in the cache; repeat to compare the layers of several.")] = None,
-    weights: Annotated[str | None, typer.Option(help="Weights in the cache, when several.")] = None,
-    dtype: CachedDtype = None, decode: CachedDecode = None,
-    cache: Cache = None, out: OutDir = None, memory: Memory = "2G", device: Device = "auto",
+    weights: CachedWeights = None, tta: CachedTta = None, dtype: CachedDtype = None,
+    decode: CachedDecode = None, cache: Cache = None, out: OutDir = None, memory: Memory = "2G",
+    device: Device = "auto",
 ) -> None:
     """Linear CKA between every pair of cached layers (of one model, or of several on the same
     images): a table, similarity.csv and a heatmap similarity.png, which the HTML report shows.
 
     Examples: `featx similarity` ; `featx similarity --model vgg16 --model resnet50 --dataset 15scene`.
     """
-    from featx.probes.stream import parse_memory, probe_device
+    from featx.options import parse_device, parse_memory
     from featx.report.similarity import heatmap
     from featx.study import default_out_dir, find_store, layer_similarity
 
-    memory_bytes, device = parse_memory(memory), probe_device(device) or "auto"  # checked before work
-    stores = [find_store(cache, dataset, name, weights, dtype=dtype, decode=decode)
+    memory_bytes, device = parse_memory(memory), parse_device(device)  # checked before work
+    stores = [find_store(cache, dataset, name, weights=weights, tta=tta, dtype=dtype, decode=decode)
               for name in (model or [None])]
     folder = writable_folder(out or default_out_dir(stores[0]), "out")
-    result = layer_similarity(stores, _layer_names(layer), memory_bytes, device)
+    result = layer_similarity(stores, _layer_names(layer), memory_bytes, device=device)
     width = max(len(name) for name in result.names)
     typer.echo(" " * width + "  " + "  ".join(f"{i:>5}" for i in range(len(result.names))))
     for i, (name, row) in enumerate(zip(result.names, result.matrix)):
@@ -373,7 +404,7 @@ def predict(
     """
     from featx.extract.predict import predict_images
 
-    for path, ranked in predict_images(images, model, weights, top, device):
+    for path, ranked in predict_images(images, model, weights, top=top, device=device):
         typer.echo(f"{path}:")
         for name, probability in ranked:
             typer.echo(f"  {name} {probability * 100:.2f}%")
@@ -430,18 +461,24 @@ def html_report(report: ReportArg, html: Annotated[Path | None, typer.Option(
 
 
 @app.command()
-def info(cache: Annotated[Path | None, typer.Argument(
-        help="Cache folder. Default: $FEATX_CACHE or ./featx-cache.")] = None) -> None:
+def info(
+    folder: Annotated[Path | None, typer.Argument(
+        help="Cache folder (as --cache). Default: $FEATX_CACHE or ./featx-cache.",
+        show_default=False)] = None,
+    cache: Cache = None,
+) -> None:
     """List cached datasets and models: images, layers, shards, size on disk, skipped files.
 
-    Example: `featx info` ; `featx info /data/featx-cache`.
+    Example: `featx info` ; `featx info --cache /data/featx-cache`.
     """
     from featx.cache.store import default_cache_root, list_stores
 
-    root = cache or default_cache_root()
+    if folder and cache and folder != cache:
+        raise OptionError("cache", f"is {cache}, and the folder given is {folder}: give one")
+    root = cache or folder or default_cache_root()
     stores, broken = list_stores(root)
-    for folder, reason in broken.items():
-        typer.echo(f"{folder}: passed over: {reason}")
+    for place, reason in broken.items():
+        typer.echo(f"{place}: passed over: {reason}")
     if not stores and not broken:
         raise FeatxError(f"no featx cache under {root}")
     for store in stores:
@@ -460,6 +497,9 @@ def info(cache: Annotated[Path | None, typer.Argument(
             typer.echo(f"  skipped {path}: {reason}")
 
 
+ACTIVATION_FORMATS = (".png", ".svg", ".pdf")
+
+
 @app.command()
 def activations(
     image: Annotated[Path, typer.Argument(help="An image file.")], model: Model = "vgg16",
@@ -467,7 +507,7 @@ def activations(
     channels: Annotated[int, typer.Option(help="How many feature maps (the most active).")] = 16,
     weights: Weights = "imagenet", device: Device = "auto",
     out: Annotated[Path | None, typer.Option(
-        help="PNG or SVG file. Default: IMAGE_MODEL_LAYER.png in this folder.")] = None,
+        help="PNG, SVG or PDF file. Default: IMAGE_MODEL_LAYER.png in this folder.")] = None,
 ) -> None:
     """Draw a layer's feature maps for one image as a grid, with the input beside it.
 
@@ -475,116 +515,13 @@ def activations(
     """
     from featx.report.activations import write_activation_grid
 
-    target = writable_file(out or Path(f"{image.stem}_{model}_{layer}.png".replace(":", "-")), "out")
-    typer.echo(str(write_activation_grid(image, target, model, layer, channels, weights, device)))
-
-
-# click's error classes, from the click that typer runs on (newer typer releases carry their own)
-_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-_CLICK_ABORT = getattr(sys.modules[_CLICK_ERROR.__module__], "Abort", typer.Abort)
-FLAGS = {"C": "--C", "split_file": "--split"}  # API names whose flag is not --name-with-dashes
-
-
-def error_line(exc: FeatxError) -> str:
-    """The one line a FeatxError becomes; an option's API name becomes its flag."""
-    if isinstance(exc, OptionError):
-        flag = FLAGS.get(exc.option, "--" + exc.option.replace("_", "-"))
-        return f"featx: error: {flag} {exc.problem}"
-    return f"featx: error: {exc}"
-
-
-# Exit codes (README "Exit codes"): what a script calling featx can rely on.
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-KEPT = "completed shards are kept and the next run resumes"
-
-
-class Stopped(BaseException):
-    """SIGINT or SIGTERM, raised in the main thread so that the command unwinds: decoding
-    workers stop, shards handed to the writer are finished, temporary files go."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _stop(signum, frame) -> None:
-    raise Stopped(signum)
-
-
-@contextmanager
-def _signals_unwind() -> Iterator[None]:
-    """While a command runs, Ctrl-C and SIGTERM raise Stopped (which no library swallows)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _internal_error(exc: Exception) -> int:
-    """One line with the exception's type and the log file that holds the traceback;
-    FEATX_DEBUG=1 prints the traceback instead."""
-    trace = traceback.format_exc()
-    first = str(exc).splitlines()[0] if str(exc).strip() else ""
-    if os.environ.get("FEATX_DEBUG") == "1":
-        typer.echo(trace, err=True)
-        typer.echo(f"featx: internal error: {type(exc).__name__}: {first}", err=True)
-        return EXIT_INTERNAL
-    log = Path(tempfile.gettempdir()) / f"featx-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    try:
-        log.write_text(f"featx {' '.join(sys.argv[1:])}\n{trace}")
-        where = f"the traceback is in {log}"
-    except OSError:
-        where = "run again with FEATX_DEBUG=1 for the traceback"
-    typer.echo(f"featx: internal error: {type(exc).__name__}: {first} ({where}; please report it)",
-               err=True)
-    return EXIT_INTERNAL
-
-
-def main(args: list[str] | None = None) -> int:
-    """Entry point: every outcome is one line on stderr and an exit code from the table above."""
-    with _signals_unwind():
-        try:
-            code = app(args, standalone_mode=False)
-            _leave_ranks(together=True)
-        except FeatxError as exc:
-            typer.echo(error_line(exc), err=True)
-            return EXIT_BAD_INPUT
-        except _CLICK_ERROR as exc:
-            if exc.format_message():  # empty after the help that a bare `featx` prints
-                typer.echo(f"featx: error: {exc.format_message()}", err=True)
-            return exc.exit_code
-        except OSError as exc:
-            if not exc.filename:
-                return _internal_error(exc)
-            typer.echo(f"featx: error: cannot use {exc.filename}: {describe(exc)}", err=True)
-            return EXIT_BAD_INPUT
-        except (KeyboardInterrupt, _CLICK_ABORT, typer.Abort):
-            typer.echo(f"featx: interrupted; {KEPT}", err=True)
-            return EXIT_INTERRUPTED
-        except Stopped as stop:
-            if stop.signum == signal.SIGTERM:
-                typer.echo(f"featx: terminated (SIGTERM); {KEPT}", err=True)
-                return EXIT_TERMINATED
-            typer.echo(f"featx: interrupted; {KEPT}", err=True)
-            return EXIT_INTERRUPTED
-        except Exception as exc:  # noqa: BLE001 - the last resort: one line, traceback in a log
-            return _internal_error(exc)
-        finally:
-            _leave_ranks(together=False)  # after a failure; nothing left to do after the above
-    return code if isinstance(code, int) else EXIT_OK
-
-
-def _leave_ranks(together: bool) -> None:
-    """Under torchrun, leave the ranks' process group before the process ends (see Ranks.leave);
-    a command that joined none never imported featx.extract.ranks, nor torch for it."""
-    if "featx.extract.ranks" in sys.modules:
-        sys.modules["featx.extract.ranks"].Ranks.from_env().leave(together)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    target = out or Path(f"{image.stem}_{model}_{layer}.png".replace(":", "-"))
+    if target.is_dir():
+        raise OptionError("out", f"{target} is a folder; give a file name")
+    if target.suffix.lower() not in ACTIVATION_FORMATS:
+        raise OptionError("out", f"{target} must end in {', '.join(ACTIVATION_FORMATS)} (the formats the "
+                          "grid is drawn in)")
+    target = writable_file(target, "out")
+    typer.echo(str(write_activation_grid(image, target, model, layer=layer, channels=channels,
+                                         weights=weights,
+                                         device=device)))

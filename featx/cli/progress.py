@@ -1,11 +1,14 @@
-"""Extraction progress: a live bar on a terminal, a plain line now and then in a log."""
+"""How the command shows what the library says: its log records as lines on stderr, and an
+extraction's progress as a live bar on a terminal (as the library's log lines elsewhere)."""
 
 from __future__ import annotations
 
-import time
+import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -19,7 +22,34 @@ from rich.progress import (
 )
 from rich.text import Text
 
-Advance = Callable[[int, int], None]  # (images just done, images in all)
+
+class StderrLines(logging.Handler):
+    """featx's log records as lines on the stderr of the moment: a warning as `warning: ...`
+    (yellow on a terminal), anything else as it is."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except (TypeError, ValueError):  # a record whose arguments do not fit its message
+            text = str(record.msg)
+        if record.levelno >= logging.WARNING:
+            colour = sys.stderr.isatty()
+            text = (typer.style("warning:", fg="yellow") if colour else "warning:") + " " + text
+        typer.echo(text, err=True)
+
+
+@contextmanager
+def showing_logs() -> Iterator[None]:
+    """While a command runs, featx's INFO records and above are shown on stderr."""
+    logger = logging.getLogger("featx")
+    handler, level = StderrLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 class _Rate(ProgressColumn):
@@ -28,35 +58,17 @@ class _Rate(ProgressColumn):
         return Text(f"{speed:.1f} images/s" if speed else "", style="cyan")
 
 
-class LogLines:
-    """Progress for output that is not a terminal (a log file, CI): one line every `every`
-    seconds and one at the end, with the rate and the time left."""
-
-    def __init__(self, console: Console, description: str, every: float = 30.0) -> None:
-        self.console, self.description, self.every = console, description, every
-        self.done = 0
-        self.started = self.last = time.monotonic()
-
-    def __call__(self, n: int, total: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last < self.every and self.done < total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.started, 1e-9)
-        left = (total - self.done) / rate if rate else 0.0
-        self.console.print(f"{self.description}: {self.done}/{total} images, {rate:.1f} images/s, "
-                           f"{left:.0f} s left", markup=False, highlight=False)
-
-
 @contextmanager
-def extraction_progress(console: Console, description: str, enabled: bool = True) -> Iterator[Advance]:
-    """Yield the function that extraction calls after each batch."""
-    if enabled and not console.is_terminal:
-        yield LogLines(console, description)
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A live bar where stderr is a terminal; the library's log lines elsewhere (a log, CI)."""
+    if not sys.stderr.isatty():
+        from featx.extract.run import logged_progress
+
+        with logged_progress(description) as advance:
+            yield advance
         return
+    console = Console(stderr=True)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled,
-                  transient=False) as bar:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
         task = bar.add_task(escape(description), total=None)
         yield lambda n, total: bar.update(task, total=total, advance=n)

@@ -26,24 +26,22 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from featx.data.images import LARGE_PIXELS, ImageSet, load_image
 from featx.data.preprocess import prepare
-from featx.errors import OptionError
 from featx.models import Preprocess
+from featx.options import Decode
 
-DECODERS = ("auto", "pil", "device")
 EXIF_ORIENTATION = 0x0112
 PREFETCH_BATCHES = 2  # batches whose files are read ahead while one is decoded
 
 Batch = tuple[np.ndarray, torch.Tensor, list[str]]  # image indices, uint8 crops, errors ("" = read)
 
 
-def resolve_decode(decode: str, device: torch.device) -> str:
+def resolve_decode(decode: str, device: torch.device) -> Decode:
     """`auto` is device decoding on a GPU (nvJPEG decodes a batch far faster than CPU workers can)
     and PIL workers on a CPU, where they measured faster than one thread of libjpeg-turbo."""
-    if decode not in DECODERS:
-        raise OptionError("decode", f"must be one of {', '.join(DECODERS)}, not {decode!r}")
-    if decode != "auto":
+    decode = Decode.parse(decode, "decode")
+    if decode != Decode.AUTO:
         return decode
-    return "device" if device.type == "cuda" else "pil"
+    return Decode.DEVICE if device.type == "cuda" else Decode.PIL
 
 
 def default_workers() -> int:
@@ -78,7 +76,7 @@ class ImageFiles(Dataset):
 
 
 def pil_batches(images: ImageSet, preprocess: Preprocess, batches: list[list[int]],
-                workers: int | None = None, pin_memory: bool = False) -> Iterator[Batch]:
+                *, workers: int | None = None, pin_memory: bool = False) -> Iterator[Batch]:
     """Each batch decoded by PIL in DataLoader workers, in order, on the host."""
     workers = default_workers() if workers is None else workers
     loader = DataLoader(ImageFiles(images, preprocess), batch_sampler=batches, num_workers=workers,
@@ -132,7 +130,7 @@ def _crop_all(preprocess: Preprocess, decoded: list[torch.Tensor]) -> list[torch
 
 
 def device_batches(images: ImageSet, preprocess: Preprocess, batches: list[list[int]],
-                   device: torch.device, workers: int | None = None) -> Iterator[Batch]:
+                   *, device: torch.device, workers: int | None = None) -> Iterator[Batch]:
     """Each batch decoded on the device, in order: files read ahead in threads, the batch's JPEGs
     decoded together, the other files through PIL in the threads."""
     threads = max(1, default_workers() if workers is None else workers)
@@ -161,10 +159,11 @@ def device_batches(images: ImageSet, preprocess: Preprocess, batches: list[list[
         while ahead:
             batch, futures = ahead.popleft()
             read_next()  # PREFETCH_BATCHES batches read while this one decodes
-            yield _decoded_batch(images, preprocess, device, batch, [f.result() for f in futures])
+            yield _decoded_batch(images, preprocess, device, batch=batch,
+                                 results=[f.result() for f in futures])
 
 
-def _decoded_batch(images: ImageSet, preprocess: Preprocess, device: torch.device, batch: list[int],
+def _decoded_batch(images: ImageSet, preprocess: Preprocess, device: torch.device, *, batch: list[int],
                    results: list[tuple[torch.Tensor | None, torch.Tensor | None, str]]) -> Batch:
     """One batch's read results -> its crops on the device: the JPEGs decoded together, a file
     the device decoder refuses through PIL."""

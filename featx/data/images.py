@@ -17,13 +17,13 @@ import xxhash
 from PIL import Image, ImageOps
 
 from featx.errors import FeatxError, OptionError
+from featx.options import Verify
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FIXED_SPLITS = ("train", "test")
 LARGE_PIXELS = 40_000_000  # above this a JPEG is decoded at reduced size (draft mode)
 MAX_PIXELS = 300_000_000  # about 900 MB as RGB: the most featx decodes
 MULTI_FRAME = {".gif", ".tif", ".tiff", ".webp", ".png"}  # formats that may hold several frames
-VERIFY = ("size", "hash")  # how a cached image is recognised: size and mtime, or its bytes too
 PROTOCOL_TRAIN_PER_CLASS = 100  # training images per class of the 15-Scene protocol
 
 
@@ -84,8 +84,7 @@ class ImageSet:
         """Per image [size, mtime_ns, content hash or None]: what tells a replaced image from the
         one that was extracted. `verify="hash"` adds an xxh3 of the file's bytes (reads them).
         A tar member's time is its tar's: a rewritten tar is extracted again, member by member."""
-        if verify not in VERIFY:
-            raise OptionError("verify", f"must be one of {', '.join(VERIFY)}, not {verify!r}")
+        verify = Verify.parse(verify, "verify")
         stats = []
         tars: dict[str, os.stat_result] = {}  # each tar looked at once
         for index, rel in enumerate(self.paths):
@@ -115,7 +114,7 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _images_in(folder: Path, root: Path, seen: dict[Path, str], skipped: dict[str, str],
+def _images_in(folder: Path, root: Path, seen: dict[Path, str], *, skipped: dict[str, str],
                notes: dict[str, str]) -> list[Path]:
     """The images below a class folder, by the link rule of `find_images`."""
     images = []
@@ -187,7 +186,8 @@ def find_images(root: str | Path) -> ImageSet:
     for split, folder in parts:
         for label, cls in enumerate(classes):
             class_dir = folder / cls
-            images = _images_in(class_dir, root, seen, skipped, notes) if class_dir.is_dir() else []
+            images = _images_in(class_dir, root, seen, skipped=skipped,
+                                notes=notes) if class_dir.is_dir() else []
             if not images:
                 where = f"{split}/{cls}" if split else cls
                 raise FeatxError(f"class folder {where} in {root} has no images")
@@ -298,7 +298,7 @@ class Split:
 
 
 def seeded_split(labels: np.ndarray, classes: tuple[str, ...], train_per_class: int | None,
-                 seed: int) -> Split:
+                 *, seed: int) -> Split:
     """The usual protocol: `train_per_class` random images of each class train, the rest test.
     None means the 15-Scene protocol's 100 where every class has more images, else half of the
     smallest class (the description says so)."""

@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,48 +23,26 @@ from featx.cache.dtypes import check_stored, resolve_dtype, to_stored
 from featx.data.decode import device_batches, pil_batches, resolve_decode
 from featx.data.images import ImageSet
 from featx.data.preprocess import normalize
-from featx.errors import FeatxError, OptionError
+from featx.errors import OptionError
 from featx.extract.rewrite import for_inference, without_inplace
 from featx.models import Layer, LoadedModel, Preprocess
+from featx.options import Precision, Tta, resolve_device
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CPU_BATCH = 32  # the batch size on a CPU when none is given
 GPU_BATCH_CAP = 256  # the largest batch chosen on a GPU: beyond it throughput no longer grows
-TTA = ("none", "flip")  # flip: each image's features averaged with its mirror's
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise FeatxError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FeatxError(f"device {device} asked for, but no CUDA GPU is available")
-    return resolved
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); otherwise bf16 is slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool = False) -> str:
-    """`auto` is bf16 on a GPU that supports it (else fp16); on a CPU it is bf16 only for a
-    model measured to gain from it (`cpu_bf16`) on a CPU with native bf16, else fp32."""
-    if precision not in PRECISIONS:
-        raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision != "auto":
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """`auto` is bf16 on a GPU that supports it (else fp16) and fp32 on a CPU, so that a CPU's
+    features, and the accuracies measured on them, do not depend on its model (bf16 stays one
+    option away: measured faster on CPUs with native bf16, see benchmarks/README.md)."""
+    precision = Precision.parse(precision, "precision")
+    if precision != Precision.AUTO:
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_bf16 and cpu_has_native_bf16() else "fp32"
+        return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16
+    return Precision.FP32
 
 
 def batch_that_fits(per_image: float, free: int, cap: int = GPU_BATCH_CAP) -> int:
@@ -101,25 +78,19 @@ class LayerExtractor:
     traced graph is rewritten for inference (see `rewrite`) unless `rewrite` is False."""
 
     def __init__(self, model: LoadedModel, layers: Sequence[Layer], device: str = "auto",
-                 precision: str = "auto", channels_last: bool = True, tta: str = "none",
+                 *, precision: str = "auto", channels_last: bool = True, tta: str = "none",
                  dtype: str = "float32", decode: str = "auto", rewrite: bool = True) -> None:
         self.model = model
         self.layers = list(layers)
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device, model.spec.cpu_bf16)
+        self.precision = resolve_precision(precision, self.device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.decode = resolve_decode(decode, self.device)
         self.channels_last = channels_last
-        if tta not in TTA:
-            raise OptionError("tta", f"must be one of {', '.join(TTA)}, not {tta!r}")
-        self.tta = tta
+        self.tta = Tta.parse(tta, "tta")
         module = without_inplace(model.module)
         nodes = {layer.node: layer.node for layer in self.layers}
-        tracer_kwargs = None
-        if model.spec.source == "timm":
-            from featx.models.timm_zoo import tracer_kwargs as timm_tracer_kwargs
-
-            tracer_kwargs = timm_tracer_kwargs()
+        tracer_kwargs = model.spec.zoo.tracer_kwargs(model.spec.name)
         with warnings.catch_warnings():  # its train/eval node note does not apply: eval only
             warnings.simplefilter("ignore", UserWarning)
             graph = create_feature_extractor(module, return_nodes=nodes, tracer_kwargs=tracer_kwargs)
@@ -226,33 +197,35 @@ class ExtractedBatch:
 
 
 def decoded_batches(extractor: LayerExtractor, images: ImageSet, batches: list[list[int]],
-                    workers: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, list[str]]]:
+                    *, workers: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, list[str]]]:
     """(indices, uint8 crops, errors) per batch, by the extractor's decoder."""
     if extractor.decode == "device":
-        return device_batches(images, extractor.preprocess, batches, extractor.device, workers)
-    return pil_batches(images, extractor.preprocess, batches, workers, extractor.device.type == "cuda")
+        return device_batches(images, extractor.preprocess, batches, device=extractor.device, workers=workers)
+    return pil_batches(images, extractor.preprocess, batches, workers=workers,
+                       pin_memory=extractor.device.type == "cuda")
 
 
 def extract_batches(extractor: LayerExtractor, images: ImageSet, batches: list[list[int]],
-                    workers: int | None = None) -> Iterator[ExtractedBatch]:
+                    *, workers: int | None = None) -> Iterator[ExtractedBatch]:
     """Run the extractor over batches of image indices, dropping unreadable images. Each batch's
     forward pass is queued before the previous batch's features are waited for."""
     waiting: tuple[np.ndarray, HostFeatures | None, dict[int, str]] | None = None
-    for indices, pixels, errors in decoded_batches(extractor, images, batches, workers):
+    for indices, pixels, errors in decoded_batches(extractor, images, batches, workers=workers):
         ok = np.array([not e for e in errors], dtype=bool)
         skipped = {int(i): e for i, e in zip(indices, errors) if e}
         readable = pixels if ok.all() else pixels.index_select(  # picked without waiting for the device
             0, torch.from_numpy(np.flatnonzero(ok)).to(pixels.device, non_blocking=True))
         launched = extractor.launch(readable) if ok.any() else None
         if waiting is not None:
-            yield _finished(extractor, *waiting)
+            yield _finished(extractor, waiting)
         waiting = (indices[ok], launched, skipped)
     if waiting is not None:
-        yield _finished(extractor, *waiting)
+        yield _finished(extractor, waiting)
 
 
-def _finished(extractor: LayerExtractor, indices: np.ndarray, launched: HostFeatures | None,
-              skipped: dict[int, str]) -> ExtractedBatch:
+def _finished(extractor: LayerExtractor,
+              waiting: tuple[np.ndarray, HostFeatures | None, dict[int, str]]) -> ExtractedBatch:
+    indices, launched, skipped = waiting
     if launched is None:
         dtype = np.dtype(extractor.dtype)
         return ExtractedBatch(indices, {layer.name: np.zeros((0, layer.dim), dtype)

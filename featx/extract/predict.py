@@ -14,7 +14,7 @@ from featx.models import get_model, load_model
 
 
 def predict_images(paths: list[Path], model: str = "efficientnet_lite0", weights: str = "imagenet",
-                   top: int = 3, device: str = "auto",
+                   *, top: int = 3, device: str = "auto",
                    ) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
     """Yield (path, [(class name, probability), ...]) for each image, best class first."""
     if top < 1:
@@ -25,7 +25,7 @@ def predict_images(paths: list[Path], model: str = "efficientnet_lite0", weights
                          "features only), so they cannot name classes")
     images = [(path, load(spec.preprocess, path)) for path in paths]  # every file read before the model
     loaded = load_model(model, weights)
-    extractor = LayerExtractor(loaded, [loaded.spec.layer("logits")], device, "fp32")
+    extractor = LayerExtractor(loaded, [loaded.spec.layer("logits")], device, precision="fp32")
     for path, pixels in images:
         logits = extractor(pixels.unsqueeze(0))["logits"][0]
         probabilities = torch.softmax(logits, dim=0)

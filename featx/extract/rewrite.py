@@ -49,7 +49,7 @@ def _returned(graph: fx.GraphModule) -> set[fx.Node]:
 
 
 def _module(graph: fx.GraphModule, node: object, kinds: tuple[type, ...],
-            subclasses: bool = False) -> nn.Module | None:
+            *, subclasses: bool = False) -> nn.Module | None:
     """The module a call_module node runs, if it is one of `kinds` exactly (a subclass may
     compute more, as a batch norm with its activation inside does), or a subclass if allowed."""
     if isinstance(node, fx.Node) and node.op == "call_module":

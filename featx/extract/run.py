@@ -8,29 +8,26 @@ serves for every requested layer while a background thread writes finished shard
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
-from featx.cache.dtypes import DTYPES
 from featx.cache.store import FeatureStore, ShardWriter, default_cache_root
-from featx.cli.progress import extraction_progress
-from featx.data.decode import DECODERS
-from featx.data.images import VERIFY, ImageSet
+from featx.data.images import ImageSet
 from featx.errors import OptionError
-from featx.extract.forward import PRECISIONS, TTA, LayerExtractor, extract_batches
+from featx.extract.forward import LayerExtractor, extract_batches
 from featx.extract.ranks import ALONE, Ranks
 from featx.models import get_model, load_model
-from featx.options import describe, writable_folder
+from featx.options import Decode, Dtype, Precision, Tta, Verify, describe, parse_device, writable_folder
 
-console = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log
+log = logging.getLogger(__name__)
 SPACE_MARGIN = 16 << 20  # room for the manifest and HDF5 headers beside the features
 RUN_NOTE_SECONDS = 1.0  # at most this often a running extraction records its time in the manifest
 RUN_NOTE_SHARE = 0.05  # and less often when the manifest is large: at most 5% of the run's time
@@ -43,15 +40,15 @@ class ExtractOptions:
     `dtype` and `decode` `auto` follow the device (float16 and device decoding on a GPU)."""
 
     device: str = "auto"
-    precision: str = "auto"
+    precision: Precision = Precision.AUTO
     batch_size: int | None = None
     workers: int | None = None
     shard_size: int = 512
-    dtype: str = "auto"
+    dtype: Dtype = Dtype.AUTO
     channels_last: bool = True
-    verify: str = "size"
-    tta: str = "none"
-    decode: str = "auto"
+    verify: Verify = Verify.SIZE
+    tta: Tta = Tta.NONE
+    decode: Decode = Decode.AUTO
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "shard_size"):
@@ -62,48 +59,70 @@ class ExtractOptions:
                 raise OptionError(name, f"must be a whole number of at least 1, not {value!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise OptionError("workers", f"must be 0 or more, not {self.workers!r}")
-        if self.precision not in PRECISIONS:
-            raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.dtype not in ("auto", *DTYPES):
-            raise OptionError("dtype", f"must be one of auto, {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.decode not in DECODERS:
-            raise OptionError("decode", f"must be one of {', '.join(DECODERS)}, not {self.decode!r}")
-        if self.tta not in TTA:
-            raise OptionError("tta", f"must be one of {', '.join(TTA)}, not {self.tta!r}")
-        if self.verify not in VERIFY:
-            raise OptionError("verify", f"must be one of {', '.join(VERIFY)}, not {self.verify!r}")
+        object.__setattr__(self, "device", parse_device(self.device))
+        for name, kind in (("precision", Precision), ("dtype", Dtype), ("decode", Decode), ("tta", Tta),
+                           ("verify", Verify)):
+            object.__setattr__(self, name, kind.parse(getattr(self, name), name))
 
 
-def extract_images(images: ImageSet, model: str, layers: list[str] | None, weights: str,
-                   cache: str | Path | None, seed: int, options: ExtractOptions,
-                   progress: bool = True) -> FeatureStore:
+Advance = Callable[[int, int], None]  # (images just done, images in all), after each batch
+Progress = Callable[[str], AbstractContextManager[Advance]]  # a run's description -> its Advance
+
+
+@contextmanager
+def logged_progress(description: str, every: float = 30.0) -> Iterator[Advance]:
+    """Progress as log lines: one every `every` seconds and one at the end, with the rate and the
+    time left (the CLI draws a bar instead where it writes to a terminal)."""
+    started = last = time.monotonic()
+    done = 0
+
+    def advance(n: int, total: int) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last < every and done < total:
+            return
+        last = now
+        rate = done / max(now - started, 1e-9)
+        left = (total - done) / rate if rate else 0.0
+        log.info(f"{description}: {done}/{total} images, {rate:.1f} images/s, {left:.0f} s left")
+
+    yield advance
+
+
+def extract_images(images: ImageSet, model: str, layers: list[str] | None, *, weights: str = "imagenet",
+                   cache: str | Path | None = None, seed: int = 0, options: ExtractOptions | None = None,
+                   progress: Progress | None = logged_progress) -> FeatureStore:
     """Cache the requested layers (default: the model's standard ones) of every image in one
-    forward pass, resuming where an earlier run stopped."""
+    forward pass, resuming where an earlier run stopped; `progress` is told of each batch."""
+    options = options or ExtractOptions()
     spec = get_model(model, weights, seed)
     requested = spec.resolve_layers(layers)  # bad names fail before any download
     ranks = Ranks.from_env()
     for path, reason in images.skipped.items() if ranks.lead else ():
-        console.print(f"[yellow]warning:[/] skipped {path}: {reason}")
+        log.warning(f"skipped {path}: {reason}")
     for path, note in images.notes.items() if ranks.lead else ():
-        console.print(f"[yellow]note:[/] {path}: {note}")
+        log.info(f"note: {path}: {note}")
     root = Path(cache).expanduser() if cache else default_cache_root()
     if root.exists() and not root.is_dir():
         raise OptionError("cache", f"{root} is a file, not a folder")
     loaded = load_model(model, weights, seed)
     if loaded.weights.random and ranks.lead:
-        console.print(f"[yellow]note:[/] {spec.name} with RANDOM weights ({loaded.weights.name}); "
-                      "features are a baseline, not pretrained")
-    extractor = LayerExtractor(loaded, requested, ranks.device(options.device), options.precision,
-                               options.channels_last, options.tta, options.dtype, options.decode)
+        log.info(f"note: {spec.name} with RANDOM weights ({loaded.weights.name}); "
+                 "features are a baseline, not pretrained")
+    extractor = LayerExtractor(loaded, requested, ranks.device(options.device), precision=options.precision,
+                               channels_last=options.channels_last, tta=options.tta, dtype=options.dtype,
+                               decode=options.decode)
     ranks.join(extractor.device)
     pretrained = loaded.weights.source not in ("random", "file")
 
     def open_store() -> FeatureStore:
         try:
             return FeatureStore.open_for(
-                root, images, loaded.weights, extractor.precision, [layer.name for layer in spec.layers],
-                extractor.dtype, pretrained and get_model(model).weights.tag == loaded.weights.tag,
-                options.verify, options.tta, extractor.decode)
+                root, images, loaded.weights, precision=extractor.precision,
+                layer_names=[layer.name for layer in spec.layers], dtype=extractor.dtype,
+                imagenet_default=pretrained and get_model(model).weights.tag == loaded.weights.tag,
+                verify=options.verify, tta=options.tta, decode=extractor.decode)
         except OSError as exc:
             raise OptionError("cache", f"cannot write in {exc.filename or root}: {describe(exc)}") from None
 
@@ -113,7 +132,7 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
     names = ", ".join(layer.name for layer in requested)
 
     def wait() -> None:
-        console.print(f"another featx extract is writing {store.folder}; waiting for it to finish "
+        log.info(f"another featx extract is writing {store.folder}; waiting for it to finish "
                       "(Ctrl-C stops this one, nothing is lost)")
 
     with store.extraction_lock(wait) if ranks.lead else nullcontext():
@@ -121,7 +140,7 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
             store = FeatureStore(store.folder)
             changes = store.sync_images(images, options.verify)
             if changes:
-                console.print(f"[yellow]note:[/] {images.root} changed since {store.label} was made: "
+                log.info(f"note: {images.root} changed since {store.label} was made: "
                               f"{changes.describe()}; only the shards concerned are extracted again")
             if _layers_to_write(store, requested):
                 writable_folder(store.folder, "cache")  # a read-only cache serves what it holds
@@ -131,25 +150,31 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, weigh
         store = FeatureStore(store.folder)
         if not any(store.missing_shards(layer.name) for layer in requested):  # all planned by now
             if ranks.lead:
-                console.print(f"{store.label}: {names} already cached")
+                log.info(f"{store.label}: {names} already cached")
             return store
         description = (f"{images.name} {spec.name} [{names}] on {extractor.device} {extractor.precision}, "
                        f"{extractor.decode} decoding" + (f", {ranks.world} ranks" if ranks.several else ""))
-        with extraction_progress(console, description, progress and ranks.lead) as advance:
+        with (progress or _silent)(description) if ranks.lead else _silent(description) as advance:
             planned = store.manifest["layers"][requested[0].name]["batch_size"]
-            summary = extract_to_cache(store, extractor, store.images(), planned, options.shard_size,
-                                       options.workers, advance, ranks)
+            summary = extract_to_cache(store, extractor, store.images(), batch_size=planned,
+                                       shard_size=options.shard_size,
+                                       workers=options.workers, on_batch=advance, ranks=ranks)
         ranks.wait_for_all()
     for path, reason in summary["skipped"].items():
-        console.print(f"[yellow]warning:[/] skipped unreadable image {path} ({reason})")
+        log.warning(f"skipped unreadable image {path} ({reason})")
     count, size = ranks.total(summary["images"]), ranks.total(summary.get("bytes", 0))
     skipped = ranks.total(len(summary["skipped"]))
     if ranks.lead:
         if skipped:
-            console.print(f"[yellow]warning:[/] {skipped} images skipped; listed in {store.manifest_path}")
-        console.print(f"{store.label}: {count} images, {names} in {summary['seconds']:.1f} s, "
+            log.warning(f"{skipped} images skipped; listed in {store.manifest_path}")
+        log.info(f"{store.label}: {count} images, {names} in {summary['seconds']:.1f} s, "
                       f"{size / 2**20:.1f} MiB -> {store.folder}")
     return FeatureStore(store.folder)
+
+
+@contextmanager
+def _silent(description: str) -> Iterator[Advance]:
+    yield lambda n, total: None
 
 
 def _layers_to_write(store: FeatureStore, requested: list) -> set[str]:
@@ -161,7 +186,7 @@ def _layers_to_write(store: FeatureStore, requested: list) -> set[str]:
             todo.add(layer.name)
             continue
         for shard, reason in store.damaged_shards(layer.name).items():
-            console.print(f"[yellow]warning:[/] {store.shard_path(layer.name, shard)} is damaged "
+            log.warning(f"{store.shard_path(layer.name, shard)} is damaged "
                           f"({reason}); it is written again")
             store.shard_path(layer.name, shard).unlink()
         if store.missing_shards(layer.name):
@@ -178,7 +203,7 @@ class _ShardBuffer:
         self.features: list[np.ndarray] = []
         self.skipped: dict[int, str] = {}
 
-    def add(self, index: np.ndarray, features: np.ndarray, skipped: dict[int, str], seen: int) -> None:
+    def add(self, index: np.ndarray, features: np.ndarray, skipped: dict[int, str], *, seen: int) -> None:
         self.index.append(index)
         self.features.append(features)
         self.skipped.update(skipped)
@@ -201,7 +226,7 @@ def rank_shards(missing: dict[str, list[int]], sizes: dict[str, int], ranks: Ran
 
 
 def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: ImageSet,
-                     batch_size: int = 32, shard_size: int = 512, workers: int | None = None,
+                     *, batch_size: int = 32, shard_size: int = 512, workers: int | None = None,
                      on_batch: Callable[[int, int], None] | None = None, ranks: Ranks = ALONE) -> dict:
     """Extract the extractor's layers for every image whose shard is not cached yet (of this
     rank's shards, when several ranks share the run; every rank calls this).
@@ -242,7 +267,9 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
         dim = store.manifest["layers"][name]["dim"]
         for k in sorted(todo[name]):
             if all(i in removed for i in range(*store.shard_ranges(name)[k])):
-                writer.submit(name, k, np.zeros(0, np.int64), np.zeros((0, dim), np.float32), {})
+                writer.submit(layer=name, shard=k, index=np.zeros(0, np.int64), features=np.zeros((0, dim),
+                                                                                                  np.float32),
+                              skipped={})
     settings = {"device": str(extractor.device), "precision": extractor.precision, "decode": extractor.decode,
                 "batch_size": batch_size, "workers": workers, "rank": ranks.rank, "ranks": ranks.world}
     run = store.start_run([name for name in layers if todo[name]], len(needed), settings)
@@ -251,7 +278,7 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
     skipped_all: dict[int, str] = {}
     done_images = shown = 0
     try:
-        for batch, out in zip(batches, extract_batches(extractor, images, batches, workers)):
+        for batch, out in zip(batches, extract_batches(extractor, images, batches, workers=workers)):
             skipped_all.update(out.skipped)
             batch_arr = np.asarray(batch)
             for name in layers:
@@ -266,12 +293,14 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
                     rows = (out.indices >= start) & (out.indices < stop)
                     seen = int(((batch_arr >= start) & (batch_arr < stop)).sum())
                     buf.add(out.indices[rows], out.features[name][rows],
-                            {i: e for i, e in out.skipped.items() if start <= i < stop}, seen)
+                            {i: e for i, e in out.skipped.items() if start <= i < stop}, seen=seen)
                     if buf.complete:
                         del buffers[(name, k)]
                         feats = (np.concatenate(buf.features) if buf.features
                                  else np.zeros((0, store.manifest["layers"][name]["dim"]), np.float32))
-                        writer.submit(name, int(k), np.concatenate(buf.index), feats, buf.skipped)
+                        writer.submit(layer=name, shard=int(k), index=np.concatenate(buf.index),
+                                      features=feats,
+                                      skipped=buf.skipped)
             done_images += len(batch)
             if on_batch:
                 every_rank = ranks.count_done(done_key, len(batch)) if ranks.several else done_images
@@ -288,6 +317,7 @@ def extract_to_cache(store: FeatureStore, extractor: LayerExtractor, images: Ima
             seconds = time.perf_counter() - started
             skipped = {store.manifest["paths"][i]: e for i, e in sorted(skipped_all.items())}
             complete = not any(k in todo[name] for name in layers for k in store.missing_shards(name))
-            store.update_run(run, seconds, done_images, "done" if complete else "stopped", skipped)
+            store.update_run(run, seconds, done_images, status="done" if complete else "stopped",
+                             skipped=skipped)
     summary.update(seconds=seconds, skipped=skipped)
     return summary

@@ -24,7 +24,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, model: str = "vgg16", layer: str = "pool5", weights: str = "imagenet",
-                 device: str = "auto", precision: str = "auto", batch_size: int = 32,
+                 *, device: str = "auto", precision: str = "auto", batch_size: int = 32,
                  workers: int = 0) -> None:
         self.model = model
         self.layer = layer
@@ -37,7 +37,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     def fit(self, X: Sequence[str | Path], y=None) -> FeatureExtractor:
         loaded = load_model(self.model, self.weights)
         self.extractor_ = LayerExtractor(loaded, [loaded.spec.layer(self.layer)], self.device,
-                                         self.precision)
+                                         precision=self.precision)
         self.n_features_out_ = self.extractor_.layers[0].dim
         return self
 
@@ -48,7 +48,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         images = ImageSet(Path(), paths, np.zeros(len(paths), np.int64), ("",))
         out = np.empty((len(paths), self.n_features_out_), np.float32)
         batches = batches_of(range(len(paths)), self.batch_size)
-        for batch in extract_batches(self.extractor_, images, batches, self.workers):
+        for batch in extract_batches(self.extractor_, images, batches, workers=self.workers):
             if batch.skipped:
                 index, reason = next(iter(batch.skipped.items()))
                 raise FeatxError(f"cannot read image {paths[index]}: {reason}")

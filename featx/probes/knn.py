@@ -12,7 +12,7 @@ import time
 import torch
 
 from featx.data.images import Split
-from featx.probes import ProbeOptions, ProbeResult, balanced_accuracy
+from featx.probes import Probe, ProbeOptions, ProbeParam, ProbeResult, balanced_accuracy, register
 from featx.probes.stream import LayerStream
 
 NEIGHBOURS = 20
@@ -30,7 +30,8 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
     stream.memo.clear()  # what a linear probe kept for the next one: k-NN needs the room
     budget = stream.budget_left(options.memory)
     stream.fit_scaling(split.train, budget)
-    k = min(NEIGHBOURS, len(split.train))
+    k = min(int(options.params.get("k", NEIGHBOURS)), len(split.train))
+    temperature = float(options.params.get("temperature", TEMPERATURE))
     tests = stream.ranks.share(split.test)  # each rank scores its part of the test rows
     n_test, device = len(tests), stream.device
     best = torch.full((n_test, k), -float("inf"), device=device)
@@ -56,7 +57,7 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
         del held
     n_classes = len(stream.store.classes)
     votes = torch.zeros((n_test, n_classes), dtype=torch.float64, device=device)
-    votes.scatter_add_(1, best_class, torch.exp(best.double() / TEMPERATURE))
+    votes.scatter_add_(1, best_class, torch.exp(best.double() / temperature))
     y_pred = stream.ranks.joined(votes.argmax(1).cpu().numpy())
     y_true = stream.labels[split.test]
     return ProbeResult(
@@ -65,3 +66,11 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
         train_seconds=time.perf_counter() - started, kernel_form=False, n_train=len(split.train),
         n_test=len(split.test), converged=True, probe="knn", y_true=y_true.tolist(),
         y_pred=y_pred.tolist()), None
+
+
+register(Probe(
+    "knn", "k-NN", "the k nearest training images by cosine similarity vote, weighted exp(similarity / T)",
+    train_layer, chooses_C=False, params=(
+        ProbeParam("k", NEIGHBOURS, "neighbours that vote", 1, 1000, whole=True),
+        ProbeParam("temperature", TEMPERATURE, "T: how much more a closer neighbour's vote counts",
+                   0.001, 100.0))))

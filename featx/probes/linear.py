@@ -42,12 +42,13 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 
 from featx.data.images import Split
 from featx.errors import FeatxError
+from featx.options import describe_bytes
 from featx.probes import ProbeOptions, ProbeResult, balanced_accuracy
 from featx.probes.solvers import LinearFit, Total, decision, whole, working_bytes
-from featx.probes.stream import LayerStream, describe_bytes
+from featx.probes.stream import LayerStream
 
 CV_FOLDS = 3
-Solver = Callable[..., LinearFit]  # (x, y, masks, Cs, n_classes, total=) as fit_squared_hinge
+Solver = Callable[..., LinearFit]  # (x, y, masks, *, C, n_classes, total=) as fit_squared_hinge
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Training:
         return self.basis is not None
 
 
-def training_rows(stream: LayerStream, positions: np.ndarray, budget: int, splits: bool = False,
+def training_rows(stream: LayerStream, positions: np.ndarray, budget: int, *, splits: bool = False,
                   ) -> Training:
     """The training rows at `positions` of the stream, in primal or kernel form (see above), split
     between the ranks when they do not fit one rank's budget and the solver `splits` (sums over
@@ -78,11 +79,11 @@ def training_rows(stream: LayerStream, positions: np.ndarray, budget: int, split
     key = (positions.tobytes(), stream.scaling_key(), splits)
     if key not in stream.memo:
         stream.memo.clear()
-        stream.memo[key] = _training_rows(stream, positions, budget, splits)
+        stream.memo[key] = _training_rows(stream, positions, budget, splits=splits)
     return stream.memo[key]
 
 
-def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int, splits: bool) -> Training:
+def _training_rows(stream: LayerStream, positions: np.ndarray, budget: int, *, splits: bool) -> Training:
     labels = stream.labels[positions]
     ranks = stream.ranks
     y = torch.as_tensor(labels, device=stream.device)
@@ -126,7 +127,7 @@ def train_gram(stream: LayerStream, positions: np.ndarray, budget: int,
         rows = stream.gather(positions, left // 2, "the training rows")
         return (rows @ rows.T).double(), rows
     if stream.ranks.several:
-        return _shared_gram(stream, positions, chunk, left), None
+        return _shared_gram(stream, positions, chunk, left=left), None
     gram = torch.zeros((n, n), dtype=torch.float64, device=stream.device)
     block_rows = stream.block_rows(left // 2)
     for start in range(0, n, chunk):
@@ -145,7 +146,7 @@ def train_gram(stream: LayerStream, positions: np.ndarray, budget: int,
     return upper + torch.triu(gram, 1).T, None
 
 
-def _shared_gram(stream: LayerStream, positions: np.ndarray, chunk: int, left: int) -> torch.Tensor:
+def _shared_gram(stream: LayerStream, positions: np.ndarray, chunk: int, *, left: int) -> torch.Tensor:
     """train_gram's passes shared out between ranks: every rank holds each chunk of training rows
     and multiplies it with its part of the rows from the chunk on; the parts, summed over the
     ranks, are the upper triangle (each entry is computed by one rank)."""
@@ -178,7 +179,7 @@ def cv_masks(y: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return parts
 
 
-def choose_C(training: Training, grid: tuple[float, ...], n_classes: int, seed: int, solve: Solver,
+def choose_C(training: Training, grid: tuple[float, ...], n_classes: int, *, seed: int, solve: Solver,
              at_once: int | None = None) -> tuple[float, dict[str, float]]:
     """The C of `grid` with the best mean held-out accuracy over the folds (ties: the smaller C),
     every C and fold solved as one batched problem (in groups of `at_once` problems when the
@@ -192,7 +193,8 @@ def choose_C(training: Training, grid: tuple[float, ...], n_classes: int, seed: 
     device, part = training.x.device, training.part
     predicted = np.concatenate([
         decision(solve(training.x, training.y, torch.as_tensor(masks[k:k + step, part], device=device),
-                       Cs[k:k + step], n_classes, total=training.total), training.x).argmax(-1).cpu().numpy()
+                       C=Cs[k:k + step], n_classes=n_classes, total=training.total),
+                 training.x).argmax(-1).cpu().numpy()
         for k in range(0, len(Cs), step)])  # (problems, this rank's rows)
     right = (predicted == training.labels[part]) & held[:, part]
     right = training.total(torch.as_tensor(right.sum(1), device=device)).cpu().numpy()
@@ -203,7 +205,7 @@ def choose_C(training: Training, grid: tuple[float, ...], n_classes: int, seed: 
 
 
 def feature_weights(stream: LayerStream, training: Training, coef: torch.Tensor,
-                    budget: int) -> torch.Tensor:
+                    *, budget: int) -> torch.Tensor:
     """(classes, values) weights on the layer's own (scaled) values: in kernel form, coef on the
     coordinates times diag(s)^-1/2 U^T times the training rows, summed block by block."""
     if not training.kernel_form:
@@ -218,7 +220,8 @@ def feature_weights(stream: LayerStream, training: Training, coef: torch.Tensor,
     return stream.ranks.sum(weights)
 
 
-def predict_rows(stream: LayerStream, positions: np.ndarray, weights: torch.Tensor, intercept: torch.Tensor,
+def predict_rows(stream: LayerStream, positions: np.ndarray, weights: torch.Tensor, *,
+                 intercept: torch.Tensor,
                  budget: int) -> np.ndarray:
     """The class with the highest score for each row at `positions`, block by block (each rank
     scores its part of the rows)."""
@@ -228,7 +231,7 @@ def predict_rows(stream: LayerStream, positions: np.ndarray, weights: torch.Tens
     return stream.ranks.joined(np.concatenate(predicted))
 
 
-def as_fitted(estimator, stream: LayerStream, weights: torch.Tensor, intercept: torch.Tensor):
+def as_fitted(estimator, stream: LayerStream, weights: torch.Tensor, *, intercept: torch.Tensor):
     """A scikit-learn linear classifier holding these weights, as if fitted on the layer's scaled
     values (coef_, intercept_, classes_): it predicts with scikit-learn's own code."""
     estimator.coef_ = weights.cpu().numpy().astype(np.float32)
@@ -255,7 +258,7 @@ def fitted_scaler(stream: LayerStream):
 Pick = tuple[str, Solver, Callable[..., int]]  # the solver's name, the solver, its memory
 
 
-def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe: str,
+def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, *, probe: str,
                  grid: tuple[float, ...], pick: Pick) -> tuple[ProbeResult, torch.Tensor, torch.Tensor]:
     """Fit on the training rows (C by cross-validation when `options.C` is auto) with the solver
     `pick` names, score the test rows; returns the result and the weights and intercept on the
@@ -270,22 +273,23 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, probe
     problems = len(grid) * CV_FOLDS if options.C == "auto" else 1
     held = training.x.numel() + (training.rows.numel() if training.rows is not None else 0)
     room = budget - 4 * held  # what the solver may use beside the rows it holds
-    at_once = max((p for p in range(1, problems + 1) if memory_per_problem(n, d, p, n_classes) <= room),
+    at_once = max((p for p in range(1, problems + 1) if memory_per_problem(n, d, p,
+                                                                           n_classes=n_classes) <= room),
                   default=0)
     if not at_once:
-        need = memory_per_problem(n, d, 1, n_classes)
+        need = memory_per_problem(n, d, 1, n_classes=n_classes)
         raise FeatxError(f"the {probe} solver needs {describe_bytes(need)} for layer {stream.name} "
                          f"({n} training rows, {d} columns, {n_classes} classes) beside what it holds: "
                          f"--memory {describe_bytes(options.memory - room + 2 * need)} would work")
     if options.C == "auto":
-        C, cv_scores = choose_C(training, grid, n_classes, options.seed, solve, at_once)
+        C, cv_scores = choose_C(training, grid, n_classes, seed=options.seed, solve=solve, at_once=at_once)
     else:
         C, cv_scores = float(options.C), {}
     fit = solve(training.x, training.y, torch.ones((1, n), dtype=torch.bool, device=training.x.device),
-                torch.tensor([C], dtype=torch.float64), n_classes, total=training.total)
-    weights = feature_weights(stream, training, fit.coef[0], budget)
+                C=torch.tensor([C], dtype=torch.float64), n_classes=n_classes, total=training.total)
+    weights = feature_weights(stream, training, fit.coef[0], budget=budget)
     intercept = fit.intercept[0]
-    y_pred = predict_rows(stream, split.test, weights, intercept, budget)
+    y_pred = predict_rows(stream, split.test, weights, intercept=intercept, budget=budget)
     y_true = stream.labels[split.test]
     result = ProbeResult(
         layer=stream.name, dim=stream.dim, accuracy=float((y_pred == y_true).mean()),
@@ -301,7 +305,7 @@ def liblinear_solver(seed: int) -> Solver:
     the same interface as the torch solver; the reference the torch solver is checked against."""
     from sklearn.svm import LinearSVC
 
-    def solve(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, Cs: torch.Tensor,
+    def solve(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, *, C: torch.Tensor,
               n_classes: int, total: Total = whole) -> LinearFit:
         if total is not whole:
             raise ValueError("liblinear fits every row in one process; it takes no rows split between ranks")
@@ -311,28 +315,28 @@ def liblinear_solver(seed: int) -> Solver:
             rows = masks[k].cpu().numpy()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)
-                clf = LinearSVC(C=float(Cs[k]), dual=False, max_iter=5000, random_state=seed)
+                clf = LinearSVC(C=float(C[k]), dual=False, max_iter=5000, random_state=seed)
                 clf.fit(xs[rows], ys[rows])
             coef, intercept = clf.coef_, clf.intercept_
             if len(coef) == 1:  # two classes: one score, as two opposite ones
                 coef, intercept = np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
             return coef, intercept, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
-        order = sorted(range(len(Cs)), key=lambda k: -float(Cs[k]))  # slowest first: threads end together
+        order = sorted(range(len(C)), key=lambda k: -float(C[k]))  # slowest first: threads end together
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # liblinear releases the GIL
             done = dict(zip(order, pool.map(one, order)))
-        fits = [done[k] for k in range(len(Cs))]
+        fits = [done[k] for k in range(len(C))]
         device = x.device
         return LinearFit(
             coef=torch.as_tensor(np.stack([f[0] for f in fits]), dtype=torch.float32, device=device),
             intercept=torch.as_tensor(np.stack([f[1] for f in fits]), dtype=torch.float32, device=device),
-            objective=torch.full((len(Cs),), float("nan"), dtype=torch.float64),
+            objective=torch.full((len(C),), float("nan"), dtype=torch.float64),
             converged=torch.tensor([f[2] for f in fits]), iterations=0)
 
     return solve
 
 
-def liblinear_bytes(n: int, d: int, problems: int, n_classes: int) -> int:
+def liblinear_bytes(n: int, d: int, problems: int, *, n_classes: int) -> int:
     """Each concurrent fit (one per core) copies its rows to float64 (8 bytes a value) and to
     liblinear's own feature nodes (16 bytes a value); the weights are float64."""
     return min(problems, os.cpu_count() or 1) * 24 * n * (d + 1) + 8 * n_classes * (d + 1) * problems

@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from featx.data.images import Split
-from featx.probes import ProbeOptions, ProbeResult
+from featx.probes import Probe, ProbeOptions, ProbeResult, register
 from featx.probes.linear import as_fitted, fitted_scaler, train_linear
 from featx.probes.solvers import fit_logistic, working_bytes
 from featx.probes.stream import LayerStream
@@ -22,7 +22,10 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions,
                 ) -> tuple[ProbeResult, Pipeline]:
     """Train and test logistic regression on one layer; returns the result and the fitted model
     (it applies to the layer's raw values and gives class probabilities)."""
-    result, weights, intercept = train_linear(stream, split, options, "logreg", C_GRID,
-                                              ("torch", fit_logistic, working_bytes))
-    clf = as_fitted(LogisticRegression(C=result.C), stream, weights, intercept)
+    result, weights, intercept = train_linear(stream, split, options, probe="logreg", grid=C_GRID,
+                                              pick=("torch", fit_logistic, working_bytes))
+    clf = as_fitted(LogisticRegression(C=result.C), stream, weights, intercept=intercept)
     return result, Pipeline([("scale", fitted_scaler(stream)), ("logreg", clf)])
+
+
+register(Probe("logreg", "Logistic regression", "multinomial logistic regression (L2)", train_layer))

@@ -69,7 +69,7 @@ class LinearFit:
     iterations: int  # Newton iterations done (summed over the stages of a C path)
 
 
-def working_bytes(n: int, d: int, P: int, n_classes: int) -> int:
+def working_bytes(n: int, d: int, P: int, *, n_classes: int) -> int:
     """Upper estimate of the solvers' working memory in bytes for float32 input, x itself excluded.
 
     Counts 20 (m, n) and 20 (m, d+1) float32 matrices with m = P * n_classes (the live tensors and
@@ -136,7 +136,7 @@ class _Hinge:
 
     group = 1
 
-    def __init__(self, y: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, n_classes: int,
+    def __init__(self, y: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, *, n_classes: int,
                  dtype: torch.dtype, binary: bool) -> None:
         self.y, self.masks, self.C, self.dtype = y, masks, C, dtype
         self.K = 1 if binary else n_classes
@@ -172,7 +172,7 @@ class _Hinge:
         return curv * xv
 
     @staticmethod
-    def line(ctx: tuple, z: torch.Tensor, zs: torch.Tensor, a: torch.Tensor) -> tuple:
+    def line(ctx: tuple, z: torch.Tensor, zs: torch.Tensor, *, a: torch.Tensor) -> tuple:
         t, cm = ctx
         za = torch.addcmul(z, zs, a.to(z.dtype)[:, None])
         on = cm * ((t * za) < 1)
@@ -184,8 +184,8 @@ class _Hinge:
 class _Binomial(_Hinge):
     """Two-class logistic loss with one weight vector per problem (class 1 positive)."""
 
-    def __init__(self, y: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, dtype: torch.dtype) -> None:
-        super().__init__(y, masks, C, 2, dtype, binary=True)
+    def __init__(self, y: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, *, dtype: torch.dtype) -> None:
+        super().__init__(y, masks, C, n_classes=2, dtype=dtype, binary=True)
 
     @staticmethod
     def evaluate(ctx: tuple, z: torch.Tensor) -> tuple:
@@ -198,7 +198,7 @@ class _Binomial(_Hinge):
         return loss, grad, curv, curv
 
     @staticmethod
-    def line(ctx: tuple, z: torch.Tensor, zs: torch.Tensor, a: torch.Tensor) -> tuple:
+    def line(ctx: tuple, z: torch.Tensor, zs: torch.Tensor, *, a: torch.Tensor) -> tuple:
         t, cm = ctx
         za = torch.addcmul(z, zs, a.to(z.dtype)[:, None])
         d1 = (-t * cm * torch.sigmoid(-t * za) * zs).sum(1, dtype=torch.float64)
@@ -210,7 +210,7 @@ class _Binomial(_Hinge):
 class _Multinomial:
     """Multinomial logistic loss; the K rows of a problem form one unit."""
 
-    def __init__(self, y: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, n_classes: int,
+    def __init__(self, y: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, *, n_classes: int,
                  dtype: torch.dtype) -> None:
         self.masks, self.C, self.dtype = masks, C, dtype
         self.group = n_classes
@@ -244,7 +244,7 @@ class _Multinomial:
         q = p * xv.view(p.shape)
         return (cm * (q - p * q.sum(1, keepdim=True))).view(xv.shape)
 
-    def line(self, cm: torch.Tensor, z: torch.Tensor, zs: torch.Tensor, a: torch.Tensor) -> tuple:
+    def line(self, cm: torch.Tensor, z: torch.Tensor, zs: torch.Tensor, *, a: torch.Tensor) -> tuple:
         zs3 = zs.view(cm.shape[0], self.group, -1)
         za = torch.addcmul(z.view(zs3.shape), zs3, a.to(z.dtype)[:, None, None])
         p = torch.softmax(za, 1)
@@ -254,7 +254,7 @@ class _Multinomial:
         return d1, d2
 
 
-def _pcg(x: torch.Tensor, model, curv, reg: torch.Tensor, grad: torch.Tensor,
+def _pcg(x: torch.Tensor, model, curv, *, reg: torch.Tensor, grad: torch.Tensor,
          precond: torch.Tensor, total: Total) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated preconditioned CG for H s = -grad of every unit; returns s and its scores x_aug s.
 
@@ -303,7 +303,7 @@ def _pcg(x: torch.Tensor, model, curv, reg: torch.Tensor, grad: torch.Tensor,
     return s_out, zs_out
 
 
-def _line_search(model, ctx, z: torch.Tensor, zs: torch.Tensor, ws: torch.Tensor, ss: torch.Tensor,
+def _line_search(model, ctx, z: torch.Tensor, *, zs: torch.Tensor, ws: torch.Tensor, ss: torch.Tensor,
                  d0: torch.Tensor, total: Total) -> torch.Tensor:
     """Per-unit step lengths minimising the objective along the directions (safeguarded 1-D Newton).
 
@@ -318,7 +318,7 @@ def _line_search(model, ctx, z: torch.Tensor, zs: torch.Tensor, ws: torch.Tensor
     done = d0 >= 0
     target = _LINE_TOL * d0.abs()
     for _ in range(_LINE_MAX_ITER):
-        d1, d2 = total(torch.stack(model.line(ctx, z, zs, a)))
+        d1, d2 = total(torch.stack(model.line(ctx, z, zs, a=a)))
         d1 = d1 + ws + a * ss
         d2 = d2 + ss
         below = d1 < 0
@@ -335,7 +335,7 @@ def _line_search(model, ctx, z: torch.Tensor, zs: torch.Tensor, ws: torch.Tensor
     return best
 
 
-def _newton(x: torch.Tensor, model, reg: torch.Tensor, tol: torch.Tensor, max_iter: int,
+def _newton(x: torch.Tensor, model, reg: torch.Tensor, *, tol: torch.Tensor, max_iter: int,
             weights: torch.Tensor, cold: bool, total: Total) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Truncated Newton for every unit of `model` from `weights` (m, d+1), updated in place.
 
@@ -381,11 +381,11 @@ def _newton(x: torch.Tensor, model, reg: torch.Tensor, tol: torch.Tensor, max_it
             ctx, curv = model.take(ctx, idx), model.take_curv(curv, idx)
         iterations = it + 1
         precond = _square_backward(x, diag, total).add_(reg).clamp_min_(1e-12)
-        s, zs = _pcg(x, model, curv, reg, grad, precond, total)
+        s, zs = _pcg(x, model, curv, reg=reg, grad=grad, precond=precond, total=total)
         ws = _unit_sum(_dot(reg * w, s), group)
         ss = _unit_sum(_dot(reg * s, s), group)
         d0 = _unit_sum(_dot(grad, s), group)
-        step = _line_search(model, ctx, z, zs, ws, ss, d0, total)
+        step = _line_search(model, ctx, z, zs=zs, ws=ws, ss=ss, d0=d0, total=total)
         sr = _per_row(step, group, x.dtype)
         weights[rows] = w.addcmul_(sr, s)
         moving = step > 0
@@ -413,7 +413,7 @@ def _ladder(wanted: list[float], start: float) -> list[tuple[float, bool]]:
     return out
 
 
-def _solve(x: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, tol: float, max_iter: int,
+def _solve(x: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, *, tol: float, max_iter: int,
            build, reg: torch.Tensor, rows_per_problem: int, units_per_problem: int,
            path: bool, total: Total) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Solve every (mask, C) problem; returns stacked weights (P * rows_per_problem, d+1), per-unit
@@ -429,7 +429,8 @@ def _solve(x: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, tol: float, ma
     if not path:
         weights = torch.zeros((P * rows_per_problem, width), dtype=dtype, device=device)
         tol_units = torch.full((P * units_per_problem,), tol, dtype=torch.float64, device=device)
-        objective, converged, iterations = _newton(x, build(masks, C), reg, tol_units, max_iter, weights,
+        objective, converged, iterations = _newton(x, build(masks, C), reg, tol=tol_units,
+                                                   max_iter=max_iter, weights=weights,
                                                    cold=True, total=total)
         return weights, objective, converged, iterations
     inverse = _same_masks(masks, total)
@@ -456,7 +457,8 @@ def _solve(x: torch.Tensor, masks: torch.Tensor, C: torch.Tensor, tol: float, ma
                                  dtype=torch.float64, device=device).repeat_interleave(units_per_problem)
         rows = _rows_of(gidx, rows_per_problem)
         w = warm[rows]
-        obj, conv, its = _newton(x, model, reg, tol_units, max_iter, w, cold=stage == 0, total=total)
+        obj, conv, its = _newton(x, model, reg, tol=tol_units, max_iter=max_iter, weights=w,
+                                 cold=stage == 0, total=total)
         warm[rows] = w
         iterations += its
         for i, g in enumerate(groups):
@@ -487,7 +489,7 @@ def _row_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) + 1 if parts else x.new_zeros(0, dtype=torch.float64)
 
 
-def _check(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C, n_classes: int) -> tuple:
+def _check(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, *, C, n_classes: int) -> tuple:
     """Inputs as tensors on x's device (x float32 or float64, y int64, masks bool, C float64)."""
     x = torch.as_tensor(x)
     if x.ndim != 2:
@@ -515,7 +517,7 @@ def _check(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C, n_classes: 
 
 
 @torch.no_grad()
-def fit_squared_hinge(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: torch.Tensor,
+def fit_squared_hinge(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, *, C: torch.Tensor,
                       n_classes: int, tol: float = 1e-6, max_iter: int = 100, total: Total = whole,
                       ) -> LinearFit:
     """One-vs-rest L2-regularised squared-hinge SVMs, as LinearSVC(loss="squared_hinge", C=C).
@@ -530,14 +532,15 @@ def fit_squared_hinge(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: 
     With rows spread over processes, x, y and masks are this process's rows and `total` sums over
     the processes (see the module docstring).
     """
-    x, y, masks, C = _check(x, y, masks, C, n_classes)
+    x, y, masks, C = _check(x, y, masks, C=C, n_classes=n_classes)
     P = masks.shape[0]
     binary = n_classes == 2
     K = 1 if binary else n_classes
     reg = torch.ones((1, x.shape[1] + 1), dtype=x.dtype, device=x.device)
     weights, objective, converged, iterations = _solve(
-        x, masks, C, tol, max_iter, lambda m, c: _Hinge(y, m, c, n_classes, x.dtype, binary), reg, K, K,
-        path=True, total=total)
+        x, masks, C, tol=tol, max_iter=max_iter,
+        build=lambda m, c: _Hinge(y, m, c, n_classes=n_classes, dtype=x.dtype, binary=binary),
+        reg=reg, rows_per_problem=K, units_per_problem=K, path=True, total=total)
     if binary:
         w = weights.reshape(P, 1, -1)
         w = torch.cat([-w, w], 1)
@@ -549,7 +552,7 @@ def fit_squared_hinge(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: 
 
 
 @torch.no_grad()
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: torch.Tensor,
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, *, C: torch.Tensor,
                  n_classes: int, tol: float = 1e-6, max_iter: int = 100, total: Total = whole,
                  ) -> LinearFit:
     """L2-regularised logistic regression, as LogisticRegression(C=C) (lbfgs) with an intercept.
@@ -563,20 +566,21 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, C: torch
     Multinomial intercepts are defined up to a common shift and are returned centred. Rows spread
     over processes: as fit_squared_hinge.
     """
-    x, y, masks, C = _check(x, y, masks, C, n_classes)
+    x, y, masks, C = _check(x, y, masks, C=C, n_classes=n_classes)
     P = masks.shape[0]
     reg = torch.ones((1, x.shape[1] + 1), dtype=x.dtype, device=x.device)
     reg[0, -1] = 0
     if n_classes == 2:
         weights, objective, converged, iterations = _solve(
-            x, masks, C, tol, max_iter, lambda m, c: _Binomial(y, m, c, x.dtype), reg, 1, 1, path=False,
-            total=total)
+            x, masks, C, tol=tol, max_iter=max_iter, build=lambda m, c: _Binomial(y, m, c, dtype=x.dtype),
+            reg=reg, rows_per_problem=1, units_per_problem=1, path=False, total=total)
         w = weights.reshape(P, 1, -1) / 2
         w = torch.cat([-w, w], 1)
     else:
         weights, objective, converged, iterations = _solve(
-            x, masks, C, tol, max_iter, lambda m, c: _Multinomial(y, m, c, n_classes, x.dtype), reg,
-            n_classes, 1, path=False, total=total)
+            x, masks, C, tol=tol, max_iter=max_iter,
+            build=lambda m, c: _Multinomial(y, m, c, n_classes=n_classes, dtype=x.dtype),
+            reg=reg, rows_per_problem=n_classes, units_per_problem=1, path=False, total=total)
         w = weights.reshape(P, n_classes, -1)
         w[..., -1] -= w[..., -1].mean(1, keepdim=True)
     return LinearFit(w[..., :-1].contiguous(), w[..., -1].contiguous(), objective, converged, iterations)
@@ -599,7 +603,7 @@ def _as_float64(*arrays: Array) -> list[np.ndarray]:
             for a in arrays]
 
 
-def primal_objective_svm(x: Array, y: Array, coef: Array, intercept: Array, C: float,
+def primal_objective_svm(x: Array, y: Array, coef: Array, *, intercept: Array, C: float,
                          n_classes: int) -> float:
     """Squared-hinge objective of one problem (fit_squared_hinge's definition) in float64.
 
@@ -621,7 +625,7 @@ def primal_objective_svm(x: Array, y: Array, coef: Array, intercept: Array, C: f
     return float(total)
 
 
-def primal_objective_logistic(x: Array, y: Array, coef: Array, intercept: Array, C: float,
+def primal_objective_logistic(x: Array, y: Array, coef: Array, *, intercept: Array, C: float,
                               n_classes: int) -> float:
     """Logistic objective of one problem (fit_logistic's definition) in float64.
 

@@ -8,7 +8,6 @@ plus what the probe keeps (training rows or their Gram matrix, a block of scores
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from functools import reduce
 
@@ -16,54 +15,12 @@ import numpy as np
 import torch
 
 from featx.cache.store import FeatureStore
-from featx.errors import FeatxError, OptionError
+from featx.errors import FeatxError
 from featx.extract.ranks import Ranks
+from featx.options import Scaling, describe_bytes, resolve_device
 
-DEFAULT_MEMORY = 2 << 30
 BLOCK_BYTES = 32 << 20  # rows read at a time, in float32: large enough for fast matrix products
-MIN_MEMORY = 64 << 20
-SCALINGS = ("l2", "standardize", "none")
-DEFAULT_SCALING = "l2"
 Block = tuple[np.ndarray, torch.Tensor]  # positions in the stream's rows, and those rows
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_memory(text: str | int) -> int:
-    """Bytes from `2G`, `512M`, `1.5GB` (at least MIN_MEMORY), or an int of bytes taken as given
-    (the API's way to test a tiny budget)."""
-    if isinstance(text, int):
-        if text < 1:
-            raise OptionError("memory", f"must be a positive number of bytes, not {text}")
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)i?b?\s*", str(text).lower())
-    if not match:
-        raise OptionError("memory", f"must be a size such as 2G or 512M, not {text!r}")
-    value = int(float(match.group(1)) * _UNITS[match.group(2)])
-    if value < MIN_MEMORY:
-        raise OptionError("memory", f"must be at least {MIN_MEMORY >> 20}M (the program itself needs "
-                          f"that much beside the features), not {text!r}")
-    return value
-
-
-def describe_bytes(n: int) -> str:
-    return f"{n / (1 << 30):.1f}G" if n >= 1 << 30 else f"{max(1, -(-n >> 20))}M"
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def probe_device(device: str) -> str | None:
-    """`auto` (None: CUDA when there is one), `cpu`, `cuda` or `cuda:N`, checked."""
-    if device == "auto":
-        return None
-    if device == "cpu":
-        return device
-    if not re.fullmatch(r"cuda(:\d+)?", device):
-        raise OptionError("device", f"must be auto, cpu, cuda or cuda:N, not {device!r}")
-    if not torch.cuda.is_available():
-        raise FeatxError(f"device {device} asked for, but no CUDA GPU is available")
-    return device
 
 
 class LayerStream:
@@ -71,14 +28,12 @@ class LayerStream:
     order, read in blocks; `scaling` is applied per block (standardize: with the mean and scale of
     the rows given to `fit_scaling`)."""
 
-    def __init__(self, store: FeatureStore, name: str, scaling: str = DEFAULT_SCALING,
-                 device: str | None = None) -> None:
-        if scaling not in SCALINGS:
-            raise OptionError("scaling", f"must be one of {', '.join(SCALINGS)}, not {scaling!r}")
-        self.store, self.name, self.scaling = store, name, scaling
+    def __init__(self, store: FeatureStore, name: str, scaling: str = Scaling.L2,
+                 *, device: str = "auto") -> None:
+        self.store, self.name, self.scaling = store, name, Scaling.parse(scaling, "scaling")
         self.parts = name.split("+")
         self.ranks = Ranks.from_env()  # under torchrun, every pass over the layer is shared out
-        self.device = device or self.ranks.device(default_device())  # each rank on its own GPU
+        self.device = str(resolve_device(self.ranks.device(device)))  # each rank on its own GPU
         self.ranks.join(torch.device(self.device))
         self.index = reduce(np.intersect1d, [store.layer_index(part) for part in self.parts])
         self.labels = store.labels[self.index]

@@ -21,7 +21,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.svm import LinearSVC
 
 from featx.data.images import Split
-from featx.probes import ProbeOptions, ProbeResult
+from featx.options import Solver
+from featx.probes import Probe, ProbeOptions, ProbeResult, register
 from featx.probes.linear import (
     Pick,
     as_fitted,
@@ -38,7 +39,7 @@ C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 def pick_solver(options: ProbeOptions) -> Pick:
     """The solver asked for, or what `auto` stands for (see the module docstring)."""
-    if options.solver == "liblinear":
+    if options.solver == Solver.LIBLINEAR:
         return "liblinear", liblinear_solver(options.seed), liblinear_bytes
     return "torch", fit_squared_hinge, working_bytes
 
@@ -47,8 +48,12 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions,
                 ) -> tuple[ProbeResult, Pipeline]:
     """Train and test a linear SVM on one layer; returns the result and the fitted model, which
     applies to the layer's raw values."""
-    result, weights, intercept = train_linear(stream, split, options, "svm", C_GRID, pick_solver(options))
-    clf = as_fitted(LinearSVC(C=result.C), stream, weights, intercept)
+    result, weights, intercept = train_linear(stream, split, options, probe="svm", grid=C_GRID,
+                                              pick=pick_solver(options))
+    clf = as_fitted(LinearSVC(C=result.C), stream, weights, intercept=intercept)
     return result, Pipeline([("scale", fitted_scaler(stream)), ("svm", clf)])
 
 
+
+
+register(Probe("svm", "Linear SVM", "LinearSVC's objective (squared hinge, one-vs-rest)", train_layer))

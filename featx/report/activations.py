@@ -14,7 +14,7 @@ from featx.models import get_model, load_model
 
 
 def layer_maps(image: str | Path, model: str = "vgg16", layer: str = "conv1_1",
-               weights: str = "imagenet", device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+               *, weights: str = "imagenet", device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """The cropped input (H, W, 3 uint8) and the layer's maps (C, h, w) for one image."""
     model_spec = get_model(model, weights)
     spec = model_spec.layer(layer)
@@ -23,7 +23,7 @@ def layer_maps(image: str | Path, model: str = "vgg16", layer: str = "conv1_1",
                          f"layer, one whose shape is channels x height x width")
     pixels = load(model_spec.preprocess, image)  # the image is read before the model is built
     loaded = load_model(model, weights)
-    flat = LayerExtractor(loaded, [spec], device, "fp32")(pixels.unsqueeze(0))[layer][0]
+    flat = LayerExtractor(loaded, [spec], device, precision="fp32")(pixels.unsqueeze(0))[layer][0]
     return pixels.permute(1, 2, 0).numpy(), flat.reshape(spec.shape).numpy()
 
 
@@ -36,7 +36,7 @@ def strongest_channels(maps: np.ndarray, count: int) -> np.ndarray:
 
 
 def write_activation_grid(image: str | Path, out: str | Path, model: str = "vgg16",
-                          layer: str = "conv1_1", channels: int = 16, weights: str = "imagenet",
+                          *, layer: str = "conv1_1", channels: int = 16, weights: str = "imagenet",
                           device: str = "auto") -> Path:
     """Write a PNG (or SVG, by suffix) with the input image and a grid of `channels` feature
     maps (the most active ones), each scaled to its own range."""
@@ -47,7 +47,7 @@ def write_activation_grid(image: str | Path, out: str | Path, model: str = "vgg1
         from matplotlib.figure import Figure
     except ImportError:
         raise FeatxError("activation maps need matplotlib: pip install 'featx[plot]'") from None
-    picture, maps = layer_maps(image, model, layer, weights, device)
+    picture, maps = layer_maps(image, model, layer, weights=weights, device=device)
     chosen = strongest_channels(maps, min(channels, len(maps)))
     cols = math.ceil(math.sqrt(len(chosen)))
     rows = math.ceil(len(chosen) / cols)

@@ -27,7 +27,7 @@ img { max-width: 100%; height: auto; }
 
 
 def write_html(report: Report, path: Path, plots: dict[str, list[Path]] | None = None,
-               extra: dict[str, list[Path]] | None = None) -> Path:
+               *, extra: dict[str, list[Path]] | None = None) -> Path:
     """Write the report as one HTML file; `plots` as returned by `featx.report.plots.write_plots`
     (drawn into a temporary folder when None, which needs matplotlib), `extra` figures made
     elsewhere (the layer similarity heatmap)."""
@@ -97,7 +97,7 @@ def _text(value: object) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]], css: str = "",
-           row_css: list[str] | None = None) -> str:
+           *, row_css: list[str] | None = None) -> str:
     lines = [f'<table class="{css}">' if css else "<table>",
              "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
     for i, row in enumerate(rows):
@@ -130,7 +130,7 @@ def _layer_table(report: Report) -> str:
         return "<p>No layers were evaluated.</p>"
     best = report.best
     marks = ["best" if layer.accuracy == best.accuracy else "" for layer in report.layers]
-    return _table(list(rows[0]), [list(row.values()) for row in rows], "layers", marks)
+    return _table(list(rows[0]), [list(row.values()) for row in rows], "layers", row_css=marks)
 
 
 def _layer_section(report: Report, layer: LayerReport, images: dict[str, str]) -> str:

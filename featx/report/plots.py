@@ -183,18 +183,19 @@ def _accuracy_figure(report: Report) -> Figure:
     dim_ax.set_ylabel("Feature dimension\n(values per image, log scale)")
 
     feature = np.array([e.feature_seconds for e in entries], dtype=float)
-    svm = np.array([e.train_seconds for e in entries], dtype=float)
+    probe = report.probe_title(report.probes[0])
+    train = np.array([e.train_seconds for e in entries], dtype=float)
     shared = [len(e.feature_shared_with) > 1 for e in entries]
     feat_bars = time_ax.bar(x - 0.2, feature, 0.4, color="0.55", label="feature extraction"
                             + (" (hatched: one pass shared by several layers)" if any(shared)
                                else ""))
     for bar, is_shared in zip(feat_bars, shared):
         bar.set_hatch("//" if is_shared else None)
-    svm_bars = time_ax.bar(x + 0.2, svm, 0.4, color="0.2", label="SVM training")
-    for group in (feat_bars, svm_bars):
+    train_bars = time_ax.bar(x + 0.2, train, 0.4, color="0.2", label=f"{probe} training")
+    for group in (feat_bars, train_bars):
         time_ax.bar_label(group, [f"{v:.3g}" for v in group.datavalues], fontsize=7,
                           padding=2, rotation=90)
-    positive = np.concatenate([feature, svm])
+    positive = np.concatenate([feature, train])
     positive = positive[positive > 0]
     if positive.size and positive.max() / positive.min() > 50:
         time_ax.set_yscale("log")
@@ -209,7 +210,7 @@ def _accuracy_figure(report: Report) -> Figure:
     for ax in (acc_ax, dim_ax, time_ax):
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
-    title = (f"Linear SVM per layer: {', '.join(models)} on {report.dataset} "
+    title = (f"{probe} per layer: {', '.join(models)} on {report.dataset} "
              f"({_weights(report)}, {len(report.classes)} classes)")
     width_chars = int(fig.get_figwidth() * 9)  # about 9 characters per inch at this font size
     fig.suptitle(textwrap.fill(title, width_chars),

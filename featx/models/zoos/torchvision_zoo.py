@@ -5,25 +5,38 @@ names of the VGG and ResNet families (pool4, relu7, layer4, ...)."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
-
-import torch
-import torchvision
-from torch import nn
+from typing import TYPE_CHECKING
 
 from featx.errors import FeatxError
 from featx.models.layers import Layer, derive_layers, trace_graph
+from featx.models.source import register_source
 from featx.models.weights import Preprocess, Weights, file_checksum
+
+if TYPE_CHECKING:
+    from torch import nn
+
+NAME, PREFIX, LIBRARY = "torchvision", "", "torchvision"
+SUMMARY = "every classifier of torchvision.models, with its weight sets"
 
 _AUX = ("aux1.", "aux2.", "AuxLogits.")  # auxiliary heads that only run in training
 
 
 def model_names() -> list[str]:
+    import torchvision
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def knows(name: str) -> bool:
+    return name in model_names()
 
 
 def weight_sets(name: str) -> list[Weights]:
     """Every weight set torchvision has for `name`, IMAGENET1K_V1 first when there is one."""
+    import torchvision
+
     enum = torchvision.models.get_model_weights(name)
     members = sorted(enum, key=lambda w: (w.name != "IMAGENET1K_V1", w.name))
     return [Weights(name, w.name, "torchvision", Preprocess.from_transforms(w.transforms()), w.url,
@@ -33,6 +46,8 @@ def weight_sets(name: str) -> list[Weights]:
 
 def architecture_kwargs(name: str, tag: str | None) -> dict:
     """The builder arguments torchvision's own builder sets when it is given these weights."""
+    import torchvision
+
     kwargs: dict = {}
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=False, transform_input=tag is not None)
@@ -49,12 +64,17 @@ def architecture_kwargs(name: str, tag: str | None) -> dict:
 
 
 def _enum_name(name: str) -> str:
+    import torchvision
+
     return torchvision.models.get_model_weights(name).__name__
 
 
 def build(name: str, tag: str | None, device: str = "meta") -> nn.Module:
     """The architecture for weight set `tag` (None: the builder's defaults): on the meta device
     (no random initialisation) where the builder allows it, else initialised on the CPU."""
+    import torch
+    import torchvision
+
     kwargs = architecture_kwargs(name, tag)
     try:
         with torch.device(device):
@@ -63,8 +83,10 @@ def build(name: str, tag: str | None, device: str = "meta") -> nn.Module:
         return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
-def fetch_state(weights: Weights) -> tuple[dict, str]:
+def load_state(weights: Weights) -> tuple[dict, str]:
     """The weights' state dict and file checksum, from the torch hub cache (downloaded once)."""
+    import torch
+
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.location).name
     if not cached.is_file():
         try:
@@ -100,6 +122,8 @@ def _fields(layer: Layer) -> tuple:
 
 def _vgg_layers(module: nn.Module, size: int) -> tuple[list[Layer], list[str]]:
     """conv1_1, pool1..pool5, fc6, relu6, fc7, relu7, logits of any VGG (with or without BN)."""
+    from torch import nn
+
     shapes = {node.name: node.shape for node in trace_graph(module, size)[0]}
     pools = [i for i, m in enumerate(module.features) if isinstance(m, nn.MaxPool2d)]
     layers = [Layer("conv1_1", "features.0", shapes["features.0"],
@@ -113,3 +137,10 @@ def _vgg_layers(module: nn.Module, size: int) -> tuple[list[Layer], list[str]]:
                              ("classifier.6", "logits", "class scores")):
         layers.append(Layer(name, node, shapes[node], description=text))
     return layers, ["pool4", "pool5", "relu6", "relu7"]
+
+
+def tracer_kwargs(name: str) -> dict | None:
+    return None
+
+
+register_source(sys.modules[__name__])

@@ -1,0 +1,1 @@
+"""The built-in model sources, one module each; every module here registers itself."""
