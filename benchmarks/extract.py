@@ -36,8 +36,10 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from featx.cache.store import FeatureStore
 from featx.data.decode import pil_batches
-from featx.data.images import ImageSet, find_images, load_image, seeded_split
+from featx.data.images import ImageSet, load_image
 from featx.data.preprocess import normalize, prepare
+from featx.data.scan import find_images
+from featx.data.splits import seeded_split
 from featx.extract.forward import LayerExtractor, batches_of, resolve_device, to_vectors
 from featx.extract.run import extract_to_cache
 from featx.models import load_model

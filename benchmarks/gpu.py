@@ -40,9 +40,11 @@ import torch
 import torchvision
 from extract import run_baseline, subset
 
+from featx.cache.key import CacheKey
 from featx.cache.store import FeatureStore
 from featx.data.decode import pil_batches
-from featx.data.images import ImageSet, find_images
+from featx.data.images import ImageSet
+from featx.data.scan import find_images
 from featx.extract.forward import LayerExtractor, batches_of, decoded_batches
 from featx.extract.run import extract_to_cache
 from featx.models import load_model
@@ -123,10 +125,10 @@ def time_stages(images: ImageSet, extractor: LayerExtractor, batch: int, workers
 
 def time_e2e(images: ImageSet, extractor: LayerExtractor, batch: int, workers: int | None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        store = FeatureStore.open_for(Path(tmp), images, extractor.model.weights,
-                                      precision=extractor.precision,
-                                      layer_names=[layer.name for layer in extractor.model.spec.layers],
-                                      dtype=extractor.dtype, decode=extractor.decode)
+        key = CacheKey.of(extractor.model.weights, precision=extractor.precision, dtype=extractor.dtype,
+                          decode=extractor.decode)
+        store = FeatureStore.open_for(Path(tmp), images, key=key, weights=extractor.model.weights,
+                                      layer_names=[layer.name for layer in extractor.model.spec.layers])
         with Clock(extractor.device) as clock:
             extract_to_cache(store, extractor, images, batch_size=batch, shard_size=SHARD, workers=workers)
     return clock.seconds
@@ -172,7 +174,7 @@ def command_overhead(dataset: Path, device: str) -> dict:
         wall = time.perf_counter() - started
         manifest = json.loads(next(Path(tmp).rglob("manifest.json")).read_text())
     extraction = sum(run["seconds"] for run in manifest["runs"])
-    return {"images": len(manifest["paths"]), "wall_s": wall, "extraction_s": extraction,
+    return {"images": manifest["rows"], "wall_s": wall, "extraction_s": extraction,
             "outside_extraction_s": wall - extraction}
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featx.data.images import find_images
+from featx.data.scan import find_images
 
 from machine import cpu_name
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from featx.cache.key import CacheKey
 from featx.cache.store import FeatureStore
-from featx.data.images import ImageSet
+from featx.data.images import STATS, ImageSet
 from featx.models import Layer, get_model
 
 from machine import cpu_name
@@ -35,9 +36,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def build(root: Path, rows: int, dim: int) -> FeatureStore:
     images = ImageSet(root / "images", tuple(f"c/{i}.jpg" for i in range(rows)),
-                      np.zeros(rows, np.int64), ("c",))
+                      np.zeros(rows, np.int64), ("c",), stats=np.zeros(rows, dtype=STATS))
     weights = get_model("efficientnet_lite0", "random").weights.with_checksum("0" * 16)
-    store = FeatureStore.open_for(root / "cache", images, weights, precision="fp32", layer_names=["layer"])
+    store = FeatureStore.open_for(root / "cache", images, key=CacheKey.of(weights, precision="fp32",
+                                                                          dtype="float32"),
+                                  weights=weights, layer_names=["layer"])
     layer = Layer("layer", "node", (dim,))
     store.plan_layers([layer], batch_size=32, shard_size=512)
     rng = np.random.default_rng(0)

@@ -152,7 +152,7 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "machine": cpu_name(), "device": device, "torch": torch.__version__,
-                  "cache": store.label, "weights": store.manifest["weights"],
+                  "cache": store.label, "weights": store.key.weights,
                   "split": Path(args.split).name if args.split else None,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "layers": rows}
         with open(RESULTS / "svm.jsonl", "a") as f:

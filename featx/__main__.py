@@ -2,6 +2,6 @@
 
 import sys
 
-from featx.cli.main import main
+from featx.cli import main
 
 sys.exit(main())

@@ -112,6 +112,79 @@ def resolve_device(text: str = "auto"):
     return torch.device(value)
 
 
+def resolve_precision(precision: str, device) -> Precision:
+    """`auto` is bf16 on a GPU that supports it (else fp16) and fp32 on a CPU, so that a CPU's
+    features, and the accuracies measured on them, do not depend on its model (bf16 stays one
+    option away: measured faster on CPUs with native bf16, see benchmarks/README.md)."""
+    precision = Precision.parse(precision, "precision")
+    if precision != Precision.AUTO:
+        return precision
+    if device.type == "cuda":
+        import torch
+
+        return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16
+    return Precision.FP32
+
+
+def resolve_dtype(dtype: str, device) -> Dtype:
+    """`auto` is float16 on a GPU (measured on 15-Scene: accuracy within 0.1 point of float32,
+    half the bytes to copy and write) and float32 on a CPU."""
+    dtype = Dtype.parse(dtype, "dtype")
+    if dtype == Dtype.AUTO:
+        return Dtype.FLOAT16 if device.type == "cuda" else Dtype.FLOAT32
+    return dtype
+
+
+def resolve_decode(decode: str, device) -> Decode:
+    """`auto` is device decoding on a GPU (nvJPEG decodes a batch far faster than CPU workers can)
+    and PIL workers on a CPU, where they measured faster than one thread of libjpeg-turbo."""
+    decode = Decode.parse(decode, "decode")
+    if decode != Decode.AUTO:
+        return decode
+    return Decode.DEVICE if device.type == "cuda" else Decode.PIL
+
+
+# --- counts: what this machine can do ----------------------------------------------------------
+MAX_BATCH = 4096  # images per forward pass
+MAX_SPLITS = 100  # random splits a table repeats its probes on
+MAX_PER_CLASS = 1_000_000  # training images per class
+MAX_CHANNELS = 1024  # feature maps one activation grid draws
+MAX_SEED = 2**32 - 1
+MAX_PIXELS = 200_000_000  # the default --max-pixels: a larger image is skipped, never decoded
+MAX_SHARD = 1 << 16  # images per shard (wide layers get fewer: featx.cache.store.SHARD_BYTES)
+WORKER_BYTES = 512 << 20  # what one decoding worker process may take
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, under a scheduler's limits)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def total_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 8 << 30
+
+
+def max_workers() -> int:
+    """The most decoding processes featx starts: 4 per usable core, within the memory."""
+    return max(1, min(4 * usable_cores(), total_memory() // WORKER_BYTES))
+
+
+def check_count(option: str, value: object, most: int, *, least: int = 1, optional: bool = False,
+                why: str = "") -> None:
+    """A whole number from `least` to `most` (None too where `optional`), else an OptionError."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
+        reason = f" ({why})" if why else ""
+        raise OptionError(option, f"must be a whole number from {least} to {most}{reason}, not {value!r}")
+
+
 # --- memory -----------------------------------------------------------------------------------
 DEFAULT_MEMORY = 2 << 30
 MIN_MEMORY = 64 << 20
@@ -129,6 +202,9 @@ def parse_memory(text: str | int) -> int:
     if not match:
         raise OptionError("memory", f"must be a size such as 2G or 512M, not {text!r}")
     value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value > total_memory():
+        raise OptionError("memory", f"is {text}, more than this machine's {describe_bytes(total_memory())} "
+                          "of memory")
     if value < MIN_MEMORY:
         raise OptionError("memory", f"must be at least {MIN_MEMORY >> 20}M (the program itself needs "
                           f"that much beside the features), not {text!r}")

@@ -9,7 +9,7 @@ import logging
 import math
 import platform
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,15 +18,22 @@ import numpy as np
 
 from featx import __version__
 from featx.cache.store import FeatureStore, default_cache_root, list_stores
-from featx.data.images import ImageSet, Split, find_images, fixed_split, read_split_file, seeded_split
+from featx.data.images import ImageSet
+from featx.data.scan import find_images
+from featx.data.splits import Split, fixed_split, read_split_file, seeded_split
 from featx.errors import FeatxError, OptionError
 from featx.extract.ranks import Ranks
 from featx.extract.run import ExtractOptions, Progress, extract_images, logged_progress
 from featx.models import get_model
 from featx.options import (
     DEFAULT_MEMORY,
+    MAX_PER_CLASS,
+    MAX_SEED,
+    MAX_SPLITS,
     Scaling,
     Solver,
+    Verify,
+    check_count,
     describe_bytes,
     parse_device,
     parse_memory,
@@ -63,6 +70,7 @@ class ProbingOptions:
     memory: str | int = DEFAULT_MEMORY
     device: str = "auto"
     probe_params: Sequence[str] | Mapping[str, object] = ()
+    verify: Verify | None = None  # how the cache's images are recognised; None: as the cache says
 
     def __post_init__(self) -> None:
         if self.C != "auto":
@@ -78,15 +86,17 @@ class ProbingOptions:
             object.__setattr__(self, "C", value)
         object.__setattr__(self, "scaling", Scaling.parse(self.scaling, "scaling"))
         object.__setattr__(self, "solver", Solver.parse(self.solver, "solver"))
-        for name in ("train_per_class", "splits"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise OptionError(name, f"must be at least 1, not {getattr(self, name)}")
+        check_count("train_per_class", self.train_per_class, MAX_PER_CLASS, optional=True)
+        check_count("splits", self.splits, MAX_SPLITS)
+        check_count("seed", self.seed, MAX_SEED, least=0)
         object.__setattr__(self, "probe", parse_probes(self.probe))
         if not (isinstance(self.probe_params, Mapping) and set(self.probe_params) == set(self.probe)):
             object.__setattr__(self, "probe_params", parse_probe_params(self.probe_params, self.probe))
         object.__setattr__(self, "memory", parse_memory(self.memory))
         object.__setattr__(self, "device", parse_device(self.device))
         resolve_device(self.device)  # a GPU asked for where there is none: said before any work
+        if self.verify is not None:
+            object.__setattr__(self, "verify", Verify.parse(self.verify, "verify"))
         if self.split_file:
             read_split_file(self.split_file)  # exists, is a CSV of path,label,split: checked now
 
@@ -98,12 +108,18 @@ class ProbingOptions:
 
 def check_split(images: ImageSet, probing: ProbingOptions) -> None:
     """Fail before the long extraction when the split cannot work."""
+    labels = images.labels
     if probing.split_file:
-        mapping = read_split_file(probing.split_file)
-        if not set(mapping) & set(images.paths):
+        split_file = read_split_file(probing.split_file)
+        codes = split_file.codes_for(images.paths)
+        if not codes.any():
             raise FeatxError(f"no path of split file {probing.split_file} is an image of {images.root}")
-    elif images.fixed_split is None:
-        seeded_split(images.labels, images.classes, probing.train_per_class, seed=probing.seed)
+        fixed_split(codes, f"split file {probing.split_file}").check(labels, images.classes)
+    elif images.fixed_split is not None:
+        codes = np.array([1 if s == "train" else 2 for s in images.fixed_split], dtype=np.uint8)
+        fixed_split(codes, "the dataset's own train/ and test/ folders").check(labels, images.classes)
+    else:
+        seeded_split(labels, images.classes, probing.train_per_class, seed=probing.seed)
 
 
 def extract(dataset: str | Path, model: str = "vgg16", layers: list[str] | None = None, *,
@@ -122,7 +138,10 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
                ) -> FeatureStore:
     """The one cached dataset/model/weights matching the filters; a clear error when none or
     several. `weights` is matched as `imagenet`, `random`, a tag, a full name or a file; `tta`,
-    `dtype` and `decode` as the cache was made (caches differing only there sit side by side)."""
+    `dtype` and `decode` as the cache was made (caches differing only there sit side by side).
+    An option left out means its default: where the caches left differ only in options left out,
+    the one made with their defaults (imagenet weights, no tta, this device's dtype and decoder)
+    is chosen."""
     root = Path(cache) if cache else default_cache_root()
     if root.exists() and not root.is_dir():
         raise FeatxError(f"the cache {root} is a file, not a folder")
@@ -132,66 +151,123 @@ def find_store(cache: str | Path | None = None, dataset: str | None = None,
     if not stores:
         raise FeatxError(f"no features cached under {root}; run featx extract DATASET first")
     folder = Path(dataset).expanduser().resolve() if dataset and Path(dataset).expanduser().is_dir() else None
+    chosen = {"tta": tta, "dtype": dtype, "decode": decode}
     matching = [s for s in stores
-                if (dataset is None or (s.manifest["dataset_root"] == str(folder) if folder
-                                        else s.manifest["dataset"] == dataset))
-                and (model is None or s.manifest["model"] == model.strip())
-                and (tta is None or s.manifest.get("tta", "none") == tta)
-                and (dtype is None or s.manifest["dtype"] == dtype)
-                and (decode is None or s.manifest.get("decode", "pil") == decode)
+                if (dataset is None or (s.manifest.dataset_root == str(folder) if folder
+                                        else s.manifest.dataset == dataset))
+                and (model is None or s.model == model.strip())
+                and all(value is None or getattr(s.key, name) == value for name, value in chosen.items())
                 and (weights is None or s.holds_weights(weights))]
     if not matching:
-        asked = (("dataset", dataset), ("model", model), ("weights", weights), ("tta", tta), ("dtype", dtype),
-                 ("decode", decode))
+        asked = (("dataset", dataset), ("model", model), ("weights", weights), *chosen.items())
         wanted = " ".join(f"{k} {v}" for k, v in asked if v)
         raise FeatxError(f"the cache {root} holds no features for {wanted}; it holds: "
                          + ", ".join(s.label for s in stores))
+    for is_default in _default_variant(weights is None, chosen):  # an option left out means its default
+        if len(matching) > 1 and any(map(is_default, matching)):
+            matching = [s for s in matching if is_default(s)]
     if len(matching) > 1:
+        differ = [flag for flag, value in (("--dataset", lambda s: s.manifest.dataset_root),
+                                           ("--model", lambda s: s.model),
+                                           ("--weights", lambda s: s.key.weights),
+                                           ("--tta", lambda s: s.key.tta), ("--dtype", lambda s: s.key.dtype),
+                                           ("--decode", lambda s: s.key.decode))
+                  if len({value(s) for s in matching}) > 1]
         raise FeatxError(f"the cache {root} holds several: " + ", ".join(s.label for s in matching)
-                         + "; choose one with --dataset, --model, --weights, --tta, --dtype or --decode")
+                         + f"; choose one with {' or '.join(differ)}")
     return matching[0]
 
 
-def check_dataset(store: FeatureStore, images: ImageSet | None = None) -> None:
-    """Refuse to score a cache whose dataset changed since extraction, saying what changed; a
-    dataset folder that is not there (a cache moved alone) is said, then scored as extracted.
-    `images` is a scan made already in this run (the dataset is scanned here otherwise)."""
-    root = Path(store.manifest["dataset_root"])
-    if store.manifest.get("arrays"):  # features made elsewhere (FeatureStore.for_arrays): no images
+def _default_variant(weights_left_out: bool, chosen: dict[str, str | None]) -> list[Callable]:
+    """For each option left out, whether a cache was made with its default."""
+    tests: list[Callable] = []
+    if weights_left_out:
+        tests.append(lambda s: s.manifest.imagenet_default)
+    device = resolve_device("auto")
+    auto = {"tta": "none", "dtype": "float16" if device.type == "cuda" else "float32",
+            "decode": "device" if device.type == "cuda" else "pil"}
+    for name, value in chosen.items():
+        if value is None:
+            tests.append(lambda s, name=name: getattr(s.key, name) == auto[name])
+    return tests
+
+
+def check_dataset(store: FeatureStore, images: ImageSet | None = None, verify: str | None = None) -> None:
+    """Refuse to score a cache whose dataset changed since extraction, saying what changed, by the
+    cache's own verification (or `verify`, for this run); a dataset folder that is not there (a
+    cache moved alone) is said, then scored as extracted. `images` is a scan made already in this
+    run (the dataset is scanned here otherwise)."""
+    root = Path(store.manifest.dataset_root)
+    if store.manifest.arrays:  # features made elsewhere (FeatureStore.for_arrays): no images
         return
     if not (root.parent if root.name.endswith(".tar") else root).is_dir():  # tar shards: their folder
         log.warning(f"the dataset folder {root} is not there: {store.label} is "
-                      "scored as it was extracted, unchecked")
+                    "scored as it was extracted, unchecked")
         return
-    changes = store.compare_images(images or find_images(root))
+    changes = store.compare_images(images or find_images(root), verify)
     if changes:
         raise FeatxError(f"the dataset {root} changed since {store.label} was extracted: "
                          f"{changes.describe()}; run featx extract on it again (only the shards "
                          "concerned are redone)")
 
 
+@dataclass(frozen=True)
+class Verification:
+    """What `featx verify` found in one cache: per layer its shard count and {shard: why} for the
+    damaged ones, and how the dataset differs from the record ("" when it does not)."""
+
+    layers: dict[str, tuple[int, dict[int, str]]]
+    images: str
+
+
+def verify_cache(store: FeatureStore, verify: str | None = None) -> Verification:
+    """Read every shard of every layer whole against its checksum (noting the damaged ones, so that
+    the next extraction writes them anew), and compare the dataset with the cache's record,
+    reading every image under hash verification."""
+    layers = {name: (len(store.shard_ranges(name)) - len(store.missing_shards(name)),
+                     store.damaged_shards(name, thorough=True)) for name in store.manifest.layers}
+    root = Path(store.manifest.dataset_root)
+    images = ""
+    if not store.manifest.arrays:
+        if (root.parent if root.name.endswith(".tar") else root).is_dir():
+            images = store.compare_images(find_images(root), verify, reread=True).describe()
+        else:
+            images = f"the dataset folder {root} is not there"
+    return Verification(layers, images)
+
+
 def default_out_dir(store: FeatureStore) -> Path:
-    return Path("featx-results") / store.manifest["dataset"] / store.folder.name
+    return Path("featx-results") / store.manifest.dataset / store.folder.name
 
 
 def split_rows(store: FeatureStore, index: np.ndarray, probing: ProbingOptions) -> list[Split]:
     """Train/test rows (positions in `index`) for the cached images: one split from a split file
-    or the dataset's own train/ and test/ folders, else `splits` seeded per-class splits."""
+    or the dataset's own train/ and test/ folders, else `splits` seeded per-class splits; each
+    checked so that a probe can learn from it and be scored on it."""
     once = "; one fixed split, so more splits were not drawn" if probing.splits > 1 else ""
-    paths = [store.manifest["paths"][i] for i in index]
+    labels = store.labels[index]
     if probing.split_file:
-        mapping = read_split_file(probing.split_file)
-        names = [mapping.get(p, "") for p in paths]
-        unknown = len(set(mapping) - set(paths))
-        if not any(names):
+        split_file = read_split_file(probing.split_file)
+        rows = store.rows.find(split_file.paths)
+        if (rows < 0).any():  # a name as reports show it
+            from featx.data.splits import unshown
+
+            retry = np.flatnonzero(rows < 0)
+            rows[retry] = store.rows.find([unshown(split_file.paths[k]) for k in retry])
+        by_row = np.zeros(store.n_images, dtype=np.uint8)
+        by_row[rows[rows >= 0]] = split_file.codes[rows >= 0]
+        codes = by_row[index]
+        if not codes.any():
             raise FeatxError(f"no path of split file {probing.split_file} is among the cached images of "
                              f"{store.label} (paths must be relative to the dataset folder)")
+        unknown = int((rows < 0).sum() + (by_row.astype(bool).sum() - codes.astype(bool).sum()))
         note = f"; {unknown} listed images not in the cache" if unknown else ""
-        return [fixed_split(names, f"split file {probing.split_file}{note}{once}")]
-    if store.manifest.get("fixed_split"):
-        names = [store.manifest["fixed_split"][i] for i in index]
-        return [fixed_split(names, f"the dataset's own train/ and test/ folders{once}")]
-    labels = store.labels[index]
+        split = fixed_split(codes, f"split file {probing.split_file}{note}{once}")
+        return [split.check(labels, store.classes)]
+    if store.manifest.fixed_split:
+        codes = store.rows.split_codes(index)
+        split = fixed_split(codes, f"the dataset's own train/ and test/ folders{once}")
+        return [split.check(labels, store.classes)]
     seeds = range(probing.seed, probing.seed + probing.splits)
     parts = [seeded_split(labels, store.classes, probing.train_per_class, seed=s) for s in seeds]
     if probing.splits == 1:
@@ -206,16 +282,18 @@ def split_rows(store: FeatureStore, index: np.ndarray, probing: ProbingOptions) 
 def evaluate(store: FeatureStore, layers: list[str] | None = None, probing: ProbingOptions | None = None,
              *, out_dir: str | Path | None = None,
              on_layer: Callable[[ProbeResult], None] | None = None,
-             images: ImageSet | None = None) -> Report:
+             images: ImageSet | None = None, checked: bool = False) -> Report:
     """Train and test the probe on each cached layer (on each split when several); save each
     layer's model (first split) with joblib beside its JSON in `out_dir`; return the report.
-    `images` is the dataset as scanned already in this run, to check the cache against."""
+    The cache is checked against the dataset first (`images`: the dataset as scanned already in
+    this run), unless `checked` says this run has just brought it up to date."""
     probing = probing or ProbingOptions()
     names = list(dict.fromkeys(layers)) if layers else store.complete_layers()
     if not names:
         raise FeatxError(f"no complete layer in the cache {store.label}; run featx extract first")
     store.check_layers(layer_parts(names))
-    check_dataset(store, images)
+    if not checked:
+        check_dataset(store, images, probing.verify)
     out = writable_folder(Path(out_dir) if out_dir else default_out_dir(store), "out")
     lead = Ranks.from_env().lead  # under torchrun every rank probes, rank 0 writes
     entries, description = [], ""
@@ -223,12 +301,11 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, probing: Prob
         stream = LayerStream(store, name, probing.scaling, device=probing.device)
         splits = split_rows(store, stream.index, probing)
         description = splits[0].description
-        paths = [store.manifest["paths"][i] for i in stream.index]
         results: dict[str, list[ProbeResult]] = {probe: [] for probe in probing.probe}
         for k, split in enumerate(splits):
             for probe in probing.probe:
                 result, model = run_probe(probe, stream, split, options=probing.probe_options(probe))
-                result.test_paths = [paths[i] for i in split.test]
+                result.test_rows = stream.index[split.test]
                 results[probe].append(result)
                 if k == 0 and model is not None and lead:
                     joblib.dump(model, out / (f"{name}.joblib" if probe == probing.probe[0]
@@ -237,12 +314,14 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, probing: Prob
                     on_layer(result)
         seconds, shared = combined_feature_time(store, name)
         first, *others = probing.probe
-        entry = LayerReport.from_results(results[first], store.manifest["model"], store.manifest["weights"],
-                                         feature_seconds=seconds, shared=shared)
+        entry = LayerReport.from_results(results[first], store.model, store.key.weights,
+                                         feature_seconds=seconds, shared=shared,
+                                         test_paths=store.rows.paths(
+                                             np.concatenate([r.test_rows for r in results[first]])))
         entry.other_probes = [ProbeScore.from_results(results[probe]) for probe in others]
         entries.append(entry)
         if lead:
-            (out / f"{name}.json").write_text(json.dumps(asdict(entry), indent=1))
+            (out / f"{name}.json").write_text(json.dumps(entry.to_dict(), indent=1))
     return build_report(store, entries, probing, split=description)
 
 
@@ -280,7 +359,7 @@ def layer_similarity(stores: list[FeatureStore], layers: list[str] | None = None
     images all of them hold; names are `model/layer` when there are several models. Each layer
     is streamed into its n x n Gram matrix within `memory`."""
     budget, device = parse_memory(memory), parse_device(device)
-    roots = {store.manifest["dataset_root"] for store in stores}
+    roots = {store.manifest.dataset_root for store in stores}
     if len(roots) > 1:
         raise FeatxError("layer similarity compares layers on the same images; these caches hold "
                          f"{len(roots)} datasets: {', '.join(sorted(roots))}")
@@ -290,9 +369,9 @@ def layer_similarity(stores: list[FeatureStore], layers: list[str] | None = None
         store.check_layers(names)
         check_dataset(store)
         for name in names:
-            label = f"{store.manifest['model']}/{name}" if len(stores) > 1 else name
+            label = f"{store.model}/{name}" if len(stores) > 1 else name
             streams[label] = LayerStream(store, name, "none", device=device)
-    paths = {label: [s.store.manifest["paths"][i] for i in s.index] for label, s in streams.items()}
+    paths = {label: s.store.rows.paths(s.index) for label, s in streams.items()}
     common = sorted(set.intersection(*(set(p) for p in paths.values())))
     grams = {}
     for label, stream in streams.items():  # each layer's Gram matrix on the common images, streamed
@@ -311,20 +390,20 @@ def build_report(store: FeatureStore, entries: list[LayerReport], probing: Probi
     import torch
     import torchvision
 
-    m = store.manifest
-    identity = ModelIdentity(m["model"], m["weights"], m["weights_random"], m["weights_checksum"],
-                             m["preprocess"], str(store.folder), m["runs"])
-    weights = f"RANDOM weights {m['weights']}" if m["weights_random"] else m["weights"]
+    m, key = store.manifest, store.key
+    identity = ModelIdentity(key.model, key.weights, m.weights.random, key.weights_checksum,
+                             key.preprocess, str(store.folder), [run.to_dict() for run in m.runs])
+    weights = f"RANDOM weights {key.weights}" if m.weights.random else key.weights
     return Report(
-        title=f"{m['model']} on {m['dataset']} ({weights})", dataset=m["dataset"],
-        dataset_root=m["dataset_root"], classes=m["classes"], models=[identity], layers=entries,
+        title=f"{key.model} on {m.dataset} ({weights})", dataset=m.dataset,
+        dataset_root=m.dataset_root, classes=list(m.classes), models=[identity], layers=entries,
         split=split, seed=probing.seed, train_per_class=probing.train_per_class,
-        split_file=probing.split_file, splits=probing.splits, scaling=probing.scaling,
-        C_option=str(probing.C), probes=list(probing.probe), solver=probing.solver,
+        split_file=probing.split_file, splits=probing.splits, scaling=str(probing.scaling),
+        C_option=str(probing.C), probes=list(probing.probe), solver=str(probing.solver),
         probe_params={name: dict(values) for name, values in probing.probe_params.items() if values},
         featx_version=__version__,
         probe_info={name: get_probe(name).describe() for name in probing.probe},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), skipped=m["skipped"],
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), skipped=dict(m.skipped),
         versions={"featx": __version__, "python": platform.python_version(),
                   "torch": torch.__version__, "torchvision": torchvision.__version__,
                   "scikit-learn": sklearn.__version__, "numpy": np.__version__})
@@ -349,11 +428,12 @@ def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
         spec.resolve_layers(parts)
     if out_dir:
         writable_folder(out_dir, "out")
+    stores = [extract_images(images, spec.name, parts, weights=weights, cache=cache, seed=probing.seed,
+                             options=extract_options, progress=progress) for spec in specs]
+    del images  # each cache was brought up to date with this scan: the probes need none of it
+    gc.collect()  # the traced networks hold reference cycles: free them before the probes run
     reports = []
-    for spec in specs:
-        store = extract_images(images, spec.name, parts, weights=weights, cache=cache, seed=probing.seed,
-                               options=extract_options, progress=progress)
-        gc.collect()  # the traced network holds reference cycles: free it before the probes run
+    for spec, store in zip(specs, stores):
         singles = [name for name in layers or [] if "+" not in name]
         names = [layer.name for layer in spec.resolve_layers(singles)] if singles or not layers else []
         names += [name for name in layers or [] if "+" in name]  # combinations after the layers
@@ -363,6 +443,6 @@ def run_table(dataset: str | Path, model: str | list[str] = "vgg16",
             joined = "+".join(s.weights.folder for s in specs)
             out = Path(out_dir) if out_dir else default_out_dir(store).parent / joined
             model_dir = out / spec.weights.folder
-        reports.append(evaluate(store, names, probing, out_dir=model_dir, on_layer=on_layer, images=images))
+        reports.append(evaluate(store, names, probing, out_dir=model_dir, on_layer=on_layer, checked=True))
     report = reports[0] if len(reports) == 1 else Report.merge(reports)
     return report, write_table(report, out) if Ranks.from_env().lead else {}

@@ -62,7 +62,7 @@ def test_svm_after_extract_finds_the_cache_with_no_other_argument(demo_workdir) 
     model = joblib.load(out / "pool.joblib")
     store = FeatureStore(demo_workdir / "featx-cache" / "demo" / "efficientnet_lite0-imagenet")
     data = store.read_layer("pool")
-    row = {store.manifest["paths"][i]: k for k, i in enumerate(data.index)}
+    row = {path: k for k, path in enumerate(store.rows.paths(data.index))}
     test_rows = [row[path] for path in report["test_paths"]]
     # the saved model applies to raw features and predicts what the report says it predicted
     assert model.predict(data.features[test_rows]).tolist() == report["y_pred"]

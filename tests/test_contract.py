@@ -401,7 +401,7 @@ def test_two_concurrent_extracts_of_different_layers_keep_both(tmp_path, demo_di
         assert run.returncode == 0 and "Traceback" not in stderr, stderr
     store = FeatureStore(cache / "demo" / "efficientnet_lite0-random-seed0")
     assert set(store.complete_layers()) == {"pool", "stage6_pool"}
-    assert {tuple(run["layers"]) for run in store.manifest["runs"]} == {("pool",), ("stage6_pool",)}
+    assert {tuple(run.layers) for run in store.manifest.runs} == {("pool",), ("stage6_pool",)}
 
 
 def test_links_follow_one_rule_and_every_skipped_link_is_named(tmp_path) -> None:
@@ -421,7 +421,6 @@ def test_links_follow_one_rule_and_every_skipped_link_is_named(tmp_path) -> None
     assert "the same file as a/img_000.jpg" in report["skipped"]["b/again.jpg"]
     for path in report["skipped"]:
         assert f"skipped {path}" in result.stderr
-    manifest = json.loads((tmp_path / "featx-cache" / "data" / "efficientnet_lite0-random-seed0" /
-                           "manifest.json").read_text())
-    assert "a/linked.jpg" in manifest["paths"] and manifest["classes"] == ["a", "b", "c"]
-    assert sum(p.startswith("c/") for p in manifest["paths"]) == 2
+    store = FeatureStore(tmp_path / "featx-cache" / "data" / "efficientnet_lite0-random-seed0")
+    assert "a/linked.jpg" in store.rows.paths() and store.classes == ("a", "b", "c")
+    assert sum(p.startswith("c/") for p in store.rows.paths()) == 2

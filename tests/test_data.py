@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from featx.data.images import find_images, load_image, read_split_file, seeded_split
+from featx.data.images import ImageSet, load_image
+from featx.data.scan import find_images
+from featx.data.splits import read_split_file, seeded_split
 from featx.errors import FeatxError
 
 from conftest import write_images
@@ -37,21 +40,23 @@ def test_train_and_test_folders_give_a_fixed_split(tmp_path) -> None:
     assert all(p.startswith(s + "/") for p, s in zip(images.paths, images.fixed_split))
 
 
-def test_file_stats_tell_a_replaced_image_by_time_or_by_content(tmp_path) -> None:
+def test_the_scan_records_size_and_times_and_an_in_place_swap_shows_in_the_change_time(tmp_path) -> None:
     root = write_images(tmp_path / "set", {"a": 2, "b": 2})
     images = find_images(root)
-    size, by_hash = images.file_stats(), images.file_stats("hash")
-    assert [s[:2] for s in size] == [s[:2] for s in by_hash] and size[0][2] is None
     first = root / images.paths[0]
     stat = first.stat()
+    assert images.stats[0].tolist() == (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    assert np.array_equal(images.stats, ImageSet(root, images.paths, images.labels,
+                                                 images.classes).file_stats())
+    time.sleep(0.05)  # past the file system's clock tick
     data = bytearray(first.read_bytes())
     data[-3] ^= 0xFF  # same size, other content, same modification time
     first.write_bytes(bytes(data))
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert images.file_stats()[0] == size[0]  # size and time cannot see it
-    assert images.file_stats("hash")[0][2] != by_hash[0][2]  # the content hash does
-    with pytest.raises(FeatxError, match="verify must be one of size, hash"):
-        images.file_stats("crc")
+    again = find_images(root).stats[0]
+    assert (again["size"], again["mtime_ns"]) == (stat.st_size,
+                                                  stat.st_mtime_ns)  # size and time cannot see it
+    assert again["ctime_ns"] != stat.st_ctime_ns  # the change time, which no one can set, does
 
 
 @pytest.mark.parametrize("make, message", [
@@ -79,7 +84,9 @@ def test_seeded_split_is_stratified_reproducible_and_checked() -> None:
 def test_split_file_is_read_and_checked(tmp_path) -> None:
     good = tmp_path / "split.csv"
     good.write_text("path,label,split\na/1.jpg,a,train\na/2.jpg,a,test\n")
-    assert read_split_file(good) == {"a/1.jpg": "train", "a/2.jpg": "test"}
+    split = read_split_file(good)
+    assert split.paths == ("a/1.jpg", "a/2.jpg") and split.codes.tolist() == [1, 2]
+    assert split.codes_for(["a/2.jpg", "b/9.jpg", "a/1.jpg"]).tolist() == [2, 0, 1]
     bad = tmp_path / "bad.csv"
     bad.write_text("path,label,split\na/1.jpg,a,validation\n")
     with pytest.raises(FeatxError, match="train or test"):
@@ -90,7 +97,7 @@ def test_split_file_is_read_and_checked(tmp_path) -> None:
 
 def _save(tmp_path, name: str, image: Image.Image, **kwargs) -> Image.Image:
     image.save(tmp_path / name, **kwargs)
-    return load_image(tmp_path / name)
+    return load_image(tmp_path / name)[0]
 
 
 def test_every_image_mode_becomes_8_bit_rgb(tmp_path) -> None:
@@ -114,7 +121,7 @@ def test_exif_orientation_is_applied(tmp_path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     image.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
-    assert load_image(tmp_path / "rotated.jpg").size == (20, 40)
+    assert load_image(tmp_path / "rotated.jpg")[0].size == (20, 40)
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", b"\xff\xd8\xff\xe0" + b"\x00" * 20])

@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from featx.cache.store import FeatureStore
-from featx.data.decode import device_batches, device_can_decode, pil_batches, resolve_decode
-from featx.data.images import find_images
+from featx.data.decode import device_batches, device_can_decode, pil_batches
+from featx.data.scan import find_images
 from featx.errors import OptionError
 from featx.extract.forward import LayerExtractor, batches_of, extract_batches
 from featx.extract.run import ExtractOptions, extract_images
 from featx.models import load_model
+from featx.options import resolve_decode
 
 from conftest import run_cli
 
@@ -128,8 +129,8 @@ def test_the_decoder_is_part_of_the_cache_identity(tmp_path, tiny_dataset) -> No
               for decode in ("pil", "device")}
     assert stores["pil"].folder != stores["device"].folder
     assert stores["device"].folder.name.endswith("-device-decode")
-    assert {s.manifest["decode"] for s in stores.values()} == {"pil", "device"}
-    assert FeatureStore(stores["device"].folder).manifest["runs"][-1]["decode"] == "device"
+    assert {s.key.decode for s in stores.values()} == {"pil", "device"}
+    assert FeatureStore(stores["device"].folder).manifest.runs[-1].settings["decode"] == "device"
     pil = stores["pil"].read_layer("pool").features
     dev = stores["device"].read_layer("pool").features
     assert torch.nn.functional.cosine_similarity(torch.from_numpy(pil), torch.from_numpy(dev)).min() > 0.99
@@ -142,12 +143,12 @@ def test_a_cache_made_before_decoders_were_recorded_is_a_pil_cache(tmp_path, tin
                            options=options,
                            progress=None)
     manifest = json.loads(store.manifest_path.read_text())
-    del manifest["decode"]  # as an older featx wrote it
+    del manifest["key"]["decode"]  # as an older featx wrote it
     store.manifest_path.write_text(json.dumps(manifest))
     again = extract_images(images, "efficientnet_lite0", ["pool"], weights="random", cache=tmp_path,
                            options=options,
                            progress=None)
-    assert again.folder == store.folder and len(again.manifest["runs"]) == 1  # reused, nothing redone
+    assert again.folder == store.folder and len(again.manifest.runs) == 1  # reused, nothing redone
 
 
 def test_extract_with_device_decoding_from_the_command_line(tmp_path, tiny_dataset) -> None:

@@ -12,8 +12,8 @@ import torchvision
 from torch.nn import functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from featx.data.images import find_images
 from featx.data.preprocess import normalize
+from featx.data.scan import find_images
 from featx.errors import FeatxError
 from featx.extract.forward import LayerExtractor, batches_of, extract_batches
 from featx.extract.rewrite import for_inference

@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler, normalize
 from sklearn.svm import LinearSVC
 
 from featx.cache.store import DamagedShard, FeatureStore
-from featx.data.images import Split, seeded_split
+from featx.data.splits import Split, seeded_split
 from featx.errors import FeatxError
 from featx.probes import ProbeOptions, balanced_accuracy, get_probe
 from featx.probes.stream import LayerStream
@@ -151,7 +151,7 @@ def test_combinations_stream_like_the_layers_read_whole(tmp_path) -> None:
               "b": rng.normal(size=(60, 90)).astype(np.float32)}
     store = array_store(tmp_path, layers, y, shard_size=16, missing=(5, 33))
     # b is wider, so its shards hold fewer rows: the parts line up all the same
-    assert store.manifest["layers"]["a"]["shard_size"] == 16
+    assert store.manifest.layers["a"].shard_size == 16
     stream = LayerStream(store, "a+b", "none", device="cpu")
     kept = np.array([i for i in range(60) if i not in (5, 33)])
     # each part read whole, scaled to unit length, side by side

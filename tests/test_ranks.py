@@ -61,9 +61,9 @@ def test_two_ranks_write_what_one_process_writes_bit_for_bit(tmp_path, demo_dir,
     ours, theirs = features(tmp_path / "c", ["pool", "logits"]), features(single, ["pool", "logits"])
     for name in ours:
         assert ours[name].tobytes() == theirs[name].tobytes(), name
-    runs = store_in(tmp_path / "c").manifest["runs"]
+    runs = [run.to_dict() for run in store_in(tmp_path / "c").manifest.runs]
     assert sorted((r["rank"], r["ranks"], r["status"]) for r in runs) == [(0, 2, "done"), (1, 2, "done")]
-    assert sum(r["images"] for r in runs) == len(store_in(single).manifest["paths"])  # no image twice
+    assert sum(r["images"] for r in runs) == store_in(single).n_images  # no image twice
     assert err.count("images, pool, logits in") == 1  # one summary line, from rank 0
 
 
@@ -104,7 +104,7 @@ def test_featx_starts_the_ranks_itself(tmp_path, demo_dir, single) -> None:
         cwd=tmp_path, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=600,
         check=False)
     assert result.returncode == 0, result.stderr
-    assert {r["rank"] for r in store_in(tmp_path / "c").manifest["runs"]} == {0, 1}
+    assert {r.settings["rank"] for r in store_in(tmp_path / "c").manifest.runs} == {0, 1}
     ours, theirs = features(tmp_path / "c", ["pool"]), features(single, ["pool"])
     assert ours["pool"].tobytes() == theirs["pool"].tobytes()
 
@@ -224,7 +224,7 @@ def _mid_cache(root: Path) -> Path:
 
 def _probes(stream, budget: int) -> dict:
     """svm and logreg (C fixed: the solve's own memory stays small) on every other row."""
-    from featx.data.images import Split
+    from featx.data.splits import Split
     from featx.probes import ProbeOptions, get_probe
 
     rows = np.arange(len(stream.index))
@@ -291,7 +291,8 @@ def test_a_solve_split_between_ranks_equals_the_whole_solve(tmp_path) -> None:
     mp.spawn(_solve_in_part, args=(2, port, problems, cache, tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, (x, y, masks, C, classes) in problems.items():
-        whole = (fit_squared_hinge if name.startswith("hinge") else fit_logistic)(x, y, masks, C=C, n_classes=classes)
+        fit = fit_squared_hinge if name.startswith("hinge") else fit_logistic
+        whole = fit(x, y, masks, C=C, n_classes=classes)
         for coef, intercept, objective, converged in (r[name] for r in ranks):
             assert converged.all() and whole.converged.all(), name
             torch.testing.assert_close(objective, whole.objective, rtol=1e-5, atol=0)  # float32 sums
@@ -346,7 +347,7 @@ def test_wide_layers_get_shard_sizes_that_divide_the_others(tmp_path, tiny_datas
     wide = SHARD_BYTES // 4 // 300  # 300 rows of it fill a shard
     store.plan_layers([Layer("w", "w", (wide,)), Layer("n", "n", (10,)),
                        Layer("huge", "huge", (SHARD_BYTES,))], batch_size=32, shard_size=512)
-    planned = {name: store.manifest["layers"][name]["shard_size"] for name in ("w", "n", "huge")}
+    planned = {name: store.manifest.layers[name].shard_size for name in ("w", "n", "huge")}
     assert planned == {"w": 256, "n": 512, "huge": 32}
     store.plan_layers([Layer("odd", "odd", (wide,))], batch_size=32, shard_size=480)  # 480/64 is not whole
-    assert store.manifest["layers"]["odd"]["shard_size"] == 288  # as near 300 as batches of 32 allow
+    assert store.manifest.layers["odd"].shard_size == 288  # as near 300 as batches of 32 allow

@@ -86,21 +86,42 @@ def test_removed_and_added_images_are_named_then_synced_without_touching_other_s
     after = shard_sums(store)
     assert {n for n in before if before[n] == after.get(n)} == {f"shard-0000{k}.h5" for k in range(4)}
     layer = FeatureStore(store).read_layer("pool")
-    paths = [FeatureStore(store).manifest["paths"][i] for i in layer.index]
+    paths = FeatureStore(store).rows.paths(layer.index)
     assert "a/img_001.jpg" not in paths and paths[-1] == "c/new.jpg" and len(paths) == 18
     assert featx("svm", "--train-per-class", "2").returncode == 0
 
 
-def test_verify_hash_sees_new_bytes_behind_the_same_size_and_time(cached) -> None:
-    data, store, featx, extract = cached
-    extract("--verify", "hash")
-    path = data / "a" / "img_000.jpg"
+def _swap_in_place(path: Path) -> None:
+    """Other bytes behind the same name, size and modification time."""
     stat, raw = path.stat(), bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x55
+    time.sleep(0.05)  # past the file system's clock tick: the change time moves
     path.write_bytes(bytes(raw))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert "already cached" in extract().stderr  # size and time cannot see it
-    assert "1 changed (a/img_000.jpg)" in extract("--verify", "hash").stderr
+
+
+def test_verify_hash_sees_new_bytes_behind_the_same_size_and_time(cached) -> None:
+    data, store, featx, extract = cached
+    assert "already cached" in extract("--verify",
+                                       "hash").stderr  # every row's bytes were hashed when extracted
+    assert FeatureStore(store).manifest.verify == "hash"
+    _swap_in_place(data / "a" / "img_000.jpg")
+    assert "already cached" in extract("--verify", "size").stderr  # size and time cannot see it
+    assert_clean_error(featx("svm", "--train-per-class", "2"),
+                       "1 changed (a/img_000.jpg)")  # the cache's own can
+    assert "1 changed (a/img_000.jpg)" in extract().stderr
+    assert featx("svm", "--train-per-class", "2").returncode == 0
+
+
+def test_hash_verification_is_never_given_to_features_of_bytes_it_did_not_see(cached) -> None:
+    data, store, featx, extract = cached
+    rows = FeatureStore(store).rows
+    rows.write("hash", np.arange(rows.count), np.zeros(rows.count, dtype="V16"))  # as a format-3 cache
+    _swap_in_place(data / "a" / "img_000.jpg")
+    result = extract("--verify", "hash")
+    assert "18 changed" in result.stderr and "recognised by size and time only until now" in result.stderr
+    assert "18 images, pool" in result.stderr  # extracted again from the bytes that are now hashed
+    assert "already cached" in extract().stderr
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "width"])
@@ -129,6 +150,40 @@ def test_a_damaged_shard_is_named_and_extract_writes_it_anew(cached, damage) -> 
     assert np.array_equal(FeatureStore(store).read_layer("pool").features, reference)
 
 
+def _rot(shard: Path) -> None:
+    """One flipped bit in a shard's features, its size and modification time kept (bit rot)."""
+    stat = shard.stat()
+    with h5py.File(shard, "r") as f:
+        offset = f["features"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(shard.read_bytes())
+    raw[offset + 10] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_shard_damaged_behind_its_size_and_time_is_found_when_read_then_written_anew(cached) -> None:
+    data, store, featx, extract = cached
+    before = shard_sums(store)
+    _rot(store / "pool" / "shard-00002.h5")
+    assert "already cached" in extract().stderr  # a no-op run reads no feature bytes
+    assert_clean_error(featx("svm", "--train-per-class", "2"), "shard-00002.h5 is damaged")
+    fixed = extract()
+    assert "shard-00002.h5 is damaged" in fixed.stderr and "written again" in fixed.stderr
+    assert shard_sums(store) == before and featx("svm", "--train-per-class", "2").returncode == 0
+
+
+def test_verify_rechecks_every_shard_and_image_on_demand(cached) -> None:
+    data, store, featx, extract = cached
+    assert featx("verify").returncode == 0
+    _rot(store / "pool" / "shard-00001.h5")
+    _swap_in_place(data / "c" / "img_003.jpg")
+    found = featx("verify", "--verify", "hash")
+    assert_clean_error(found, "shard-00001.h5", "1 changed (c/img_003.jpg)")
+    assert "1 of 5 shards damaged" in found.stdout
+    extract("--verify", "hash")
+    assert featx("verify").returncode == 0
+
+
 def test_a_broken_manifest_is_passed_over_and_the_others_still_work(cached, tmp_path) -> None:
     data, store, featx, extract = cached
     other = write_images(tmp_path / "other", {"x": 4, "y": 4})
@@ -153,7 +208,7 @@ def test_concurrent_extracts_of_the_same_layer_do_the_work_once(tmp_path, demo_d
     joined = "\n".join(outputs)
     assert "waiting for it to finish" in joined and "already cached" in joined
     store = FeatureStore(cache / "demo" / FOLDER)
-    assert [run["status"] for run in store.manifest["runs"]] == ["done"]
+    assert [run.status for run in store.manifest.runs] == ["done"]
 
 
 def test_a_killed_run_is_recorded_with_its_time(tmp_path) -> None:
@@ -173,13 +228,13 @@ def test_a_killed_run_is_recorded_with_its_time(tmp_path) -> None:
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed = FeatureStore(folder).manifest["runs"][0]
-    assert killed["status"] == "running" and killed["seconds"] > 0 and killed["images"] > 0
+    killed = FeatureStore(folder).manifest.runs[0]
+    assert killed.status == "running" and killed.seconds > 0 and killed.images > 0
     assert subprocess.run(args, capture_output=True, check=False).returncode == 0
     store = FeatureStore(folder)
     seconds, _ = store.feature_time("pool")
-    assert seconds == pytest.approx(sum(run["seconds"] for run in store.manifest["runs"]))
-    assert [run["status"] for run in store.manifest["runs"]] == ["running", "done"]
+    assert seconds == pytest.approx(sum(run.seconds for run in store.manifest.runs))
+    assert [run.status for run in store.manifest.runs] == ["running", "done"]
 
 
 def test_awkward_images_are_decoded_within_bounds_or_named(tmp_path) -> None:
@@ -195,12 +250,12 @@ def test_awkward_images_are_decoded_within_bounds_or_named(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert time.perf_counter() - started < 60
     assert "b/moving.gif: 3 frames: the first one is used" in result.stderr
-    manifest = json.loads((tmp_path / "featx-cache" / "data" / FOLDER / "manifest.json").read_text())
-    assert {"a/thin.png", "b/huge.jpg", "b/moving.gif"} <= set(manifest["paths"])
-    assert "a/folder.jpg" not in manifest["paths"]
-    assert manifest["skipped"] == {"a/folder.jpg": "a folder, not an image file"}
+    store = FeatureStore(tmp_path / "featx-cache" / "data" / FOLDER)
+    assert {"a/thin.png", "b/huge.jpg", "b/moving.gif"} <= set(store.rows.paths())
+    assert "a/folder.jpg" not in store.rows.paths()
+    assert store.manifest.skipped == {"a/folder.jpg": "a folder, not an image file"}
     assert "skipped a/folder.jpg: a folder, not an image file" in result.stderr
-    assert manifest["notes"] == {"b/moving.gif": "3 frames: the first one is used"}
+    assert store.manifest.notes == {"b/moving.gif": "3 frames: the first one is used"}
 
 
 def test_two_datasets_with_one_name_get_two_caches(tmp_path) -> None:
@@ -226,21 +281,21 @@ def test_the_default_split_falls_back_to_half_the_smallest_class_and_says_so(tmp
 def test_a_disk_filling_up_during_a_run_is_one_line_and_keeps_the_shards_before(cached, monkeypatch) -> None:
     import errno
 
-    from featx.cache.store import FeatureStore as Store
+    from featx.cache import shards
 
     data, store, featx, extract = cached
     (store / "pool" / "shard-00003.h5").unlink()
     (store / "pool" / "shard-00004.h5").unlink()
     before = shard_sums(store)
-    write = Store._write_h5
+    write = shards._write_h5
 
-    def full_after_one(self, tmp, *args, **kwargs):
+    def full_after_one(tmp, **kwargs):
         if tmp.name.startswith("shard-00004"):
             tmp.write_bytes(b"partial")  # what a full disk leaves behind
             raise OSError(errno.ENOSPC, "Driver write request failed")
-        return write(self, tmp, *args, **kwargs)
+        return write(tmp, **kwargs)
 
-    monkeypatch.setattr(Store, "_write_h5", full_after_one)
+    monkeypatch.setattr(shards, "_write_h5", full_after_one)
     result = featx("extract", str(data), *LITE_RANDOM, "--layer", "pool", "--batch-size", "4",
                    "--shard-size", "4", "--workers", "0")
     assert result.returncode == 2
@@ -248,7 +303,7 @@ def test_a_disk_filling_up_during_a_run_is_one_line_and_keeps_the_shards_before(
     after = shard_sums(store)
     assert {name: after[name] for name in before} == before and "shard-00003.h5" in after
     assert not list(store.rglob("*.tmp"))
-    monkeypatch.setattr(Store, "_write_h5", write)
+    monkeypatch.setattr(shards, "_write_h5", write)
     rerun = extract().stderr
     assert ": 2 images, pool" in rerun  # the rerun writes the one shard missing (rows 16 and 17)
     assert FeatureStore(store).read_layer("pool").index.tolist() == list(range(18))

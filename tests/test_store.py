@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from featx.cache.dtypes import check_stored, to_stored
-from featx.cache.store import FeatureStore, ShardWriter
-from featx.data.images import find_images
+from featx.cache.key import CacheKey
+from featx.cache.shards import ShardWriter
+from featx.cache.store import FeatureStore
+from featx.data.scan import find_images
 from featx.errors import FeatxError
 from featx.extract.forward import HostFeatures, LayerExtractor, batch_that_fits, batches_of, extract_batches
 from featx.extract.run import extract_to_cache, logged_progress
@@ -33,8 +35,9 @@ def _extractor(seed: int = 0, layers=LAYERS) -> LayerExtractor:
 
 def _open(root, images, extractor: LayerExtractor, dtype: str = "float32", weights=None) -> FeatureStore:
     """The cache of these images for the extractor's weights and precision."""
-    return FeatureStore.open_for(root, images, weights or extractor.model.weights,
-                                 precision=extractor.precision, dtype=dtype,
+    weights = weights or extractor.model.weights
+    key = CacheKey.of(weights, precision=extractor.precision, dtype=dtype)
+    return FeatureStore.open_for(root, images, key=key, weights=weights,
                                  layer_names=[layer.name for layer in extractor.model.spec.layers])
 
 
@@ -63,11 +66,14 @@ def test_cache_round_trip_equals_direct_extraction(tmp_path, demo_dir) -> None:
         assert f["paths"][0].decode() == images.paths[32]
         assert f.attrs["layer"] == "pool" and f["features"].shape == (32, 1280)
     manifest = json.loads((store.folder / "manifest.json").read_text())
-    for key in ("featx_version", "model", "weights", "weights_checksum", "preprocess",
-                "dataset_root", "stats", "removed", "dtype", "runs", "skipped"):
+    for key in ("format", "featx_version", "key", "weights", "dataset_root", "rows", "verify", "layers",
+                "runs", "skipped"):
         assert key in manifest, key
+    assert manifest["format"] == 4 and manifest["rows"] == len(images) and "paths" not in manifest
+    assert {"weights_checksum", "preprocess", "dtype"} <= set(manifest["key"])
     assert manifest["layers"]["pool"]["dim"] == 1280
     assert manifest["runs"][0]["layers"] == LAYERS
+    assert store.rows.paths() == list(images.paths) and np.array_equal(store.labels, images.labels)
 
 
 def _pretrained(layers=("pool",)) -> LayerExtractor:
@@ -108,7 +114,7 @@ def test_resume_after_an_exception_mid_shard_gives_identical_features(tmp_path, 
     with pytest.raises(Interrupt):
         extract_to_cache(store, extractor, images, batch_size=8, shard_size=16, workers=0,
                          on_batch=stop_mid_shard)
-    assert sorted(p.name for p in (store.folder / "pool").iterdir()) == [
+    assert sorted(p.name for p in (store.folder / "pool").glob("shard-*")) == [
         "shard-00000.h5", "shard-00001.h5"]
     assert store.missing_shards("pool") == [2, 3, 4, 5]
     with pytest.raises(FeatxError, match="incomplete"):
@@ -221,11 +227,10 @@ def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, demo_copy) -
     (demo_copy / "gradient" / "truncated.jpg").write_bytes(good[: len(good) // 3])
     images = find_images(demo_copy)
     store = _cache(tmp_path / "cache", images, batch_size=16, shard_size=32)
-    assert set(store.manifest["skipped"]) == {"disks/empty.jpg", "stripes/text.png",
-                                              "gradient/truncated.jpg"}
+    assert set(store.manifest.skipped) == {"disks/empty.jpg", "stripes/text.png", "gradient/truncated.jpg"}
     data = store.read_layer("pool")
     assert len(data.index) == len(images) - 3
-    skipped_rows = {images.paths.index(p) for p in store.manifest["skipped"]}
+    skipped_rows = {images.paths.index(p) for p in store.manifest.skipped}
     assert not skipped_rows & set(data.index.tolist())
 
 
@@ -234,7 +239,7 @@ def test_shard_writer_writes_every_submitted_shard(tmp_path, tiny_dataset) -> No
     extractor = _extractor(layers=["pool"])
     store = _open(tmp_path / "cache", images, extractor)
     store.plan_layers(extractor.layers, batch_size=1, shard_size=1)
-    writer = ShardWriter(store, depth=1)
+    writer = ShardWriter(store.write_shard, depth=1)
     for k in range(len(images)):
         writer.submit(layer="pool", shard=k, index=np.array([k]), features=np.full((1, 1280), k, np.float32),
                       skipped={})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from featx.cache.store import FeatureStore
-from featx.data.images import find_images
+from featx.data.scan import find_images
 from featx.errors import FeatxError
 from featx.extract.run import ExtractOptions, extract_images
 
@@ -106,7 +106,7 @@ def test_a_corrupt_member_is_skipped_and_a_damaged_tar_keeps_what_precedes_the_d
     store = extract_images(images, "efficientnet_lite0", ["pool"], weights="random", cache=tmp_path / "c",
                            options=OPTIONS,
                            progress=None)
-    skipped = FeatureStore(store.folder).manifest["skipped"]
+    skipped = FeatureStore(store.folder).manifest.skipped
     assert set(skipped) == {"part-000000.tar/a/broken.jpg", "part-000001.tar"}  # the member and the tar
     assert len(store.read_layer("pool").index) == len(images) - 1
 
@@ -125,8 +125,8 @@ def test_a_rewritten_tar_is_extracted_again_and_the_rest_is_kept(tmp_path) -> No
                            cache=tmp_path / "c",
                            options=OPTIONS, progress=None)
     assert again.folder == first.folder
-    redone = again.manifest["runs"][-1]["images"]
-    assert 0 < redone < len(again.manifest["paths"])  # only the shards holding the rewritten tar's images
+    redone = again.manifest.runs[-1].images
+    assert 0 < redone < again.n_images  # only the shards holding the rewritten tar's images
     fresh = extract_images(find_images(pattern), "efficientnet_lite0", ["pool"], weights="random",
                            cache=tmp_path / "fresh",
                            seed=0, options=OPTIONS, progress=None)

@@ -1,124 +1,106 @@
-"""HDF5 shard cache: layout, metadata, atomic shard writes, resume, reading back.
+"""The feature cache of one dataset and one model with its weights: shards, row table, manifest.
 
 Layout (one folder per dataset and model/weights, one folder per layer, one file per shard):
 
-    <cache>/<dataset>/<model>-<weights>[-float16]/manifest.json
+    <cache>/<dataset>/<model>-<weights>[-float16]/manifest.json      the typed Manifest
+    <cache>/<dataset>/<model>-<weights>[-float16]/rows/               the row table (featx.cache.rows)
     <cache>/<dataset>/<model>-<weights>[-float16]/<layer>/shard-00000.h5
+    <cache>/<dataset>/<model>-<weights>[-float16]/<layer>/verified.log
 
-Shard k of a layer holds images [k * shard_size, (k + 1) * shard_size) of the dataset's image
-list, minus the files that could not be read. A shard is written under a temporary name and
-renamed when complete, so a shard that exists is whole; a run that stops loses at most the
-shards in flight, and the next run redoes exactly those.
+Shard k of a layer holds rows [k * shard_size, (k + 1) * shard_size) of the row table, minus the
+files that could not be read and the rows whose image is gone. A shard is written under a
+temporary name and renamed when complete, so a shard that exists is whole; a run that stops loses
+at most the shards in flight, and the next run redoes exactly those. What a run costs follows what
+changed: the dataset is compared with the row table by each file's size and times (and, under
+`--verify hash`, by the bytes of the files whose times moved), and a shard whose size and time
+match its verification record is not read (see featx.cache.shards.VerifiedShards).
 """
 
 from __future__ import annotations
 
-import errno
 import json
+import logging
 import os
-import queue
-import shutil
-import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import xxhash
 from filelock import FileLock, Timeout
 
-from featx import __version__
 from featx.cache.dtypes import DTYPES, as_stored
-from featx.data.images import ImageSet
+from featx.cache.key import CacheKey, dataset_folder
+from featx.cache.manifest import LayerPlan, Manifest, OlderFormat, Run, now, read_manifest, write_manifest
+from featx.cache.rows import NO_HASH, REMOVED, RowTable
+from featx.cache.shards import (
+    DamagedShard,
+    VerifiedShards,
+    check_whole,
+    read_index,
+    shard_blocks,
+    write_shard_file,
+)
+from featx.data.images import STATS, ImageSet, shown
 from featx.errors import FeatxError
 from featx.models import Layer, Weights
+from featx.options import Verify
 
+log = logging.getLogger(__name__)
 SHARD_BYTES = 256 << 20  # bound on one layer's shard in memory and on disk
-CACHE_FORMAT = 3  # 1: weights named by strings; 2: shards without checksums
-
-
-@dataclass(frozen=True)
-class CacheKey:
-    """What cached features depend on: a cache made with any other value is not reused."""
-
-    model: str
-    weights: str
-    weights_checksum: str
-    preprocess: dict
-    precision: str
-    dtype: str
-    tta: str = "none"
-    decode: str = "pil"
-
-    @classmethod
-    def of(cls, weights: Weights, precision: str, dtype: str, *, tta: str = "none",
-           decode: str = "pil") -> CacheKey:
-        return cls(weights.model, weights.name, weights.checksum, weights.preprocess.to_dict(),
-                   precision, dtype, tta, decode)
-
-    @property
-    def folder(self) -> str:
-        """<model>-<weights tag>[-float16][-<tta>][-device-decode], as Weights.folder names it."""
-        tag = self.weights.removeprefix(self.model + ".")
-        name = f"{self.model}-{tag}".replace(":", "-").replace("/", "-")
-        dtype = "-float16" if self.dtype == "float16" else ""
-        decode = "-device-decode" if self.decode == "device" else ""
-        return name + dtype + (f"-{self.tta}" if self.tta != "none" else "") + decode
-
-    def differences(self, manifest: dict) -> list[str]:
-        """What a cache's manifest says differently, as 'field (there X, now Y)'."""
-        stored = json.loads(json.dumps(asdict(self)))  # compare as stored: tuples become lists
-        made = {f.name: manifest.get(f.name, f.default) for f in fields(self)}  # older caches: defaults
-        return [f"{f.name.replace('_', ' ')} ({made[f.name]} there, {stored[f.name]} now)"
-                for f in fields(self) if made[f.name] != stored[f.name]]
-
-
-@dataclass(frozen=True)
-class ImageChanges:
-    """How a dataset differs from the cache's record of it, as relative paths."""
-
-    changed: tuple[str, ...] = ()
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.changed or self.added or self.removed)
-
-    def describe(self) -> str:
-        parts = [f"{len(paths)} {what} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})"
-                 for what, paths in (("changed", self.changed), ("added", self.added),
-                                     ("removed", self.removed)) if paths]
-        return "; ".join(parts)
-
-
-def dataset_folder(root: Path, images: ImageSet) -> str:
-    """The dataset's folder in a cache: its name, or name-<hash of its path> when another dataset
-    of the same name is cached there already (a/test and b/test)."""
-    for manifest in Path(root).glob(f"{images.name}/*/manifest.json"):
-        try:
-            other = json.loads(manifest.read_text()).get("dataset_root")
-        except (OSError, ValueError):
-            continue
-        if other and other != str(images.root):
-            return f"{images.name}-{xxhash.xxh3_64_hexdigest(str(images.root).encode())[:8]}"
-    return images.name
+UNREADABLE = xxhash.xxh3_128_digest(b"")  # the digest of a file whose bytes cannot be read
 
 
 def default_cache_root() -> Path:
     return Path(os.environ.get("FEATX_CACHE", "featx-cache"))
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write under a name of this process's own, then rename: a reader sees the old or the new."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+def file_digest(images: ImageSet, index: int) -> bytes:
+    """xxh3-128 of one image's bytes (UNREADABLE when they cannot be read)."""
     try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return xxhash.xxh3_128_digest(images.read_bytes(index))
+    except OSError:
+        return UNREADABLE
+
+
+def file_digests(images: ImageSet, positions: np.ndarray) -> np.ndarray:
+    """The digests of these images' bytes, read in parallel threads (each file read once)."""
+    threads = min(16, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(threads, thread_name_prefix="featx-hash") as pool:
+        digests = list(pool.map(lambda k: file_digest(images, int(k)), positions))
+    return np.array(digests, dtype="V16") if digests else np.zeros(0, dtype="V16")
+
+
+@dataclass(frozen=True)
+class ImageChanges:
+    """How a dataset differs from the cache's record of it: relative paths for people, rows (and
+    positions in the scan) for the cache."""
+
+    changed: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    unverified: int = 0  # of `changed`: rows never recognised by their bytes (under --verify hash)
+    changed_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    changed_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # positions in the scan
+    added_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    removed_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    moved_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # same bytes, new times
+    moved_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __bool__(self) -> bool:
+        return bool(self.changed or self.added or self.removed)
+
+    def describe(self) -> str:
+        kinds = (("changed", self.changed), ("added", self.added), ("removed", self.removed))
+        parts = [f"{len(paths)} {what} ({', '.join(map(shown, paths[:3]))}"
+                 + (", ...)" if len(paths) > 3 else ")") for what, paths in kinds if paths]
+        if self.unverified:
+            parts.append(f"{self.unverified} of the changed were recognised by size and time only until "
+                         "now (under --verify hash their features are extracted again from the bytes "
+                         "whose hash is recorded)")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -143,11 +125,30 @@ class FeatureStore:
         self.manifest_path = self.folder / "manifest.json"
         if not self.manifest_path.is_file():
             raise FeatxError(f"no featx cache at {self.folder} (manifest.json missing)")
-        self.manifest = read_manifest(self.manifest_path)
+        try:
+            self.manifest = read_manifest(self.manifest_path)
+            self.rows = RowTable(self.folder / "rows", self.manifest.rows)
+        except OlderFormat as older:
+            from featx.cache.upgrade import upgrade
+
+            self.manifest, self.rows = upgrade(self.folder, older.data)
+
+    # --- identity ----------------------------------------------------------------------------
+    @property
+    def key(self) -> CacheKey:
+        return self.manifest.key
 
     @property
     def weights(self) -> Weights:
-        return Weights.from_dict(self.manifest["weights_info"])
+        return self.manifest.weights
+
+    @property
+    def model(self) -> str:
+        return self.manifest.key.model
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.dataset}/{self.folder.name}"
 
     def holds_weights(self, query: str) -> bool:
         """Whether `query` names this cache's weights: its tag or full name, `imagenet` for a
@@ -158,193 +159,239 @@ class FeatureStore:
         if query == "random":
             return weights.random
         if query == "imagenet":
-            return bool(self.manifest.get("imagenet_default"))
+            return self.manifest.imagenet_default
         path = Path(query).expanduser()
-        return weights.source == "file" and path.is_file() and \
-            str(path.resolve()) == weights.location
+        return weights.source == "file" and path.exists() and str(path.resolve()) == weights.location
 
     # --- creation ----------------------------------------------------------------------------
-    @classmethod
-    def open_for(cls, root: Path, images: ImageSet, weights: Weights, *, precision: str,
-                 layer_names: list[str], dtype: str = "float32", imagenet_default: bool = False,
-                 verify: str = "size", tta: str = "none", decode: str = "pil") -> FeatureStore:
-        """Open (or create) the cache for these images and these weights; refuse a cache whose
-        weights, preprocessing, precision or dtype differ, saying what differs (a changed image
-        list is `sync_images`' business). `layer_names` is the model's whole layer table,
-        recorded to check names later; `imagenet_default` says the weights are the ones
-        `--weights imagenet` names; `verify` how images are recognised (see ImageSet.file_stats)."""
-        if dtype not in DTYPES:
-            raise FeatxError(f"unknown dtype {dtype!r}; use float32 or float16")
-        key = CacheKey.of(weights, precision, dtype, tta=tta, decode=decode)
-        folder = Path(root) / dataset_folder(Path(root), images) / key.folder
-        if (folder / "manifest.json").is_file():
-            store = cls(folder)
-            changed = key.differences(store.manifest)
-            if changed:
-                raise FeatxError(f"the cache at {folder} was made with another "
-                                 + "; another ".join(changed) + "; it is not reused: delete that "
-                                 "folder or pass another cache folder")
-            return store
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "format": CACHE_FORMAT,
-            "featx_version": __version__,
-            **asdict(key),
-            "weights_info": weights.to_dict(),
-            "weights_random": weights.random,
-            "imagenet_default": imagenet_default,
-            "model_layers": list(layer_names),
-            "dataset": images.name,
-            "dataset_root": str(images.root),
-            "classes": list(images.classes),
-            "paths": list(images.paths),
-            "labels": images.labels.tolist(),
-            "fixed_split": list(images.fixed_split) if images.fixed_split else None,
-            "stats": images.file_stats(verify),
-            "removed": [],
-            "layers": {},
-            "runs": [],
-            "skipped": dict(images.skipped),
-            "notes": dict(images.notes),
-            "created": _now(),
-        }
-        _write_json_atomic(folder / "manifest.json", manifest)
-        return cls(folder)
+    @staticmethod
+    def folder_for(root: Path, images: ImageSet, key: CacheKey) -> Path:
+        """The one place a cache's folder is named: <root>/<dataset>/<key folder>."""
+        return Path(root) / dataset_folder(Path(root), images.name, str(images.root)) / key.folder
 
     @classmethod
-    def for_arrays(cls, root: Path, name: str, labels: np.ndarray, *, classes: tuple[str, ...],
-                   layers: dict[str, int], dtype: str = "float32", shard_size: int = 512) -> FeatureStore:
+    def open_for(cls, root: Path, images: ImageSet, *, key: CacheKey, weights: Weights,
+                 layer_names: list[str], imagenet_default: bool = False, verify: str = "size",
+                 ) -> FeatureStore:
+        """Open (or create) the cache for these images and this key; refuse a cache made with
+        another key, saying what differs (a changed image list is `sync_images`' business).
+        `layer_names` is the model's whole layer table, recorded to check names later;
+        `imagenet_default` says the weights are the ones `--weights imagenet` names."""
+        if key.dtype not in DTYPES:
+            raise FeatxError(f"unknown dtype {key.dtype!r}; use float32 or float16")
+        folder = cls.folder_for(root, images, key)
+        if (folder / "manifest.json").is_file():
+            store = cls(folder)
+            store.check_key(key)
+            return store
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = RowTable(folder / "rows", 0)
+        codes = np.zeros(len(images), np.uint8)
+        if images.fixed_split:
+            from featx.data.splits import TEST, TRAIN
+
+            codes = np.array([TRAIN if s == "train" else TEST for s in images.fixed_split], np.uint8)
+        count = rows.append(images.paths, labels=images.labels, stats=images.file_stats(), split_codes=codes)
+        manifest = Manifest(key=key, weights=weights, dataset=images.name, dataset_root=str(images.root),
+                            classes=list(images.classes), model_layers=list(layer_names), rows=count,
+                            fixed_split=images.fixed_split is not None, verify=str(Verify.parse(verify,
+                                                                                                "verify")),
+                            imagenet_default=imagenet_default, skipped=dict(images.skipped), created=now())
+        write_manifest(folder / "manifest.json", manifest)
+        return cls(folder)
+
+    def check_key(self, key: CacheKey) -> None:
+        """Refuse to use this cache for features made with `key` if it was made with another."""
+        changed = key.differences(self.key)
+        if changed:
+            raise FeatxError(f"the cache at {self.folder} was made with another "
+                             + "; another ".join(changed) + "; it is not reused: delete that "
+                             "folder or pass another cache folder")
+
+    @classmethod
+    def for_arrays(cls, root: Path, name: str, labels: np.ndarray, classes: tuple[str, ...],
+                   layers: dict[str, int], *, dtype: str = "float32", shard_size: int = 512) -> FeatureStore:
         """A cache for features computed elsewhere (no image files behind them: rows are named
         row-N): fill it with `write_shard` per layer, shard by shard, then probe it like any cache.
         `layers` maps each layer name to its number of values."""
-        from featx.models import Layer, Preprocess
+        from featx.models import Preprocess
 
         paths = tuple(f"row-{i:08d}" for i in range(len(labels)))
         origin = Path(root).resolve() / ".arrays" / name  # no folder: no images to check against
-        images = ImageSet(origin, paths, np.asarray(labels, dtype=np.int64), tuple(classes))
+        images = ImageSet(origin, paths, np.asarray(labels, dtype=np.int64), tuple(classes),
+                          stats=np.zeros(len(paths), dtype=STATS))
         weights = Weights(model="arrays", tag=name, source="file", preprocess=Preprocess(),
                           location=str(origin), categories=None, checksum="arrays")
-        store = cls.open_for(root, images, weights, precision="fp32", layer_names=list(layers), dtype=dtype)
-        store.update_manifest(lambda manifest: manifest.update(arrays=True))
-        store.plan_layers([Layer(layer, layer, (dim,)) for layer, dim in layers.items()], 1, shard_size)
+        key = CacheKey.of(weights, precision="fp32", dtype=dtype)
+        store = cls.open_for(root, images, key=key, weights=weights, layer_names=list(layers))
+        store.update(lambda manifest: setattr(manifest, "arrays", True))
+        store.plan_layers([Layer(layer, layer, (dim,)) for layer, dim in layers.items()], batch_size=1,
+                          shard_size=shard_size)
         return store
 
     # --- the images ---------------------------------------------------------------------------
-    def images(self) -> ImageSet:
-        """The cached rows as an image set (row order; removed rows included, never read)."""
-        m = self.manifest
-        return ImageSet(Path(m["dataset_root"]), tuple(m["paths"]), self.labels, self.classes,
-                        tuple(m["fixed_split"]) if m["fixed_split"] else None)
-
-    @property
-    def removed(self) -> set[int]:
-        return set(self.manifest["removed"])
-
-    def compare_images(self, images: ImageSet, verify: str = "size") -> ImageChanges:
-        """What differs between the dataset as scanned now and the cache's record of it."""
-        m, gone = self.manifest, self.removed
-        now = dict(zip(images.paths, images.file_stats(verify)))
-        rows = {path: i for i, path in enumerate(m["paths"])}
-        changed = [p for p, i in rows.items() if p in now and
-                   (i in gone or not _same_file(m["stats"][i], now[p]))]
-        added = [p for p in images.paths if p not in rows]
-        removed = [p for p, i in rows.items() if p not in now and i not in gone]
-        return ImageChanges(tuple(changed), tuple(added), tuple(removed))
-
-    def sync_images(self, images: ImageSet, verify: str = "size") -> ImageChanges:
-        """Bring the cache's record up to the dataset: a changed image invalidates its shards
-        (deleted, to be extracted again), an added one becomes a new row at the end, a removed
-        one is marked and no longer read. Nothing else is touched."""
-        changes = self.compare_images(images, verify)
-        now = dict(zip(images.paths, images.file_stats(verify)))
-        if not changes:
-            if verify == "hash" and any(stats[2] is None for stats in self.manifest["stats"]):
-                self.update_manifest(lambda m: m.update(stats=[now.get(path, stats) for path, stats
-                                                               in zip(m["paths"], m["stats"])]))
-            return changes
-        split = dict(zip(images.paths, images.fixed_split or [None] * len(images)))
-
-        def apply(m: dict) -> None:
-            rows = {path: i for i, path in enumerate(m["paths"])}
-            stale = {rows[p] for p in changes.changed}
-            if changes.added:
-                stale.add(len(m["paths"]) - 1)  # the last shard's range grows
-            for path in changes.added:
-                label = images.classes[images.labels[images.paths.index(path)]]
-                if label not in m["classes"]:
-                    m["classes"].append(label)
-                m["paths"].append(path)
-                m["labels"].append(m["classes"].index(label))
-                m["stats"].append(now[path])
-                if m["fixed_split"] is not None:
-                    m["fixed_split"].append(split[path])
-            for path in changes.changed:
-                m["stats"][rows[path]] = now[path]
-                m["skipped"].pop(path, None)
-            m["removed"] = sorted((set(m["removed"]) - stale) | {rows[p] for p in changes.removed})
-            for name, meta in m["layers"].items():
-                for shard in {row // meta["shard_size"] for row in stale if row >= 0}:
-                    self.shard_path(name, shard).unlink(missing_ok=True)
-
-        self.update_manifest(apply)
-        return changes
-
-    # --- description -------------------------------------------------------------------------
     @property
     def n_images(self) -> int:
-        return len(self.manifest["paths"])
+        return self.rows.count
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.manifest["classes"])
+        return tuple(self.manifest.classes)
 
     @property
     def labels(self) -> np.ndarray:
-        return np.asarray(self.manifest["labels"], dtype=np.int64)
+        """Every row's class, int32 (a memory map: 4 bytes a row, read as used)."""
+        return self.rows.labels
 
     @property
-    def label(self) -> str:
-        return f"{self.manifest['dataset']}/{self.folder.name}"
+    def removed(self) -> np.ndarray:
+        return self.rows.removed
 
+    def images(self) -> ImageSet:
+        """The cached rows as an image set, in row order (removed rows included, never read)."""
+        codes = self.rows.split_codes()
+        split = tuple(np.array(["", "train", "test"])[codes]) if self.manifest.fixed_split else None
+        return ImageSet(Path(self.manifest.dataset_root), tuple(self.rows.paths()),
+                        np.asarray(self.labels, dtype=np.int64), self.classes, split)
+
+    def compare_images(self, images: ImageSet, verify: str | None = None, *, reread: bool = False,
+                       ) -> ImageChanges:
+        """What differs between the dataset as scanned now and the cache's record of it. By size
+        and modification time; under `verify` hash (the cache's own by default) also by the bytes:
+        a file whose change time moved (every file, with `reread`) is read and compared with the
+        hash of the bytes its features came from, and a row with no such hash counts as changed."""
+        verify = Verify.parse(verify or self.manifest.verify, "verify")
+        rows = self.rows.find(images.paths)
+        found = np.flatnonzero(rows >= 0)
+        r = rows[found]
+        now_stats, stored = images.file_stats()[found], self.rows.stats()[r]
+        was_removed = (self.rows.flags[r] & REMOVED) != 0
+        changed = ((stored["size"] != now_stats["size"]) | (stored["mtime_ns"] != now_stats["mtime_ns"])
+                   | was_removed)
+        moved = np.zeros(len(r), dtype=bool)
+        unverified = 0
+        if verify == Verify.HASH:
+            hashes = self.rows.hashes()[r]
+            never = (hashes == NO_HASH) & ~changed
+            unverified = int(never.sum())
+            moved_time = stored["ctime_ns"] != now_stats["ctime_ns"]
+            look = np.flatnonzero(~changed & ~never & (moved_time | reread))
+            same = file_digests(images, found[look]) == hashes[look]
+            changed[look[~same]] = True
+            moved[look[same & moved_time[look]]] = True
+            changed |= never
+        matched = np.zeros(self.rows.count, dtype=bool)
+        matched[r] = True
+        removed_rows = np.flatnonzero(~matched & ((self.rows.flags & REMOVED) == 0))
+        added_at = np.flatnonzero(rows < 0)
+        return ImageChanges(
+            changed=tuple(images.paths[k] for k in found[changed]),
+            added=tuple(images.paths[k] for k in added_at),
+            removed=tuple(self.rows.paths(removed_rows)), unverified=unverified,
+            changed_rows=r[changed], changed_at=found[changed], added_at=added_at,
+            removed_rows=removed_rows, moved_rows=r[moved], moved_at=found[moved])
+
+    def sync_images(self, images: ImageSet, verify: str | None = None) -> ImageChanges:
+        """Bring the cache's record up to the dataset: a changed image's shards are deleted (to be
+        extracted again), an added one becomes a new row at the end, a removed one is marked and no
+        longer read. The images are recognised as `verify` says (the cache's own by default); hash
+        makes the cache's verification hash from now on. The order (shards, then rows, then the
+        manifest) leaves a cache that an interrupted sync redoes."""
+        verify = Verify.parse(verify or self.manifest.verify, "verify")
+        strongest = str(Verify.HASH if Verify.HASH in (verify, self.manifest.verify) else Verify.SIZE)
+        changes = self.compare_images(images, verify)
+        now_stats = images.file_stats()
+        with self._lock():
+            self.rows = RowTable(self.folder / "rows", read_manifest(self.manifest_path).rows)
+            if len(changes.moved_rows):  # the same bytes, new times: only the record moves
+                self._write_stats(changes.moved_rows, now_stats[changes.moved_at])
+            if not changes and strongest == self.manifest.verify:
+                return changes
+            stale = set(changes.changed_rows.tolist())
+            if len(changes.added_at) and self.rows.count:
+                stale.add(self.rows.count - 1)  # the last shard's range grows
+            for name, plan in self.manifest.layers.items():
+                for shard in {row // plan.shard_size for row in stale}:
+                    self.shard_path(name, shard).unlink(missing_ok=True)
+            self._write_stats(changes.changed_rows, now_stats[changes.changed_at])
+            self.rows.write("hash", changes.changed_rows, np.zeros(len(changes.changed_rows), "V16"))
+            flags = self.rows.flags
+            self.rows.write("flags", changes.changed_rows, flags[changes.changed_rows] & ~np.uint8(REMOVED))
+            self.rows.write("flags", changes.removed_rows, flags[changes.removed_rows] | np.uint8(REMOVED))
+            classes = list(self.manifest.classes)
+            for name in (images.classes[images.labels[k]] for k in changes.added_at):
+                if name not in classes:
+                    classes.append(name)
+            index = {name: k for k, name in enumerate(classes)}
+            codes = np.zeros(len(changes.added_at), np.uint8)
+            if images.fixed_split:
+                codes = np.array([1 if images.fixed_split[k] == "train" else 2 for k in changes.added_at],
+                                 np.uint8)
+            count = self.rows.append([images.paths[k] for k in changes.added_at],
+                                     labels=np.array([index[images.classes[images.labels[k]]]
+                                                      for k in changes.added_at], dtype=np.int32),
+                                     stats=now_stats[changes.added_at], split_codes=codes)
+
+            def commit(manifest: Manifest) -> None:
+                manifest.rows, manifest.classes, manifest.verify = count, classes, strongest
+                for path in changes.changed:
+                    manifest.skipped.pop(path, None)
+                    manifest.notes.pop(path, None)
+
+            self._update_locked(commit)
+        return changes
+
+    def _write_stats(self, rows: np.ndarray, stats: np.ndarray) -> None:
+        for column, field_name in (("size", "size"), ("mtime", "mtime_ns"), ("ctime", "ctime_ns")):
+            self.rows.write(column, rows, stats[field_name])
+
+    def record_digests(self, digests: dict[int, bytes]) -> None:
+        """The hashes of the bytes an extraction decoded, per row (see rows.hash)."""
+        if digests:
+            rows = np.fromiter(digests, dtype=np.int64, count=len(digests))
+            self.rows.write("hash", rows, np.array(list(digests.values()), dtype="V16"))
+
+    # --- description -------------------------------------------------------------------------
     def shard_path(self, layer: str, shard: int) -> Path:
         return self.folder / layer / f"shard-{shard:05d}.h5"
 
     def shard_ranges(self, layer: str) -> list[tuple[int, int]]:
-        size = self.manifest["layers"][layer]["shard_size"]
+        size = self.manifest.layers[layer].shard_size
         return [(start, min(start + size, self.n_images)) for start in range(0, self.n_images, size)]
 
     def missing_shards(self, layer: str) -> list[int]:
-        if layer not in self.manifest["layers"]:
+        if layer not in self.manifest.layers:
             return []
-        return [k for k in range(len(self.shard_ranges(layer)))
-                if not self.shard_path(layer, k).is_file()]
+        present = {p.name for p in (self.folder / layer).glob("shard-*.h5")}
+        return [k for k in range(len(self.shard_ranges(layer))) if f"shard-{k:05d}.h5" not in present]
 
     def complete_layers(self) -> list[str]:
-        return [name for name in self.manifest["layers"] if not self.missing_shards(name)]
+        return [name for name in self.manifest.layers if not self.missing_shards(name)]
 
     def feature_time(self, layer: str) -> tuple[float, list[str]]:
         """Seconds of the extraction runs that produced `layer` (stopped and killed runs
         included: their shards are part of the layer), and the layers they shared."""
         seconds, shared = 0.0, set()
-        for run in self.manifest["runs"]:
-            if layer in run["layers"]:
-                seconds += run["seconds"]
-                shared.update(run["layers"])
-        order = list(self.manifest["layers"])
+        for run in self.manifest.runs:
+            if layer in run.layers:
+                seconds += run.seconds
+                shared.update(run.layers)
+        order = list(self.manifest.layers)
         return seconds, sorted(shared, key=order.index)
 
     def summary(self) -> dict:
         """What `featx info` shows: images, layers with shards and bytes on disk, skips, runs."""
         layers = {}
-        for name, meta in self.manifest["layers"].items():
+        for name, plan in self.manifest.layers.items():
             files = sorted((self.folder / name).glob("shard-*.h5"))
-            layers[name] = {"dim": meta["dim"], "shards": len(files),
+            layers[name] = {"dim": plan.dim, "shards": len(files),
                             "shards_total": len(self.shard_ranges(name)),
                             "bytes": sum(f.stat().st_size for f in files)}
         return {"cache": self.label, "folder": str(self.folder), "images": self.n_images,
-                "classes": len(self.classes), "weights": self.manifest["weights"],
-                "dtype": self.manifest["dtype"], "created": self.manifest["created"],
-                "skipped": self.manifest["skipped"], "layers": layers, "runs": self.manifest["runs"]}
+                "classes": len(self.classes), "weights": self.key.weights, "dtype": self.key.dtype,
+                "created": self.manifest.created, "verify": self.manifest.verify,
+                "skipped": self.manifest.skipped, "layers": layers,
+                "runs": [run.to_dict() for run in self.manifest.runs]}
 
     # --- writing -----------------------------------------------------------------------------
     @contextmanager
@@ -365,28 +412,35 @@ class FeatureStore:
         finally:
             lock.release()
 
-    def update_manifest(self, change: Callable[[dict], None]) -> None:
+    def _lock(self) -> FileLock:
+        return FileLock(self.folder / ".manifest.lock")
+
+    def update(self, change: Callable[[Manifest], None]) -> None:
         """Apply `change` to the manifest as it is on disk now, under the cache's lock, so that
         concurrent runs that add other layers or runs keep each other's entries."""
-        with FileLock(self.folder / ".manifest.lock"):
-            self.manifest = json.loads(self.manifest_path.read_text())
-            change(self.manifest)
-            _write_json_atomic(self.manifest_path, self.manifest)
+        with self._lock():
+            self._update_locked(change)
 
-    def plan_layers(self, layers: list[Layer], batch_size: int, shard_size: int) -> None:
+    def _update_locked(self, change: Callable[[Manifest], None]) -> None:
+        self.manifest = read_manifest(self.manifest_path)
+        change(self.manifest)
+        write_manifest(self.manifest_path, self.manifest)
+        self.rows = RowTable(self.folder / "rows", self.manifest.rows)
+
+    def plan_layers(self, layers: list[Layer], *, batch_size: int, shard_size: int) -> None:
         """Record new layers (dim, shard size) before their first shard is written; the manifest
         is not rewritten when every layer is planned already (a resumed run, every rank but one).
 
         A shard holds `shard_size` images (a multiple of the batch size), halved for a wide layer
         until it is within SHARD_BYTES, so that the smaller shard sizes divide the larger and ranks
         can share a run out by whole shards of every layer at once."""
-        if all(layer.name in self.manifest["layers"] for layer in layers):
+        if all(layer.name in self.manifest.layers for layer in layers):
             return
-        itemsize = np.dtype(self.manifest["dtype"]).itemsize
+        itemsize = np.dtype(self.key.dtype).itemsize
 
-        def add(manifest: dict) -> None:
+        def add(manifest: Manifest) -> None:
             for layer in layers:
-                if layer.name in manifest["layers"]:
+                if layer.name in manifest.layers:
                     continue
                 target = SHARD_BYTES // (layer.dim * itemsize)
                 rows = max(batch_size, shard_size // batch_size * batch_size)
@@ -394,100 +448,68 @@ class FeatureStore:
                     rows //= 2
                 if rows > target:  # not halved evenly down to the bound: as near it as batches allow
                     rows = max(batch_size, target // batch_size * batch_size)
-                manifest["layers"][layer.name] = {
-                    **layer.to_dict(), "dim": layer.dim, "shard_size": rows, "batch_size": batch_size,
-                    "created": _now(),
-                }
+                manifest.layers[layer.name] = LayerPlan(layer, rows, batch_size, now())
 
-        self.update_manifest(add)
+        self.update(add)
 
     def write_shard(self, layer: str, shard: int, index: np.ndarray, *, features: np.ndarray,
-                    skipped: dict[int, str]) -> Path:
-        """Write one complete shard under a temporary name, then rename it into place."""
+                    skipped: dict[int, str], digests: dict[int, bytes] | None = None) -> Path:
+        """Write one complete shard (under a temporary name, then renamed into place), record it
+        as verified, and record the digests of the bytes its rows were computed from."""
         path = self.shard_path(layer, shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        stored = as_stored(layer, features, self.manifest["dtype"])
-        needed = stored.nbytes + 64 * len(index) + (1 << 20)  # features, index, labels, paths, headers
-        if shutil.disk_usage(path.parent).free < needed:  # HDF5 fails badly on a full disk: ask first
-            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a shard needs {needed >> 20} MiB)",
-                          str(path.parent))
-        try:
-            self._write_h5(tmp, layer, shard, index=index, stored=stored, skipped=skipped)
-            os.replace(tmp, path)
-        except OSError as exc:
-            if exc.filename:
-                raise
-            code = exc.errno or errno.EIO
-            raise OSError(code, f"{os.strerror(code)} ({exc})", str(tmp)) from None
-        finally:
-            tmp.unlink(missing_ok=True)  # a shard that failed (disk full) leaves no partial file
+        stored = as_stored(layer, features, self.key.dtype)
+        index = np.asarray(index, dtype=np.int64)
+        start, stop = self.shard_ranges(layer)[shard]
+        checksum = write_shard_file(
+            path, features=stored, index=index, labels=self.labels[index], paths=self.rows.paths(index),
+            attrs={"layer": layer, "shard": shard, "start": start, "stop": stop, "dim": stored.shape[1],
+                   "model": self.model, "weights": self.key.weights,
+                   "skipped": json.dumps({shown(self.rows.path(i)): e for i, e in skipped.items()})})
+        VerifiedShards(path.parent).record(shard, path, checksum)
+        self.record_digests(digests or {})
         return path
-
-    def _write_h5(self, tmp: Path, layer: str, shard: int, *, index: np.ndarray, stored: np.ndarray,
-                  skipped: dict[int, str]) -> None:
-        rows, dim = stored.shape
-        with h5py.File(tmp, "w") as f:
-            chunk_rows = max(1, min(rows, (1 << 20) // max(1, dim * 4))) if rows else None
-            f.create_dataset("features", data=stored,
-                             chunks=(chunk_rows, dim) if rows else None)
-            f.create_dataset("index", data=index.astype(np.int64))
-            f.create_dataset("labels", data=self.labels[index])
-            f.create_dataset("paths", data=[self.manifest["paths"][i] for i in index],
-                             dtype=h5py.string_dtype())
-            start, stop = self.shard_ranges(layer)[shard]
-            f.attrs.update({
-                "checksum": shard_checksum(stored, index.astype(np.int64)),
-                "layer": layer, "shard": shard, "start": start, "stop": stop, "dim": dim,
-                "featx_version": __version__, "model": self.manifest["model"],
-                "weights": self.manifest["weights"],
-                "skipped": json.dumps({self.manifest["paths"][i]: e for i, e in skipped.items()}),
-            })
 
     def start_run(self, layers: list[str], n_images: int, settings: dict) -> str:
         """Record an extraction run as running; a run killed later keeps its last update."""
-        run_id = f"{_now()}-{os.getpid()}"
-
-        def add(manifest: dict) -> None:
-            manifest["runs"].append({"id": run_id, "layers": layers, "seconds": 0.0, "images": 0,
-                                     "planned_images": n_images, "status": "running",
-                                     "when": _now(), **settings})
-
-        self.update_manifest(add)
+        run_id = f"{now()}-{os.getpid()}"
+        self.update(lambda manifest: manifest.runs.append(
+            Run(run_id, list(layers), n_images, now(), settings=dict(settings))))
         return run_id
 
     def update_run(self, run_id: str, seconds: float, n_images: int, *, status: str = "running",
-                   skipped: dict[str, str] | None = None) -> None:
-        """The run's time and images so far; its status at the end (done or stopped)."""
-        def change(manifest: dict) -> None:
-            for run in manifest["runs"]:
-                if run.get("id") == run_id:
-                    run.update(seconds=round(seconds, 3), images=n_images, status=status)
-            manifest["skipped"].update(skipped or {})
+                   skipped: dict[str, str] | None = None, notes: dict[str, str] | None = None) -> None:
+        """The run's time and images so far; its status at the end (done or stopped), with the
+        files it could not read and the remarks it made."""
+        def change(manifest: Manifest) -> None:
+            for run in manifest.runs:
+                if run.id == run_id:
+                    run.seconds, run.images, run.status = round(seconds, 3), n_images, status
+            manifest.skipped.update(skipped or {})
+            manifest.notes.update(notes or {})
 
-        self.update_manifest(change)
+        self.update(change)
 
     def bytes_to_write(self, layer: str, shards: list[int]) -> int:
         """About how many bytes these shards of a planned layer take on disk."""
-        meta = self.manifest["layers"][layer]
+        plan = self.manifest.layers[layer]
         rows = sum(stop - start for start, stop in (self.shard_ranges(layer)[k] for k in shards))
-        return rows * (meta["dim"] * np.dtype(self.manifest["dtype"]).itemsize + 64)
+        return rows * (plan.dim * np.dtype(self.key.dtype).itemsize + 64)
 
     # --- reading -----------------------------------------------------------------------------
     def check_layers(self, names: list[str]) -> None:
         """Refuse, before any work starts, a name the model has no layer for or a layer the
         cache does not hold complete."""
-        known = self.manifest["model_layers"]
+        known = self.manifest.model_layers
         unknown = [name for name in names if name not in known]
         if unknown:
-            raise FeatxError(f"{self.manifest['model']} has no layer {', '.join(map(repr, unknown))}; "
+            raise FeatxError(f"{self.model} has no layer {', '.join(map(repr, unknown))}; "
                              f"its layers: {', '.join(known)}")
         for name in names:
             self._check_complete(name)
 
     def _check_complete(self, layer: str) -> None:
-        if layer not in self.manifest["layers"]:
-            have = ", ".join(self.manifest["layers"]) or "none"
+        if layer not in self.manifest.layers:
+            have = ", ".join(self.manifest.layers) or "none"
             raise FeatxError(f"layer {layer!r} is not in the cache {self.label} (cached: {have}); "
                              "extract it first")
         missing = self.missing_shards(layer)
@@ -498,145 +520,83 @@ class FeatureStore:
     def read_shard(self, layer: str, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """One shard's features (as stored) and rows, checked against its checksum and the
         layer's width; a damaged or truncated shard is a DamagedShard naming it."""
-        ((index, features),) = self._shard_blocks(layer, shard, None)
+        ((index, features),) = self._blocks(layer, shard, None)
         return features, index
 
-    def _shard_blocks(self, layer: str, shard: int, rows: int | None,
-                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(rows, features as stored) of one shard in blocks of at most `rows` (None: one block).
-        The checksum is computed over the blocks as they pass and checked after the last one: a
-        damaged shard raises DamagedShard before anything after it is read."""
-        path = self.shard_path(layer, shard)
-        dim = self.manifest["layers"][layer]["dim"]
+    def _blocks(self, layer: str, shard: int, rows: int | None,
+                records: dict | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """A shard's blocks, checked against its checksum; a shard read whole and found sound is
+        recorded as verified, a damaged one as damaged (the next extract writes it anew)."""
+        path, verified = self.shard_path(layer, shard), VerifiedShards(self.folder / layer)
         try:
-            with h5py.File(path, "r") as f:
-                data, index, expected = f["features"], f["index"][...], f.attrs["checksum"]
-                if data.ndim != 2 or data.shape[1] != dim or len(index) != data.shape[0]:
-                    raise DamagedShard(path, f"shape {data.shape} where {dim} columns belong")
-                digest = xxhash.xxh3_64()
-                step = max(1, rows or len(index))
-                for start in range(0, max(len(index), 1), step):  # an empty shard is one empty block
-                    block = data[start:start + step]
-                    digest.update(np.ascontiguousarray(block).data)
-                    yield index[start:start + step], block
-        except (OSError, KeyError, ValueError) as exc:
-            raise _unreadable(path, exc) from None
-        digest.update(np.ascontiguousarray(index, dtype=np.int64).data)
-        if digest.hexdigest() != expected:
-            raise DamagedShard(path, "its checksum does not match its contents")
+            checksum = yield from shard_blocks(path, self.manifest.layers[layer].dim, rows)
+        except DamagedShard:
+            verified.forget(shard)
+            raise
+        if records is None or not verified.intact(shard, path, records):
+            verified.record(shard, path, checksum)
 
     def layer_index(self, layer: str) -> np.ndarray:
         """The dataset rows one layer holds, in order (unreadable and removed images absent); reads
         only each shard's row list, which `iter_blocks` checks against the checksum later."""
         self._check_complete(layer)
-        parts = []
-        for k in range(len(self.shard_ranges(layer))):
-            path = self.shard_path(layer, k)
-            try:
-                with h5py.File(path, "r") as f:
-                    parts.append(f["index"][...].astype(np.int64))
-            except (OSError, KeyError, ValueError) as exc:
-                raise _unreadable(path, exc) from None
+        parts = [read_index(self.shard_path(layer, k)) for k in range(len(self.shard_ranges(layer)))]
         index = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        return index[~np.isin(index, list(self.removed))] if self.removed else index
+        removed = self.removed
+        return index[~np.isin(index, removed)] if len(removed) else index
 
-    def iter_blocks(self, layer: str, rows: int, from_row: int = 0,
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_blocks(self, layer: str, rows: int, from_row: int = 0) -> Iterator[tuple[np.ndarray,
+                                                                                      np.ndarray]]:
         """(dataset rows, float32 features) of one layer in blocks of at most `rows` rows, shard by
         shard from the one holding dataset row `from_row`, holding one block at a time; removed
         images left out. A damaged shard raises DamagedShard at its end (a consumer discards what
         it computed from an unfinished pass)."""
         self._check_complete(layer)
-        removed = list(self.removed)
+        removed = self.removed
+        records = VerifiedShards(self.folder / layer).load()
         for k, (_, stop) in enumerate(self.shard_ranges(layer)):
             if stop <= from_row:
                 continue
-            for index, block in self._shard_blocks(layer, k, rows):
-                keep = ~np.isin(index, removed) if removed else slice(None)
+            for index, block in self._blocks(layer, k, rows, records):
+                keep = ~np.isin(index, removed) if len(removed) else slice(None)
                 yield index[keep], block[keep].astype(np.float32, copy=False)
 
-    def damaged_shards(self, layer: str) -> dict[int, str]:
-        """{shard: why} for every present shard of `layer` that fails its check (reads them all,
-        a block at a time)."""
+    def damaged_shards(self, layer: str, *, thorough: bool = False) -> dict[int, str]:
+        """{shard: why} for every present shard of `layer` that fails its check. A shard whose size
+        and time match its verification record is taken as sound without reading it, unless
+        `thorough`; any other is read whole (and recorded as verified when sound)."""
         damaged = {}
+        verified = VerifiedShards(self.folder / layer)
+        records = verified.load()
+        dim = self.manifest.layers[layer].dim
         for k in range(len(self.shard_ranges(layer))):
-            if self.shard_path(layer, k).is_file():
-                try:
-                    for _ in self._shard_blocks(layer, k, 1024):
-                        pass
-                except DamagedShard as exc:
-                    damaged[k] = exc.reason
+            path = self.shard_path(layer, k)
+            if not path.is_file() or (not thorough and verified.intact(k, path, records)):
+                continue
+            try:
+                verified.record(k, path, check_whole(path, dim))
+            except DamagedShard as exc:
+                verified.forget(k)
+                damaged[k] = exc.reason
+        verified.compact(self._lock, len(self.shard_ranges(layer)))
         return damaged
 
     def read_layer(self, layer: str) -> LayerFeatures:
         """All rows of one layer, in dataset order (unreadable images are absent)."""
         self._check_complete(layer)
         parts, index = [], []
+        records = VerifiedShards(self.folder / layer).load()
         for k in range(len(self.shard_ranges(layer))):
-            features, rows = self.read_shard(layer, k)
+            ((rows, features),) = self._blocks(layer, k, None, records)
             parts.append(features.astype(np.float32, copy=False))
             index.append(rows)
         idx = np.concatenate(index)
         features = np.concatenate(parts)
-        if self.removed:  # images gone from the dataset are not read
-            keep = ~np.isin(idx, list(self.removed))
+        removed = self.removed
+        if len(removed):  # images gone from the dataset are not read
+            keep = ~np.isin(idx, removed)
             features, idx = features[keep], idx[keep]
-        return LayerFeatures(layer, features, idx, self.labels[idx])
-
-
-class DamagedShard(FeatxError):
-    """A shard that cannot be read or whose contents do not match its checksum."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path, self.reason = path, reason
-        super().__init__(f"the shard {path} is damaged: {reason}; run the same featx extract again "
-                         "to write it anew")
-
-
-def _unreadable(path: Path, exc: Exception) -> DamagedShard:
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return DamagedShard(path, f"unreadable ({reason})")
-
-
-def shard_checksum(features: np.ndarray, index: np.ndarray) -> str:
-    """xxh3 of a shard's features and rows (about 30 GB/s: cheap beside reading them)."""
-    h = xxhash.xxh3_64()
-    h.update(np.ascontiguousarray(features).data)
-    h.update(np.ascontiguousarray(index, dtype=np.int64).data)
-    return h.hexdigest()
-
-
-def _same_file(stored: list, now: list) -> bool:
-    """Size and mtime equal, and the content hash too where both sides have one."""
-    if stored[:2] != now[:2]:
-        return False
-    return stored[2] is None or now[2] is None or stored[2] == now[2]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-MANIFEST_KEYS = ("format", "model", "weights", "weights_info", "dataset", "dataset_root", "classes",
-                 "paths", "labels", "stats", "removed", "layers", "runs", "skipped", "dtype",
-                 "model_layers")
-
-
-def read_manifest(path: Path) -> dict:
-    """A cache's manifest, or a FeatxError saying what is wrong with it."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FeatxError(f"the cache manifest {path} cannot be read ({exc})") from None
-    if not isinstance(manifest, dict) or "featx_version" not in manifest:
-        raise FeatxError(f"the cache manifest {path} is not a featx manifest")
-    if manifest.get("format") != CACHE_FORMAT:
-        raise FeatxError(f"the cache at {path.parent} was made by an older featx (cache format "
-                         f"{manifest.get('format', 1)}); delete that folder or pass another cache folder")
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise FeatxError(f"the cache manifest {path} lacks {', '.join(missing)}")
-    return manifest
+        return LayerFeatures(layer, features, idx, np.asarray(self.labels[idx], dtype=np.int64))
 
 
 def list_stores(root: str | Path) -> tuple[list[FeatureStore], dict[Path, str]]:
@@ -649,37 +609,3 @@ def list_stores(root: str | Path) -> tuple[list[FeatureStore], dict[Path, str]]:
         except FeatxError as exc:
             broken[path.parent] = str(exc)
     return stores, broken
-
-
-class ShardWriter:
-    """A background thread that writes finished shards while the next batches are computed."""
-
-    def __init__(self, store: FeatureStore, depth: int = 2) -> None:
-        self.store = store
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.written: list[Path] = []
-        self.thread = threading.Thread(target=self._run, name="featx-shard-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.written.append(self.store.write_shard(**job))
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                    self.error = exc
-
-    def submit(self, **job) -> None:
-        self._raise()
-        self.queue.put(job)
-
-    def close(self) -> None:
-        """Finish every shard already handed over, then stop."""
-        self.queue.put(None)
-        self.thread.join()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error

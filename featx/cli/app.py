@@ -14,6 +14,7 @@ import typer
 from featx.cli.progress import progress_bar
 from featx.errors import FeatxError, OptionError
 from featx.options import (
+    MAX_PIXELS,
     Decode,
     Dtype,
     Precision,
@@ -62,9 +63,14 @@ DecodeOption = Annotated[str, typer.Option(
 TtaOption = Annotated[str, typer.Option(
     "--tta", help=f"{Tta.names()}. flip: each image's features averaged with its mirror's (one pass "
                   "over a batch twice the size); a cache of its own.")]
-VerifyOption = Annotated[str, typer.Option(
-    "--verify", help=f"How a cached image is recognised: {Verify.names()}. size: size and modification "
-                     "time; hash: its bytes too, read once per run.")]
+VerifyOption = Annotated[str | None, typer.Option(
+    "--verify", help=f"How the cache recognises its images: {Verify.names()}. size: size and modification "
+                     "time; hash: the bytes too (a file is read again when its times move). Default: as "
+                     "the cache was made (size for a new one); hash makes a cache hash from then on.",
+    show_default=False)]
+MaxPixels = Annotated[int, typer.Option(
+    help="The largest image decoded, in pixels; a larger one is skipped with a note (memory stays "
+         "bounded). A JPEG over 40 megapixels is decoded at reduced scale.")]
 Seed = Annotated[int, typer.Option(help="Seed of the split, of CV folds and of random weights.")]
 CValue = Annotated[str, typer.Option("--C", help="C of the linear probes, or auto: cross-validated on "
                                                  "the training part.")]
@@ -103,7 +109,7 @@ CachedDecode = Annotated[str | None, typer.Option(
 
 
 def _extract_options(**values):
-    from featx.study import ExtractOptions
+    from featx.extract.run import ExtractOptions
 
     return ExtractOptions(**values)
 
@@ -187,8 +193,8 @@ def extract(
     layer: Layers = None, model: Model = "vgg16", weights: Weights = "imagenet",
     cache: Cache = None, device: Device = "auto", precision: PrecisionOption = "auto",
     batch_size: BatchSize = None, workers: Workers = None, shard_size: ShardSize = 512,
-    dtype: DtypeOption = "auto", seed: Seed = 0, verify: VerifyOption = "size", tta: TtaOption = "none",
-    decode: DecodeOption = "auto",
+    dtype: DtypeOption = "auto", seed: Seed = 0, verify: VerifyOption = None, tta: TtaOption = "none",
+    decode: DecodeOption = "auto", max_pixels: MaxPixels = MAX_PIXELS,
     gpus: Annotated[str | None, typer.Option(
         help="Extract on several GPUs of this machine: all, or a number. featx starts one rank per "
              "GPU itself (under torchrun or Slurm, leave it out: the launcher starts the ranks).")] = None,
@@ -200,19 +206,21 @@ def extract(
     ; `featx extract imagenet/train --gpus all`. An interrupted run resumes from the first missing
     shard, with any number of ranks.
     """
+    from featx.data.scan import find_images
     from featx.extract.ranks import Ranks, launch_local
-    from featx.study import extract as run_extract
+    from featx.extract.run import ExtractOptions, extract_images
 
-    options = _extract_options(device=device, precision=precision, batch_size=batch_size, workers=workers,
-                               shard_size=shard_size, dtype=dtype, verify=verify, tta=tta, decode=decode)
+    options = ExtractOptions(device=device, precision=precision, batch_size=batch_size, workers=workers,
+                             shard_size=shard_size, dtype=dtype, verify=verify, tta=tta, decode=decode,
+                             max_pixels=max_pixels)
     count = _gpu_count(gpus) if gpus is not None and not Ranks.from_env().several else 1
     if count > 1:
         if options.device not in ("auto", "cuda"):
             raise OptionError("device", f"is {device}, but --gpus {gpus} puts each rank on a GPU of its "
                               "own: leave --device out")
         raise typer.Exit(launch_local(_given_arguments(ctx, leave_out=("gpus",)), count))
-    run_extract(dataset, model, _layer_names(layer), weights=weights, cache=cache, seed=seed,
-                options=options, progress=progress_bar)
+    extract_images(find_images(dataset), model, _layer_names(layer), weights=weights, cache=cache, seed=seed,
+                   options=options, progress=progress_bar)
 
 
 @app.command()
@@ -225,6 +233,9 @@ def svm(
     train_per_class: TrainPerClass = None, seed: Seed = 0, split: SplitFile = None,
     splits: Splits = 1, out: OutDir = None, probe: Probe = "svm", probe_option: ProbeOption = None,
     solver: SolverOption = "auto", memory: Memory = "2G", device: Device = "auto",
+    verify: Annotated[str | None, typer.Option(
+        "--verify", help="size or hash: how the cache's images are checked before scoring, for this run "
+                         "(default: as the cache was made).", show_default=False)] = None,
 ) -> None:
     """Train a linear SVM (or the probes of --probe) per cached layer, streamed from the cache
     within --memory; print accuracy, balanced accuracy, dim, C and time.
@@ -241,7 +252,7 @@ def svm(
 
     options = _probing_options(split, C=C, scaling=scaling, train_per_class=train_per_class, seed=seed,
                                splits=splits, probe=probe, solver=solver, memory=memory, device=device,
-                               probe_params=probe_option or ())
+                               probe_params=probe_option or (), verify=verify)
     store = find_store(cache, dataset, model, weights=weights, tta=tta, dtype=dtype, decode=decode)
     out_dir = out or default_out_dir(store)
     lead = Ranks.from_env().lead  # under torchrun every rank probes, rank 0 reports
@@ -267,8 +278,8 @@ def table(
     html: Annotated[Path | None, typer.Option(help="Also write the one-page HTML report here.")] = None,
     device: Device = "auto",
     precision: PrecisionOption = "auto", batch_size: BatchSize = None, workers: Workers = None,
-    shard_size: ShardSize = 512, dtype: DtypeOption = "auto", verify: VerifyOption = "size",
-    tta: TtaOption = "none", decode: DecodeOption = "auto",
+    shard_size: ShardSize = 512, dtype: DtypeOption = "auto", verify: VerifyOption = None,
+    tta: TtaOption = "none", decode: DecodeOption = "auto", max_pixels: MaxPixels = MAX_PIXELS,
 ) -> None:
     """The layer-comparison table: extract all layers in one pass (or reuse the cache), train an
     SVM (or the probes of --probe) per layer, print the table and write it as Markdown, CSV and JSON.
@@ -284,7 +295,7 @@ def table(
 
     extract_options = _extract_options(device=device, precision=precision, batch_size=batch_size,
                                        workers=workers, shard_size=shard_size, dtype=dtype, verify=verify,
-                                       tta=tta, decode=decode)
+                                       tta=tta, decode=decode, max_pixels=max_pixels)
     probing = _probing_options(split, C=C, scaling=scaling, train_per_class=train_per_class, seed=seed,
                                splits=splits, probe=probe, solver=solver, memory=memory, device=device,
                                probe_params=probe_option or ())
@@ -386,7 +397,7 @@ def similarity(
     paths = [result.write_csv(folder / "similarity.csv")]
     try:
         paths.append(heatmap(result, folder / "similarity.png",
-                             f"linear CKA on {result.n_images} images of {stores[0].manifest['dataset']}"))
+                             f"linear CKA on {result.n_images} images of {stores[0].manifest.dataset}"))
     except ImportError:
         typer.echo("note: no heatmap (matplotlib is missing: pip install 'featx[plot]')", err=True)
     typer.echo(f"written: {', '.join(map(str, paths))}", err=True)
@@ -495,6 +506,49 @@ def info(
                        f"on {run['device']} {run['precision']} ({', '.join(run['layers'])}{status})")
         for path, reason in s["skipped"].items():
             typer.echo(f"  skipped {path}: {reason}")
+
+
+@app.command()
+def verify(
+    dataset: CachedDataset = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model in the cache.")] = None,
+    weights: CachedWeights = None, tta: CachedTta = None, dtype: CachedDtype = None,
+    decode: CachedDecode = None, cache: Cache = None,
+    verify: Annotated[str | None, typer.Option(
+        "--verify", help="size or hash: how the images are checked (default: as each cache says); hash "
+                         "reads every image.")] = None,
+) -> None:
+    """Re-check a cache on demand: read every shard whole against its checksum, and compare the
+    dataset with the cache's record of it. Every cache under --cache, or the one the filters name.
+    A damaged shard is noted, so that the next `featx extract` writes it anew.
+
+    Examples: `featx verify` ; `featx verify --model vgg16 --verify hash`.
+    """
+    from featx.cache.store import default_cache_root, list_stores
+    from featx.study import find_store, verify_cache
+
+    filters = (dataset, model, weights, tta, dtype, decode)
+    if any(value is not None for value in filters):
+        stores = [find_store(cache, dataset, model, weights=weights, tta=tta, dtype=dtype, decode=decode)]
+    else:
+        stores, broken = list_stores(cache or default_cache_root())
+        for place, reason in broken.items():
+            typer.echo(f"{place}: passed over: {reason}")
+        if not stores:
+            raise FeatxError(f"no featx cache under {cache or default_cache_root()}")
+    problems = []
+    for store in stores:
+        found = verify_cache(store, verify)
+        for layer, (shards, damaged) in found.layers.items():
+            typer.echo(f"{store.label} {layer}: {shards - len(damaged)} of {shards} shards sound"
+                       + (f", {len(damaged)} of {shards} shards damaged" if damaged else ""))
+            problems += [f"{store.shard_path(layer, k)} ({why})" for k, why in damaged.items()]
+        typer.echo(f"{store.label} images: {found.images or 'as extracted'}")
+        if found.images:
+            problems.append(f"{store.label}: {found.images}")
+    if problems:
+        raise FeatxError(f"{len(problems)} problem{'s' if len(problems) > 1 else ''}: " + "; ".join(problems)
+                         + "; run featx extract again (only what is damaged or changed is redone)")
 
 
 ACTIVATION_FORMATS = (".png", ".svg", ".pdf")

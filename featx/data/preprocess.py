@@ -40,7 +40,7 @@ def prepare(preprocess: Preprocess, image: Image.Image | torch.Tensor) -> torch.
 def load(preprocess: Preprocess, path: str | Path) -> torch.Tensor:
     """Read one image file and prepare it; an unreadable file is a FeatxError naming it."""
     try:
-        return prepare(preprocess, load_image(path, preprocess.resize))
+        return prepare(preprocess, load_image(path, preprocess.resize)[0])
     except (OSError, ValueError) as exc:
         raise FeatxError(f"cannot read image {path}: {exc}") from None
 

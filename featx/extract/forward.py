@@ -12,37 +12,25 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from featx.cache.dtypes import check_stored, resolve_dtype, to_stored
-from featx.data.decode import device_batches, pil_batches, resolve_decode
+from featx.cache.dtypes import check_stored, to_stored
+from featx.data.decode import Batch, device_batches, pil_batches
 from featx.data.images import ImageSet
 from featx.data.preprocess import normalize
 from featx.errors import OptionError
 from featx.extract.rewrite import for_inference, without_inplace
 from featx.models import Layer, LoadedModel, Preprocess
-from featx.options import Precision, Tta, resolve_device
+from featx.options import MAX_PIXELS, Tta, resolve_decode, resolve_device, resolve_dtype, resolve_precision
 
 CPU_BATCH = 32  # the batch size on a CPU when none is given
 GPU_BATCH_CAP = 256  # the largest batch chosen on a GPU: beyond it throughput no longer grows
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> Precision:
-    """`auto` is bf16 on a GPU that supports it (else fp16) and fp32 on a CPU, so that a CPU's
-    features, and the accuracies measured on them, do not depend on its model (bf16 stays one
-    option away: measured faster on CPUs with native bf16, see benchmarks/README.md)."""
-    precision = Precision.parse(precision, "precision")
-    if precision != Precision.AUTO:
-        return precision
-    if device.type == "cuda":
-        return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16
-    return Precision.FP32
 
 
 def batch_that_fits(per_image: float, free: int, cap: int = GPU_BATCH_CAP) -> int:
@@ -79,8 +67,10 @@ class LayerExtractor:
 
     def __init__(self, model: LoadedModel, layers: Sequence[Layer], device: str = "auto",
                  *, precision: str = "auto", channels_last: bool = True, tta: str = "none",
-                 dtype: str = "float32", decode: str = "auto", rewrite: bool = True) -> None:
+                 dtype: str = "float32", decode: str = "auto", rewrite: bool = True,
+                 max_pixels: int = MAX_PIXELS) -> None:
         self.model = model
+        self.max_pixels = max_pixels
         self.layers = list(layers)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -189,48 +179,56 @@ def to_vectors(layer: Layer, output: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ExtractedBatch:
-    """Features of the readable images of one batch, and the files that could not be read."""
+    """Features of the readable images of one batch, the files that could not be read, remarks
+    (a multi-frame file), and the digest of every file's bytes that were read."""
 
     indices: np.ndarray
     features: dict[str, np.ndarray]
     skipped: dict[int, str]
+    notes: dict[int, str] = field(default_factory=dict)
+    digests: dict[int, bytes] = field(default_factory=dict)
 
 
-def decoded_batches(extractor: LayerExtractor, images: ImageSet, batches: list[list[int]],
-                    *, workers: int | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, list[str]]]:
-    """(indices, uint8 crops, errors) per batch, by the extractor's decoder."""
+def decoded_batches(extractor: LayerExtractor, images: ImageSet,
+                    batches: list[list[int]], *, workers: int | None = None) -> Iterator[Batch]:
+    """(indices, uint8 crops, outcomes) per batch, by the extractor's decoder."""
     if extractor.decode == "device":
-        return device_batches(images, extractor.preprocess, batches, device=extractor.device, workers=workers)
+        return device_batches(images, extractor.preprocess, batches, device=extractor.device, workers=workers,
+                              max_pixels=extractor.max_pixels)
     return pil_batches(images, extractor.preprocess, batches, workers=workers,
-                       pin_memory=extractor.device.type == "cuda")
+                       pin_memory=extractor.device.type == "cuda", max_pixels=extractor.max_pixels)
 
 
 def extract_batches(extractor: LayerExtractor, images: ImageSet, batches: list[list[int]],
                     *, workers: int | None = None) -> Iterator[ExtractedBatch]:
     """Run the extractor over batches of image indices, dropping unreadable images. Each batch's
     forward pass is queued before the previous batch's features are waited for."""
-    waiting: tuple[np.ndarray, HostFeatures | None, dict[int, str]] | None = None
-    for indices, pixels, errors in decoded_batches(extractor, images, batches, workers=workers):
-        ok = np.array([not e for e in errors], dtype=bool)
-        skipped = {int(i): e for i, e in zip(indices, errors) if e}
+    waiting: tuple[ExtractedBatch, HostFeatures | None] | None = None
+    for indices, pixels, outcomes in decoded_batches(extractor, images, batches, workers=workers):
+        ok = np.array([not o.error for o in outcomes], dtype=bool)
+        batch = ExtractedBatch(
+            indices[ok], {}, skipped={int(i): o.error for i, o in zip(indices, outcomes) if o.error},
+            notes={int(i): o.note for i, o in zip(indices, outcomes) if o.note},
+            digests={int(i): bytes.fromhex(o.digest) for i, o in zip(indices, outcomes) if o.digest})
         readable = pixels if ok.all() else pixels.index_select(  # picked without waiting for the device
             0, torch.from_numpy(np.flatnonzero(ok)).to(pixels.device, non_blocking=True))
         launched = extractor.launch(readable) if ok.any() else None
         if waiting is not None:
             yield _finished(extractor, waiting)
-        waiting = (indices[ok], launched, skipped)
+        waiting = (batch, launched)
     if waiting is not None:
         yield _finished(extractor, waiting)
 
 
-def _finished(extractor: LayerExtractor,
-              waiting: tuple[np.ndarray, HostFeatures | None, dict[int, str]]) -> ExtractedBatch:
-    indices, launched, skipped = waiting
+def _finished(extractor: LayerExtractor, waiting: tuple[ExtractedBatch,
+                                                        HostFeatures | None]) -> ExtractedBatch:
+    batch, launched = waiting
     if launched is None:
         dtype = np.dtype(extractor.dtype)
-        return ExtractedBatch(indices, {layer.name: np.zeros((0, layer.dim), dtype)
-                                        for layer in extractor.layers}, skipped)
-    return ExtractedBatch(indices, {name: v.numpy() for name, v in launched.wait().items()}, skipped)
+        batch.features = {layer.name: np.zeros((0, layer.dim), dtype) for layer in extractor.layers}
+    else:
+        batch.features = {name: v.numpy() for name, v in launched.wait().items()}
+    return batch
 
 
 def batches_of(indices: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 
 from featx.data.preprocess import load
-from featx.errors import FeatxError, OptionError
+from featx.errors import FeatxError
 from featx.extract.forward import LayerExtractor
 from featx.models import get_model, load_model
+from featx.options import check_count
 
 
 def predict_images(paths: list[Path], model: str = "efficientnet_lite0", weights: str = "imagenet",
                    *, top: int = 3, device: str = "auto",
                    ) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
     """Yield (path, [(class name, probability), ...]) for each image, best class first."""
-    if top < 1:
-        raise OptionError("top", f"must be at least 1, not {top}")
+    check_count("top", top, 1000, why="the classes a model scores")
     spec = get_model(model, weights)
     if not spec.weights.categories:
         raise FeatxError(f"the weights {spec.weights.name} carry no class names (they are for "

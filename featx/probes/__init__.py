@@ -48,9 +48,9 @@ class ProbeResult:
     balanced_accuracy: float = float("nan")
     solver: str = ""  # the solver that fitted it (svm: torch or liblinear)
     cv_scores: dict[str, float] = field(default_factory=dict)
-    test_paths: list[str] = field(default_factory=list)
-    y_true: list[int] = field(default_factory=list)
-    y_pred: list[int] = field(default_factory=list)
+    y_true: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # per test row
+    y_pred: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    test_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # their dataset rows
 
 
 @dataclass(frozen=True)

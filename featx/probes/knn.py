@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
-from featx.data.images import Split
+from featx.data.splits import Split
 from featx.probes import Probe, ProbeOptions, ProbeParam, ProbeResult, balanced_accuracy, register
 from featx.probes.stream import LayerStream
 
@@ -64,8 +65,8 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
         layer=stream.name, dim=stream.dim, accuracy=float((y_pred == y_true).mean()),
         balanced_accuracy=balanced_accuracy(y_true, y_pred), C=None, scaling=stream.scaling,
         train_seconds=time.perf_counter() - started, kernel_form=False, n_train=len(split.train),
-        n_test=len(split.test), converged=True, probe="knn", y_true=y_true.tolist(),
-        y_pred=y_pred.tolist()), None
+        n_test=len(split.test), converged=True, probe="knn", y_true=y_true.astype(np.int32),
+        y_pred=y_pred.astype(np.int32)), None
 
 
 register(Probe(

@@ -40,7 +40,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 
-from featx.data.images import Split
+from featx.data.splits import Split
 from featx.errors import FeatxError
 from featx.options import describe_bytes
 from featx.probes import ProbeOptions, ProbeResult, balanced_accuracy
@@ -296,7 +296,8 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, *, pr
         balanced_accuracy=balanced_accuracy(y_true, y_pred), C=C, scaling=stream.scaling,
         train_seconds=time.perf_counter() - started, kernel_form=stream.dim > len(split.train),
         n_train=len(split.train), n_test=len(split.test), converged=bool(fit.converged.all()),
-        probe=probe, solver=solver, cv_scores=cv_scores, y_true=y_true.tolist(), y_pred=y_pred.tolist())
+        probe=probe, solver=solver, cv_scores=cv_scores, y_true=y_true.astype(np.int32),
+        y_pred=y_pred.astype(np.int32))
     return result, weights, intercept
 
 

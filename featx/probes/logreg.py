@@ -9,7 +9,7 @@ from __future__ import annotations
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
-from featx.data.images import Split
+from featx.data.splits import Split
 from featx.probes import Probe, ProbeOptions, ProbeResult, register
 from featx.probes.linear import as_fitted, fitted_scaler, train_linear
 from featx.probes.solvers import fit_logistic, working_bytes

@@ -36,8 +36,8 @@ class LayerStream:
         self.device = str(resolve_device(self.ranks.device(device)))  # each rank on its own GPU
         self.ranks.join(torch.device(self.device))
         self.index = reduce(np.intersect1d, [store.layer_index(part) for part in self.parts])
-        self.labels = store.labels[self.index]
-        self.dim = sum(store.manifest["layers"][part]["dim"] for part in self.parts)
+        self.labels = np.asarray(store.labels[self.index], dtype=np.int64)
+        self.dim = sum(store.manifest.layers[part].dim for part in self.parts)
         self.mean: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.held: torch.Tensor | None = None  # the whole layer, unscaled, once `hold` took it

@@ -20,7 +20,7 @@ from __future__ import annotations
 from sklearn.pipeline import Pipeline
 from sklearn.svm import LinearSVC
 
-from featx.data.images import Split
+from featx.data.splits import Split
 from featx.options import Solver
 from featx.probes import Probe, ProbeOptions, ProbeResult, register
 from featx.probes.linear import (

@@ -11,6 +11,7 @@ from featx.data.preprocess import load
 from featx.errors import FeatxError, OptionError
 from featx.extract.forward import LayerExtractor
 from featx.models import get_model, load_model
+from featx.options import MAX_CHANNELS, check_count
 
 
 def layer_maps(image: str | Path, model: str = "vgg16", layer: str = "conv1_1",
@@ -40,8 +41,7 @@ def write_activation_grid(image: str | Path, out: str | Path, model: str = "vgg1
                           device: str = "auto") -> Path:
     """Write a PNG (or SVG, by suffix) with the input image and a grid of `channels` feature
     maps (the most active ones), each scaled to its own range."""
-    if channels < 1:
-        raise OptionError("channels", f"must be at least 1, not {channels}")
+    check_count("channels", channels, MAX_CHANNELS)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -61,13 +61,19 @@ class LayerReport(ProbeResult):
     C_per_split: list[float] = field(default_factory=list)
     other_probes: list[ProbeScore] = field(default_factory=list)
 
+    test_paths: list[str] = field(default_factory=list)
+
     @classmethod
     def from_results(cls, results: list[ProbeResult], model: str, weights: str,
-                     *, feature_seconds: float, shared: list[str]) -> LayerReport:
-        """One entry for a layer: the mean (and spread) over splits, predictions of all splits."""
-        first = asdict(results[0])
+                     *, feature_seconds: float, shared: list[str], test_paths: list[str]) -> LayerReport:
+        """One entry for a layer: the mean (and spread) over splits, the predictions of all splits
+        (`test_paths`: the test images of every split in turn)."""
+        first = {f.name: getattr(results[0], f.name) for f in fields(ProbeResult)}
         entry = cls(model=model, weights=weights, feature_seconds=feature_seconds,
-                    feature_shared_with=shared, **first)
+                    feature_shared_with=shared, test_paths=test_paths,
+                    **{**first, "y_true": np.concatenate([r.y_true for r in results]),
+                       "y_pred": np.concatenate([r.y_pred for r in results]),
+                       "test_rows": np.concatenate([r.test_rows for r in results])})
         if len(results) > 1:
             accuracies = [r.accuracy for r in results]
             entry.accuracy = float(np.mean(accuracies))
@@ -77,15 +83,19 @@ class LayerReport(ProbeResult):
             entry.train_seconds = float(np.mean([r.train_seconds for r in results]))
             entry.C_per_split = [r.C for r in results]
             entry.converged = all(r.converged for r in results)
-            entry.test_paths = [p for r in results for p in r.test_paths]
-            entry.y_true = [y for r in results for y in r.y_true]
-            entry.y_pred = [y for r in results for y in r.y_pred]
         return entry
+
+    def to_dict(self) -> dict:
+        """As the JSON holds it: every test image's path, true and predicted class."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "test_rows"}
+        return {**data, "y_true": np.asarray(self.y_true).tolist(),
+                "y_pred": np.asarray(self.y_pred).tolist(),
+                "other_probes": [asdict(score) for score in self.other_probes]}
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerReport:
         data = {("train_seconds" if k == "svm_seconds" else k): v for k, v in data.items()}
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - {"test_rows"}
         entry = cls(**{k: v for k, v in data.items() if k in names})
         entry.other_probes = [ProbeScore(**p) for p in data.get("other_probes", [])]
         return entry
@@ -156,8 +166,10 @@ class Report:
         return max(self.layers, key=lambda layer: layer.accuracy, default=None)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "multi_model": self.multi_model, "weights": self.weights,
-                "weights_random": self.weights_random}
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**data, "models": [asdict(m) for m in self.models],
+                "layers": [layer.to_dict() for layer in self.layers], "multi_model": self.multi_model,
+                "weights": self.weights, "weights_random": self.weights_random}
 
     @classmethod
     def from_dict(cls, data: dict) -> Report:
