@@ -19,7 +19,7 @@ from featx.cache.store import FeatureStore
 from conftest import run_cli
 
 FIXTURE = Path(__file__).parent / "data" / "format3"
-FOLDER = Path("featx-cache") / "images" / "efficientnet_lite0-random-seed0"
+FOLDER = Path("cache") / "images" / "efficientnet_lite0-random-seed0"
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_a_format_3_cache_is_upgraded_in_place_and_nothing_is_computed_again(old
     root, folder, old = old_cache
     shards = _sums(folder)
     result = run_cli("extract", "images", "--model", "efficientnet_lite0", "--weights", "random", "--layer",
-                     "pool,stage7_pool", "--precision", "fp32", "--cache", "featx-cache", cwd=root)
+                     "pool,stage7_pool", "--precision", "fp32", "--cache", "cache", cwd=root)
     assert result.returncode == 0, result.stderr
     assert "upgraded the cache" in result.stderr and "already cached" in result.stderr
     manifest = json.loads((folder / "manifest.json").read_text())
