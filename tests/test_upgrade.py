@@ -67,7 +67,7 @@ def test_an_upgraded_cache_scores_the_features_the_old_one_held(old_cache) -> No
 
     with h5py.File(folder / "pool" / "shard-00000.h5") as f:
         old_features = f["features"][...]
-    result = run_cli("svm", "--cache", "featx-cache", "--train-per-class", "1", "--C", "1", cwd=root)
+    result = run_cli("svm", "--cache", "cache", "--train-per-class", "1", "--C", "1", cwd=root)
     assert result.returncode == 0, result.stderr
     assert "| pool |" in result.stdout and "| stage7_pool |" in result.stdout
     assert np.array_equal(FeatureStore(folder).read_layer("pool").features[:4], old_features)
