@@ -19,22 +19,30 @@ ASPECT_LIMIT = 4  # a longer side beyond 4x the shorter one is cut before the re
 
 def prepare(preprocess: Preprocess, image: Image.Image | torch.Tensor) -> torch.Tensor:
     """RGB image (PIL, or uint8 tensor (3, H, W) on any device) -> uint8 tensor (3, crop, crop),
-    resized as torchvision's transforms do.
+    resized as torchvision's transforms do: the shorter side, or (`squash`) both sides.
 
     An image more than ASPECT_LIMIT times as long as it is wide (a 20000x1 strip) has its long
-    side cut around the centre first: the centre crop never reaches that far, and the resize of
-    the shorter side would otherwise make billions of pixels."""
-    height, width = TF.get_size(image)
-    short, long = min(width, height), max(width, height)
-    if long > ASPECT_LIMIT * short:
-        keep = ASPECT_LIMIT * short
-        cut = (long - keep) // 2
-        top, left, rows, cols = (0, cut, height, keep) if width > height else (cut, 0, keep, width)
-        image = TF.crop(image, top, left, rows, cols)
+    side cut around the centre before the shorter side is resized: the centre crop never reaches
+    that far, and the resize would otherwise make billions of pixels."""
     mode = TF.InterpolationMode(preprocess.interpolation)
-    image = TF.resize(image, [preprocess.resize], interpolation=mode, antialias=True)
+    if preprocess.resize_mode == "squash":
+        image = TF.resize(image, [preprocess.resize, preprocess.resize], interpolation=mode, antialias=True)
+    else:
+        image = TF.resize(_cut_long_side(image), [preprocess.resize], interpolation=mode, antialias=True)
     image = TF.center_crop(image, [preprocess.crop])
     return TF.pil_to_tensor(image) if isinstance(image, Image.Image) else image
+
+
+def _cut_long_side(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+    """The image, its long side cut to ASPECT_LIMIT times the short one around the centre."""
+    height, width = TF.get_size(image)
+    short, long = min(width, height), max(width, height)
+    if long <= ASPECT_LIMIT * short:
+        return image
+    keep = ASPECT_LIMIT * short
+    cut = (long - keep) // 2
+    top, left, rows, cols = (0, cut, height, keep) if width > height else (cut, 0, keep, width)
+    return TF.crop(image, top, left, rows, cols)
 
 
 def load(preprocess: Preprocess, path: str | Path) -> torch.Tensor:

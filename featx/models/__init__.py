@@ -102,7 +102,7 @@ def _source(name: str) -> ModelSource:
 def weight_sets(name: str) -> list[Weights]:
     """The pretrained weight sets of a model, the one `imagenet` names first."""
     source = _source(name)
-    key = name.partition(".")[0] if source.PREFIX else name
+    key = source.model_and_tag(name)[0]
     found = catalog.weights_of(key, source)
     if found is not None:
         return found
@@ -113,23 +113,29 @@ def weight_sets(name: str) -> list[Weights]:
 
 def resolve_weights(name: str, weights: str = "imagenet", seed: int = 0) -> Weights:
     """`imagenet` (the model's first pretrained set), a tag such as IMAGENET1K_V2 (or its full
-    name resnet50.IMAGENET1K_V2), `random` (seeded) or the path of a local state dict."""
+    name resnet50.IMAGENET1K_V2), `random` (seeded), the path of a local state dict, or of a
+    checkpoint file or folder that the model's source reads (a Hugging Face folder)."""
+    source = _source(name)
+    plain, named_tag = source.model_and_tag(name)
+    path = Path(weights).expanduser()
+    if weights != "random" and path.exists():  # read by the source itself: nothing to download
+        local = source.local_weights(name, path)
+        if local is not None:
+            return local
     sets = weight_sets(name)
-    prefixed = bool(_source(name).PREFIX)
-    if prefixed and "." in name:
-        tag = name.partition(".")[2]
-        named = [w for w in sets if w.tag == tag]
+    if named_tag is not None:
+        named = [w for w in sets if w.tag == named_tag]
         if not named:
-            raise FeatxError(f"{name.partition('.')[0]} has no pretrained tag {tag!r}; its tags: "
+            raise FeatxError(f"{plain} has no pretrained tag {named_tag!r}; its tags: "
                              + ", ".join(w.tag for w in sets))
         sets = named
-    if not sets and weights not in ("random",) and not Path(weights).expanduser().is_file():
+    if path.is_dir():
+        raise FeatxError(f"{path} is a folder; {plain} takes the path of a state dict file as weights")
+    if not sets and weights not in ("random",) and not path.is_file():
         raise FeatxError(f"{name} has no pretrained weights; use random weights or a local file")
     standard = sets[0].preprocess if sets else Preprocess()
-    plain = name.partition(".")[0] if prefixed else name
     if weights == "random":
         return Weights(plain, f"random-seed{seed}", "random", standard, note=f"seed {seed}")
-    path = Path(weights).expanduser()
     if path.is_file():
         from featx.models.weights import file_checksum
 
@@ -149,21 +155,21 @@ def resolve_weights(name: str, weights: str = "imagenet", seed: int = 0) -> Weig
 
 
 def get_model(name: str, weights: str = "imagenet", seed: int = 0) -> ModelSpec:
-    """The model's entry with `weights` resolved and its layer table at their input size."""
+    """The model's entry with `weights` resolved and its layer table at their input size (a
+    local checkpoint's from its own config)."""
     name = name.strip()
     name = name if any(name.startswith(s.PREFIX) for s in prefixed_sources()) else name.lower()
     source = _source(name)
     resolved = resolve_weights(name, weights, seed)
     size = resolved.preprocess.crop
-    key = resolved.model
+    key = resolved.name if resolved.local_checkpoint else resolved.model  # a checkpoint: its own table
     table = catalog.layers_of(key, source, size)
     if table is None:
-        tag = resolved.tag if resolved.source not in ("random", "file") else None
-        table = source.layer_table(name, tag, size)
+        table = source.layer_table(resolved.model, resolved.build_tag, size)
         catalog.remember(key, source, size=size, table=table)
     layers, defaults = table
-    return ModelSpec(resolved.model, source.NAME, resolved, tuple(w.tag for w in weight_sets(name)),
-                     tuple(layers), tuple(defaults))
+    tags = (resolved.tag,) if resolved.local_checkpoint else tuple(w.tag for w in weight_sets(name))
+    return ModelSpec(resolved.model, source.NAME, resolved, tags, tuple(layers), tuple(defaults))
 
 
 def load_model(name: str, weights: str = "imagenet", seed: int = 0) -> LoadedModel:

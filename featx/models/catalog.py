@@ -130,7 +130,8 @@ def build() -> dict:
     from featx.models.source import sources
 
     models, libraries = {}, {}
-    for source in sources():
+    # listed in this order: torchvision's classifiers, the other plain names, then prefixed sources
+    for source in sorted(sources(), key=lambda s: (bool(s.PREFIX), s.NAME != "torchvision")):
         names = source.model_names()
         if names:
             libraries[source.NAME] = [source.LIBRARY, installed(source.LIBRARY)]

@@ -16,12 +16,13 @@ from featx.models.weights import Weights, state_dict_checksum
 
 def _architecture(spec: ModelSpec, on_meta: bool) -> nn.Module:
     """The architecture of the spec's weights, on the meta device or (initialised) on the CPU."""
-    pretrained = spec.weights.source not in ("random", "file")
-    return spec.zoo.build(spec.name, spec.weights.tag if pretrained else None, "meta" if on_meta else "cpu")
+    return spec.zoo.build(spec.name, spec.weights.build_tag, "meta" if on_meta else "cpu")
 
 
 def _state(spec: ModelSpec) -> tuple[dict, str]:
-    if spec.weights.source == "file":
+    """The state dict and its checksum: a plain state-dict file read here, anything else (a
+    pretrained set, a local checkpoint in its library's layout) by the model's source."""
+    if spec.weights.source == "file" and not spec.weights.local_checkpoint:
         return read_state_dict(Path(spec.weights.location)), spec.weights.checksum
     return spec.zoo.load_state(spec.weights)
 

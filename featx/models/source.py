@@ -17,6 +17,8 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from featx.models.layers import Layer
     from featx.models.weights import Weights
 
@@ -41,22 +43,36 @@ class ModelSource(Protocol):
         """Whether a plain name is one of this source's models (a prefixed source: any name)."""
         ...
 
+    def model_and_tag(self, name: str) -> tuple[str, str | None]:
+        """The model a name means and the pretrained tag it names, if any
+        (timm:convnext_tiny.fb_in1k -> timm:convnext_tiny, fb_in1k; vgg16 -> vgg16, None)."""
+        ...
+
     def weight_sets(self, name: str) -> list[Weights]:
-        """The pretrained weight sets of `name`, the one `--weights imagenet` names first."""
+        """The pretrained weight sets of model `name`, the one `--weights imagenet` names first."""
+        ...
+
+    def local_weights(self, name: str, path: Path) -> Weights | None:
+        """The weights a local file or folder holds when this source reads it itself (a checkpoint
+        in its library's layout: source `file`, a tag starting with `local-`, the path as
+        location), or None: a plain state dict that featx reads into the default architecture."""
         ...
 
     def build(self, name: str, tag: str | None, device: str = "meta") -> Any:
-        """The architecture for weight set `tag` (None: random weights), as a torch module on
-        `device` (meta: no initialisation, the weights are assigned later)."""
+        """The architecture for weight set `tag` (a local checkpoint: its path; None: random
+        weights), as a torch module on `device` (meta: no initialisation, the weights are
+        assigned later)."""
         ...
 
     def layer_table(self, name: str, tag: str | None, size: int) -> tuple[list[Layer], list[str]]:
-        """The layers a user may ask for at input `size`, and the default ones."""
+        """The layers a user may ask for at input `size` (for `tag` as in `build`), and the
+        default ones."""
         ...
 
     def load_state(self, weights: Weights) -> tuple[dict, str]:
-        """The pretrained state dict of `weights` and a checksum of what it was read from
-        (downloaded once by the library, or a clear FeatxError saying what to download)."""
+        """The pretrained state dict of `weights` (or of the local checkpoint it names) and a
+        checksum of what it was read from (downloaded once by the library, or a clear FeatxError
+        saying what to download)."""
         ...
 
     def tracer_kwargs(self, name: str) -> dict | None:

@@ -9,22 +9,34 @@ from pathlib import Path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SOURCES = ("torchvision", "pypi", "timm", "file", "random")
+SOURCES = ("torchvision", "pypi", "timm", "openclip", "hf", "file", "random")
+RESIZE_MODES = ("shortest", "squash")
+LOCAL_TAG = "local-"  # the tag of a local checkpoint that the model's source reads (see Weights)
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side, centre-crop, then scale to [0, 1] and normalise with mean/std
-    (the weights' own transforms)."""
+    """Resize the shorter side (`squash`: both sides, the aspect ratio not kept), centre-crop,
+    then scale to [0, 1] and normalise with mean/std (the weights' own transforms)."""
 
     resize: int = 256
     crop: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
+    resize_mode: str = "shortest"
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.resize_mode!r}; known: {', '.join(RESIZE_MODES)}")
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """As recorded in caches and catalogs; the resize mode only when it is not the shorter
+        side, so that the records made before squashing existed still read the same."""
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.resize_mode == "shortest":
+            del data["resize_mode"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:
@@ -41,15 +53,20 @@ class Preprocess:
     def describe(self) -> str:
         mean = ", ".join(f"{m:.3f}" for m in self.mean)
         std = ", ".join(f"{s:.4g}" for s in self.std)
-        return (f"resize {self.resize} ({self.interpolation}), crop {self.crop}, "
-                f"mean ({mean}), std ({std})")
+        resize = (f"resize {self.resize} ({self.interpolation})" if self.resize_mode == "shortest" else
+                  f"resize to {self.resize}x{self.resize} ({self.interpolation}, aspect ratio not kept)")
+        return f"{resize}, crop {self.crop}, mean ({mean}), std ({std})"
 
 
 @dataclass(frozen=True)
 class Weights:
     """One weight set of one model. `tag` names it within the model (IMAGENET1K_V2, imagenet,
     random-seed0, file-<sha256 prefix>); `location` is its URL, package file or path; `checksum`
-    is the sha256 prefix of the file (or of a random state dict) once known."""
+    is the sha256 prefix of the file (or of a random state dict) once known.
+
+    Local weights have the source `file`: a plain state dict that featx reads (tag file-...), or
+    a checkpoint file or folder in the layout of the model source's library (tag local-...),
+    which that source reads, and whose own config may define the architecture."""
 
     model: str
     tag: str
@@ -72,6 +89,20 @@ class Weights:
     @property
     def random(self) -> bool:
         return self.source == "random"
+
+    @property
+    def local_checkpoint(self) -> bool:
+        """Whether these are a local checkpoint that the model's source reads itself."""
+        return self.source == "file" and self.tag.startswith(LOCAL_TAG)
+
+    @property
+    def build_tag(self) -> str | None:
+        """What a model source builds the architecture and layer table for: a pretrained set's
+        tag, a local checkpoint's path, or None (random weights, a plain state dict: the model's
+        default architecture)."""
+        if self.local_checkpoint:
+            return self.location
+        return None if self.source in ("random", "file") else self.tag
 
     @property
     def folder(self) -> str:

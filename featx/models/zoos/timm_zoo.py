@@ -14,6 +14,8 @@ from featx.models.source import register_source
 from featx.models.weights import Preprocess, Weights, state_dict_checksum
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from torch import nn
 
 NAME, PREFIX, LIBRARY = "timm", "timm:", "timm"
@@ -35,6 +37,12 @@ def model_names() -> list[str]:
 
 def knows(name: str) -> bool:
     return name.startswith(PREFIX)
+
+
+def model_and_tag(name: str) -> tuple[str, str | None]:
+    """timm:convnext_tiny.fb_in1k -> (timm:convnext_tiny, fb_in1k)."""
+    model, _, tag = name.partition(".")
+    return model, tag or None
 
 
 def split_name(name: str) -> tuple[str, str | None]:
@@ -63,6 +71,10 @@ def _weights(model: str, tag: str, cfg) -> Weights:
     location = f"hf-hub:{cfg.hf_hub_id}" if cfg.hf_hub_id else (cfg.url or "")
     return Weights(model, tag, "timm", preprocess, location, "imagenet" if cfg.num_classes == 1000 else None,
                    note=f"timm {model.removeprefix(PREFIX)}.{tag}")
+
+
+def local_weights(name: str, path: Path) -> None:
+    return None  # a local file is a plain state dict
 
 
 def build(name: str, tag: str | None = None, device: str = "meta") -> nn.Module:

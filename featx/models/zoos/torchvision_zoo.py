@@ -33,6 +33,10 @@ def knows(name: str) -> bool:
     return name in model_names()
 
 
+def model_and_tag(name: str) -> tuple[str, None]:
+    return name, None  # a weight set is named by --weights
+
+
 def weight_sets(name: str) -> list[Weights]:
     """Every weight set torchvision has for `name`, IMAGENET1K_V1 first when there is one."""
     import torchvision
@@ -67,6 +71,10 @@ def _enum_name(name: str) -> str:
     import torchvision
 
     return torchvision.models.get_model_weights(name).__name__
+
+
+def local_weights(name: str, path: Path) -> None:
+    return None  # a local file is a plain state dict
 
 
 def build(name: str, tag: str | None, device: str = "meta") -> nn.Module:
