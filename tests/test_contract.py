@@ -53,6 +53,11 @@ def place(tmp_path_factory) -> dict[str, Path]:
     (root / "cols.csv").write_text("file,class\na/img_000.jpg,a\n")
     (root / "odd.csv").write_text("path,label,split\na/img_000.jpg,a,val\n")
     (root / "unrelated.csv").write_text("path,label,split\nz/none.jpg,z,train\n")
+    (root / "notutf8.csv").write_bytes(b"path,label,split\na/img_000.jpg,a,train\nb/caf\xe9.jpg,b,test\n")
+    every = [f"{c}/img_{i:03d}.jpg" for c in "ab" for i in range(4)]
+    (root / "notrain.csv").write_text("path,label,split\n" + "".join(f"{p},x,train\n" for p in every))
+    (root / "untrained.csv").write_text("path,label,split\n" + "".join(
+        f"{p},x,{'train' if p.startswith('a/') and p != 'a/img_003.jpg' else 'test'}\n" for p in every))
     (root / "bad.json").write_text("{not json")
     (root / "other.json").write_text('{"hello": 1}')
     (root / "emptycache").mkdir()
@@ -81,6 +86,15 @@ BAD = [
     (["extract", "{tiny}", *LITE_RANDOM, "--batch-size", "x"], "--batch-size"),
     (["extract", "{tiny}", *LITE_RANDOM, "--shard-size", "0"], "--shard-size must be"),
     (["extract", "{tiny}", *LITE_RANDOM, "--workers", "-1"], "--workers must be"),
+    (["extract", "{tiny}", *LITE_RANDOM, "--workers", "100000"],
+     "the cores and memory of this machine allow"),
+    (["extract", "{tiny}", *LITE_RANDOM, "--batch-size", "100000"],
+     "--batch-size must be a whole number from 1"),
+    (["extract", "{tiny}", *LITE_RANDOM, "--shard-size", "10000000"], "--shard-size must be a whole number"),
+    (["extract", "{tiny}", *LITE_RANDOM, "--max-pixels", "10"], "--max-pixels must be a whole number"),
+    (["extract", "{tiny}", *LITE_RANDOM, "--verify", "crc"], "--verify must be one of size, hash"),
+    (["extract", "{tiny}", *LITE_RANDOM, "--tta", "rotate"], "--tta must be one of none, flip"),
+    (["extract", "{tiny}", *LITE_RANDOM, "--seed", "-1"], "--seed must be a whole number from 0"),
     (["extract", "{tiny}", *LITE_RANDOM, "--precision", "fp8"], "--precision must be one of"),
     (["extract", "{tiny}", *LITE_RANDOM, "--dtype", "int8"], "--dtype must be one of"),
     (["extract", "{tiny}", *LITE_RANDOM, "--decode", "gpu"], "--decode must be one of"),
@@ -104,6 +118,20 @@ BAD = [
     (["svm", "--cache", "{cache}", "--train-per-class", "0"], "--train-per-class must be"),
     (["svm", "--cache", "{cache}", "--train-per-class", "100"], "--train-per-class 100 leaves no test"),
     (["svm", "--cache", "{cache}", "--splits", "0"], "--splits must be"),
+    (["svm", "--cache", "{cache}", "--splits", "1000000"], "--splits must be a whole number from 1 to 100"),
+    (["svm", "--cache", "{cache}", "--train-per-class", "1000000000"], "--train-per-class must be a whole"),
+    (["svm", "--cache", "{cache}", "--memory", "1000T"], "more than this machine's"),
+    (["svm", "--cache", "{cache}", "--probe", "knn", "--probe-option", "knn.k=0"], "knn.k must be a whole"),
+    (["svm", "--cache", "{cache}", "--probe", "knn", "--probe-option", "knn.depth=3"],
+     "knn has no parameter"),
+    (["svm", "--cache", "{cache}", "--probe-option", "knn.k=5"], "which --probe does not name"),
+    (["svm", "--cache", "{cache}", "--probe-option", "k=5"], "must be PROBE.PARAM=VALUE"),
+    (["svm", "--cache", "{cache}", "--verify", "crc"], "--verify must be one of size, hash"),
+    (["svm", "--cache", "{cache}", "--tta", "flip"], "holds no features for tta flip"),
+    (["svm", "--cache", "{cache}", "--split", "{root}/notutf8.csv"], "line 3 has bytes that are not UTF-8"),
+    (["svm", "--cache", "{cache}", "--split", "{root}/notrain.csv"], "leaves no test image"),
+    (["svm", "--cache", "{cache}", "--split", "{root}/untrained.csv"], "tests 1 class it has no training"),
+    (["similarity", "--cache", "{cache}", "--dtype", "float16"], "holds no features for dtype float16"),
     (["svm", "--cache", "{cache}", "--probe", "forest"], "--probe must be among"),
     (["svm", "--cache", "{cache}", "--probe", "svm,,tree"], "--probe must be among"),
     (["svm", "--cache", "{cache}", "--solver", "sgd"], "--solver must be one of"),
@@ -144,7 +172,8 @@ BAD = [
     # predict
     (["predict", "nothing.jpg"], "cannot read image nothing.jpg"),
     (["predict", "{root}/file.txt"], "cannot read image"),
-    (["predict", "{image}", "--top", "0"], "--top must be at least 1"),
+    (["predict", "{image}", "--top", "0"], "--top must be a whole number from 1 to 1000"),
+    (["predict", "{image}", "--top", "5000"], "--top must be a whole number from 1 to 1000"),
     (["predict", "{image}", "--model", "vgg16", "--weights", "IMAGENET1K_FEATURES"], "carry no class names"),
     # plot, report, info
     (["plot", "missing.json"], "no report JSON"),
@@ -153,12 +182,23 @@ BAD = [
     (["report", "{root}/adir"], "no report JSON"),
     (["info", "nowhere"], "no featx cache under nowhere"),
     (["info", "{root}/file.txt"], "no featx cache under"),
+    (["info", "--cache", "nowhere"], "no featx cache under nowhere"),
+    (["info", "{root}/adir", "--cache", "{root}/emptycache"], "--cache is"),
+    (["verify", "--cache", "{root}/emptycache"], "no featx cache under"),
+    (["verify", "--cache", "{cache}", "--model", "resnet50"], "holds no features for model resnet50"),
+    (["verify", "--cache", "{cache}", "--verify", "crc"], "--verify must be one of size, hash"),
     # activations
     (["activations", "missing.jpg", "--model", "efficientnet_lite0", "--layer", "stem"], "cannot read image"),
     (["activations", "{image}", "--model", "efficientnet_lite0", "--layer", "pool"], "has no spatial maps"),
     (["activations", "{image}", "--model", "efficientnet_lite0", "--layer", "pool9"], "unknown layer"),
     (["activations", "{image}", "--model", "efficientnet_lite0", "--layer", "stem", "--channels", "0"],
-     "--channels must be at least 1"),
+     "--channels must be a whole number from 1 to 1024"),
+    (["activations", "{image}", "--model", "efficientnet_lite0", "--layer", "stem", "--channels", "100000"],
+     "--channels must be a whole number from 1 to 1024"),
+    (["activations", "{image}", "--model", "efficientnet_lite0", "--layer", "stem", "--out", "{root}/x.txt"],
+     "must end in .png, .svg, .pdf"),
+    (["activations", "{image}", "--model", "efficientnet_lite0", "--layer", "stem", "--out",
+      "{root}/file.txt/x.png"], "--out"),
     (["activations", "{image}", "--model", "efficientnet_lite0", "--layer", "stem", "--out", "{root}/adir"],
      "--out {root}/adir is a folder"),
     (["similarity", "--cache", "{cache}", "--layer", "pool"], "at least two layers"),

@@ -133,8 +133,12 @@ def test_timm_models_by_name_with_random_weights(model, weights) -> None:
     with torch.no_grad():
         from featx.data.preprocess import normalize
 
-        logits = loaded.module(normalize(spec.preprocess, x))
+        pixels = normalize(spec.preprocess, x)
+        logits = loaded.module(pixels)
+        pre_logits = loaded.module.forward_head(loaded.module.forward_features(pixels), pre_logits=True)
     torch.testing.assert_close(out["logits"], logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["pool"], pre_logits, rtol=1e-4, atol=1e-4)  # what CLIP users probe
+    assert "pool" in spec.default_layers
 
 
 def test_timm_preprocessing_comes_from_the_pretrained_config() -> None:

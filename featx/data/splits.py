@@ -36,15 +36,15 @@ class Split:
         tested = set(np.unique(labels[self.test]).tolist())
         if not len(self.test):
             raise FeatxError(f"the split ({self.description}) leaves no test image")
-        if len(trained) < 2:
-            raise FeatxError(f"the split ({self.description}) trains on {len(trained)} class"
-                             f"{'' if len(trained) == 1 else 'es'}; a probe needs at least two")
         untrained = sorted(tested - trained)
         if untrained:
             names = ", ".join(classes[k] for k in untrained[:3]) + (", ..." if len(untrained) > 3 else "")
             raise FeatxError(f"the split ({self.description}) tests {len(untrained)} class"
                              f"{'' if len(untrained) == 1 else 'es'} it has no training image of ({names}); "
                              "give each tested class training images")
+        if len(trained) < 2:
+            raise FeatxError(f"the split ({self.description}) trains on {len(trained)} class"
+                             f"{'' if len(trained) == 1 else 'es'}; a probe needs at least two")
         return self
 
 

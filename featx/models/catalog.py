@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from featx import __version__
 from featx.models.layers import Layer
 from featx.models.weights import Weights
 
@@ -75,7 +76,7 @@ def _user_path(source: ModelSource) -> Path | None:
         return None
     cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     home = os.environ.get("FEATX_HOME") or cache_home / "featx"
-    return Path(home) / f"catalog-{source.LIBRARY}-{version}.json"
+    return Path(home) / f"catalog-featx{__version__}-{source.LIBRARY}-{version}.json"
 
 
 def _remembered(source: ModelSource) -> dict:

@@ -43,12 +43,24 @@ def write_activation_grid(image: str | Path, out: str | Path, model: str = "vgg1
     maps (the most active ones), each scaled to its own range."""
     check_count("channels", channels, MAX_CHANNELS)
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib import rc_context
     except ImportError:
         raise FeatxError("activation maps need matplotlib: pip install 'featx[plot]'") from None
     picture, maps = layer_maps(image, model, layer, weights=weights, device=device)
     chosen = strongest_channels(maps, min(channels, len(maps)))
+    title = (f"{model} {layer}: {len(chosen)} of {len(maps)} feature maps ({maps.shape[1]}x{maps.shape[2]}), "
+             f"weights {weights}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with rc_context({"text.parse_math": False}):  # names drawn as they are, never as mathematics
+        _grid(picture, maps, chosen, title).savefig(out, dpi=120)
+    return out
+
+
+def _grid(picture: np.ndarray, maps: np.ndarray, chosen: np.ndarray, title: str):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     cols = math.ceil(math.sqrt(len(chosen)))
     rows = math.ceil(len(chosen) / cols)
     fig = Figure(figsize=(3.2 + 1.6 * cols, max(3.4, 1.6 * rows + 0.6)), layout="constrained")
@@ -64,10 +76,6 @@ def write_activation_grid(image: str | Path, out: str | Path, model: str = "vgg1
         cell.imshow(maps[channel], cmap="viridis")
         cell.set_title(f"channel {channel}", fontsize=7)
         cell.axis("off")
-    fig.suptitle(f"{model} {layer}: {len(chosen)} of {len(maps)} feature maps "
-                 f"({maps.shape[1]}x{maps.shape[2]}), weights {weights}", fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+    fig.suptitle(title, fontsize=10)
+    return fig
 

@@ -8,13 +8,15 @@ import tempfile
 from html import escape
 from pathlib import Path
 
+from featx.data.images import shown
 from featx.report.tables import LayerReport, Report, notes, table_rows
 
 CSS = """
 body { font-family: sans-serif; max-width: 1200px; margin: 1.5em auto; padding: 0 1em;
        color: #222; line-height: 1.4; }
 h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; }
-table { border-collapse: collapse; margin: 0.5em 0; }
+.scroll { max-width: 100%; overflow-x: auto; margin: 0.5em 0; }
+table { border-collapse: collapse; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
 tr.best td, p.best { font-weight: bold; }
@@ -98,12 +100,12 @@ def _text(value: object) -> str:
 
 def _table(header: list[str], rows: list[list[str]], css: str = "",
            *, row_css: list[str] | None = None) -> str:
-    lines = [f'<table class="{css}">' if css else "<table>",
+    lines = ['<div class="scroll">', f'<table class="{css}">' if css else "<table>",
              "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
     for i, row in enumerate(rows):
         attr = f' class="{row_css[i]}"' if row_css and row_css[i] else ""
         lines.append(f"<tr{attr}>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>")
-    return "\n".join(lines + ["</table>"])
+    return "\n".join(lines + ["</table>", "</div>"])
 
 
 def _name(layer: LayerReport) -> str:
@@ -195,7 +197,7 @@ def _settings(report: Report) -> str:
 def _skipped(skipped: dict[str, str]) -> str:
     if not skipped:
         return "<p>none</p>"
-    items = [f"<li>{escape(path)}: {escape(str(reason))}</li>"
+    items = [f"<li>{escape(shown(path))}: {escape(str(reason))}</li>"
              for path, reason in sorted(skipped.items())]
     return f"<p>{len(skipped)} unreadable images were left out:</p>\n<ul>\n" + "\n".join(
         items) + "\n</ul>"

@@ -58,6 +58,14 @@ def plot_stem(kind: str, layer: LayerReport) -> str:
     return f"{kind}_{safe}"
 
 
+def literal_text():
+    """Figures draw every text as it is: a class or dataset name with `$...$` in it is a name,
+    not mathematics to typeset."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False})
+
+
 def write_plots(report: Report, out_dir: Path) -> dict[str, list[Path]]:
     """Write accuracy.{png,svg} and, per layer, confusion_<model>_<layer> and
     per_class_<model>_<layer>; return {stem: [png path, svg path]} (empty without layers)."""
@@ -65,13 +73,14 @@ def write_plots(report: Report, out_dir: Path) -> dict[str, list[Path]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not report.layers:
         return {}
-    written = {"accuracy": _save(_accuracy_figure(report), out_dir, "accuracy")}
-    if report.multi_model:
-        written["best_per_model"] = _save(_best_per_model_figure(report), out_dir, "best_per_model")
-    for layer in report.layers:
-        for kind, draw in (("confusion", _confusion_figure), ("per_class", _per_class_figure)):
-            stem = plot_stem(kind, layer)
-            written[stem] = _save(draw(report, layer), out_dir, stem)
+    with literal_text():
+        written = {"accuracy": _save(_accuracy_figure(report), out_dir, "accuracy")}
+        if report.multi_model:
+            written["best_per_model"] = _save(_best_per_model_figure(report), out_dir, "best_per_model")
+        for layer in report.layers:
+            for kind, draw in (("confusion", _confusion_figure), ("per_class", _per_class_figure)):
+                stem = plot_stem(kind, layer)
+                written[stem] = _save(draw(report, layer), out_dir, stem)
     return written
 
 

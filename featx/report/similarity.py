@@ -91,21 +91,23 @@ def similarity(layers: dict[str, np.ndarray], grams: bool = False) -> Similarity
 
 def heatmap(result: Similarity, path: Path, title: str) -> Path:
     """A PNG (or SVG, by suffix) of the CKA matrix with its values written in."""
+    from matplotlib import rc_context
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    size = 1.6 + 0.55 * len(result.names)
-    fig = Figure(figsize=(size + 1.5, size), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(result.matrix, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(result.names)), result.names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(result.names)), result.names, fontsize=8)
-    for i, row in enumerate(result.matrix):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="black" if value > 0.6 else "white")
-    fig.colorbar(image, ax=ax, label="linear CKA")
-    ax.set_title(title, fontsize=10)
-    fig.savefig(path, dpi=120)
-    return path
+    with rc_context({"text.parse_math": False}):  # names drawn as they are, never as mathematics
+        size = 1.6 + 0.55 * len(result.names)
+        fig = Figure(figsize=(size + 1.5, size), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        image = ax.imshow(result.matrix, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(result.names)), result.names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(result.names)), result.names, fontsize=8)
+        for i, row in enumerate(result.matrix):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if value > 0.6 else "white")
+        fig.colorbar(image, ax=ax, label="linear CKA")
+        ax.set_title(title, fontsize=10)
+        fig.savefig(path, dpi=120)
+        return path

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.data.images import shown
 from featx.errors import FeatxError
 from featx.probes import ProbeResult
 
@@ -282,18 +283,24 @@ def notes(report: Report) -> list[str]:
                      + ", ".join(unconverged) + ".")
     if report.skipped:
         lines.append(f"Skipped {len(report.skipped)} unreadable images: "
-                     + ", ".join(sorted(report.skipped)[:10])
+                     + ", ".join(shown(path) for path in sorted(report.skipped)[:10])
                      + (" ..." if len(report.skipped) > 10 else ""))
     return lines
+
+
+def markdown_text(text: str) -> str:
+    """A name as Markdown shows it literally: no live HTML, no link, no broken table cell."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("[", "\\[").replace("]", "\\]").replace("|", "\\|")
 
 
 def render_markdown(report: Report) -> str:
     rows = table_rows(report)
     header = list(rows[0]) if rows else list(COLUMNS)
-    lines = [f"{report.title}", "",
+    lines = [markdown_text(report.title), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
-    return "\n".join(lines + [""] + notes(report)) + "\n"
+    lines += ["| " + " | ".join(markdown_text(row[h]) for h in header) + " |" for row in rows]
+    return "\n".join(lines + [""] + [markdown_text(line) for line in notes(report)]) + "\n"
 
 
 def render_csv(report: Report) -> str:

@@ -97,7 +97,7 @@ def load_state(weights: Weights) -> tuple[dict, str]:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FeatxError(f"timm could not load the pretrained weights {weights.name} from "
                          f"{weights.location} ({reason}); run once with network access, or pass a "
-                         "local state dict as the weights") from None
+                         "local copy of its state dict with --weights PATH") from None
 
 
 def tracer_kwargs(name: str = "") -> dict:
@@ -111,7 +111,7 @@ def layer_table(name: str, tag: str | None, size: int) -> tuple[list[Layer], lis
     global pool, a hidden classifier layer and the logits."""
     module = build(name)
     kwargs = tracer_kwargs(name)
-    nodes = trace_graph(module, size, kwargs)[0]
+    nodes, output = trace_graph(module, size, kwargs)
     shapes: dict[str, tuple[int, ...] | None] = {}
     for node in nodes:  # the last node inside a module is its output
         for k in range(1, node.name.count(".") + 2):
@@ -125,9 +125,28 @@ def layer_table(name: str, tag: str | None, size: int) -> tuple[list[Layer], lis
         if len(shape) in (2, 3):
             layers += stage_layers(where, where, shape, prefix_tokens=prefix)
     tail, _ = derive_layers(module, size, max(prefix, 1), tracer_kwargs=kwargs)
-    layers += [layer for layer in tail if layer.name in ("pool", "pre_logits", "logits")]
+    tail = [layer for layer in tail if layer.name in ("pool", "pre_logits", "logits")]
+    if not any(layer.name in ("pool", "pre_logits") for layer in tail):  # a transformer's head
+        tail = _pre_logits(nodes, output) + tail
+    layers += tail
     pooled = [layer.name for layer in layers if layer.reduce != "flatten" or layer.name == "pool"]
     return layers, list(dict.fromkeys(pooled[-3:] + [layers[-1].name]))
+
+
+def _pre_logits(nodes: list, output: str) -> list[Layer]:
+    """`pool`: the input of the classifier's last linear layer, what timm's
+    `forward_head(pre_logits=True)` returns (a ViT's normed class token, or its token mean)."""
+    by_name = {node.name: node for node in nodes}
+    node = by_name.get(output)
+    if node is None or node.kind != "Linear" or not node.inputs:
+        return []
+    node = by_name.get(node.inputs[0])
+    while node is not None and node.kind in ("Dropout", "Identity") and node.inputs:
+        node = by_name.get(node.inputs[0])
+    if node is None or not node.shape or len(node.shape) != 1:
+        return []
+    return [Layer("pool", node.name, node.shape, "flatten",
+                  "pre-logits feature (timm's forward_head(pre_logits=True))")]
 
 
 register_source(sys.modules[__name__])

@@ -104,8 +104,8 @@ def load_state(weights: Weights) -> tuple[dict, str]:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise FeatxError(
                 f"{weights.name} weights are not in the torch hub cache and could not be downloaded "
-                f"({reason}). Expected file: {cached} (from {weights.location}). Either pass "
-                f"a local state dict as the weights, or place that file at {cached}.") from None
+                f"({reason}). Expected file: {cached} (from {weights.location}). Either download it "
+                f"there, or pass a local copy with --weights PATH.") from None
     state = torch.load(cached, map_location="cpu", weights_only=True, mmap=True)
     return {k: v for k, v in state.items() if not k.startswith(_AUX)}, file_checksum(cached)
 
