@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODEL, LAYERS, CLASSES = "efficientnet_lite0", ("stage2_pool", "stage3_pool"), 100
-PROBE_BUDGET = 16 << 20
+MODEL, LAYERS, CLASSES = "efficientnet_lite0", ("stage2_pool", "stage3_pool"), 10
+PROBE_BUDGET = 4 << 20  # smaller than the probed layer from 100k rows on (15 MiB there)
 
 
 def images_of(folder: Path, rows: int):
@@ -103,46 +103,45 @@ def peak_mib() -> float:
 
 
 def child(step: str, folder: Path, rows: int) -> dict:
-    """One measurement, in this process."""
+    """One measurement, in this process: its time, and its peak RSS above the RSS the process had
+    with every library imported (`above_mib`)."""
+    import sklearn.svm  # noqa: F401 - every library the steps use, imported before measuring
+    import torch
+    import torchvision  # noqa: F401 - the report names its version
+
     from featx.cache.store import FeatureStore
-
-    if step == "open":
-        started = time.perf_counter()
-        store = FeatureStore(cache_folder(folder, rows))
-        int(store.labels.sum())
-        return {"seconds": time.perf_counter() - started, "peak_mib": peak_mib()}
-    if step == "noop-extract":
-        from featx.extract.run import ExtractOptions, extract_images
-
-        images = images_of(folder, rows)
-        read, started = rchar(), time.perf_counter()
-        extract_images(images, MODEL, list(LAYERS), weights="random", cache=folder / "cache",
-                       options=ExtractOptions(device="cpu", dtype="float16", precision="fp32"), progress=None)
-        seconds, read = time.perf_counter() - started, rchar() - read
-        store = FeatureStore(cache_folder(folder, rows))
-        columns = sum(store.rows._file(name).stat().st_size for name in ("size", "mtime", "key", "flags"))
-        return {"seconds": seconds, "peak_mib": peak_mib(), "read_bytes": read, "mapped_bytes": columns,
-                "feature_bytes": sum(p.stat().st_size for p in store.folder.rglob("shard-*.h5")),
-                "network_built": "featx.extract.forward" in sys.modules}
+    from featx.extract.run import ExtractOptions, extract_images
     from featx.probes.stream import LayerStream
     from featx.study import ProbingOptions, evaluate, split_rows
 
-    store = FeatureStore(cache_folder(folder, rows))
-    probing = ProbingOptions(train_per_class=10, C=1.0, memory=PROBE_BUDGET, device="cpu")
-    if step == "plan":
-        started = time.perf_counter()
-        stream = LayerStream(store, "stage3_pool", device="cpu")
-        split_rows(store, stream.index, probing)
-        return {"seconds": time.perf_counter() - started, "peak_mib": peak_mib()}
-    import torch
-
-    torch.zeros(1)  # the libraries' own memory, before the probe
-    before = rss_mib()
-    started = time.perf_counter()
-    report = evaluate(store, ["stage3_pool"], probing, out_dir=folder / "out" / str(rows), checked=True)
-    return {"seconds": time.perf_counter() - started, "peak_mib": peak_mib(), "before_mib": before,
-            "probe_mib": peak_mib() - before, "accuracy": report.layers[0].accuracy,
-            "layer_mib": rows * 40 * 4 / 2**20, "budget_mib": PROBE_BUDGET / 2**20}
+    torch.zeros(1)
+    base, read, started = rss_mib(), rchar(), time.perf_counter()
+    record: dict = {}
+    if step == "open":
+        store = FeatureStore(cache_folder(folder, rows))
+        int(store.labels.sum())
+    elif step == "noop-extract":
+        extract_images(images_of(folder, rows), MODEL, list(LAYERS), weights="random", cache=folder / "cache",
+                       options=ExtractOptions(device="cpu", dtype="float16", precision="fp32"), progress=None)
+        store = FeatureStore(cache_folder(folder, rows))
+        columns = ("size", "mtime", "key", "flags")
+        record = {"read_bytes": rchar() - read,
+                  "mapped_bytes": sum(store.rows._file(name).stat().st_size for name in columns),
+                  "feature_bytes": sum(p.stat().st_size for p in store.folder.rglob("shard-*.h5")),
+                  "network_built": "featx.extract.forward" in sys.modules}
+    else:
+        store = FeatureStore(cache_folder(folder, rows))
+        probing = ProbingOptions(train_per_class=100, C=1.0, memory=PROBE_BUDGET, device="cpu")
+        if step == "plan":
+            stream = LayerStream(store, "stage3_pool", device="cpu")
+            split_rows(store, stream.index, probing)
+        else:
+            out = folder / "out" / str(rows)
+            report = evaluate(store, ["stage3_pool"], probing, out_dir=out, checked=True)
+            record = {"accuracy": report.layers[0].accuracy, "budget_mib": PROBE_BUDGET / 2**20,
+                      "layer_mib": rows * 40 * 4 / 2**20}
+    return {"seconds": time.perf_counter() - started, "base_mib": base, "above_mib": peak_mib() - base,
+            **record}
 
 
 def scan(folder: Path, files: int) -> dict:
@@ -162,7 +161,7 @@ def scan(folder: Path, files: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 400_000, 1_000_000])
     parser.add_argument("--scan", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--folder", type=Path, default=Path("/tmp/featx-scale"))
     parser.add_argument("--child", nargs=2, metavar=("STEP", "ROWS"), help=argparse.SUPPRESS)

@@ -121,28 +121,24 @@ def test_random_weights_say_so_everywhere(tmp_path, demo_dir) -> None:
     assert json.loads((out / "table.json").read_text())["weights_random"] is True
 
 
-def test_svm_asks_which_when_the_cache_holds_several(demo_workdir, demo_dir, tmp_path) -> None:
+def test_svm_takes_the_default_variant_and_asks_only_when_given_options_leave_several(
+        demo_workdir, demo_dir, tmp_path) -> None:
     shutil.copytree(demo_workdir / "featx-cache", tmp_path / "featx-cache")
-    other = run_cli("extract", str(demo_dir), *LITE, "--weights", "random", "--layer", "pool",
-                    cwd=tmp_path)
-    assert other.returncode == 0, other.stderr
-    result = run_cli("svm", "--layer", "pool", cwd=tmp_path)
-    assert_clean_error(result, "holds several", "efficientnet_lite0-imagenet",
-                       "efficientnet_lite0-random-seed0", "weights")
-    chosen = run_cli("svm", "--layer", "pool", "--weights", "random", "--train-per-class", "12",
+    for extra in (["--weights", "random"], ["--dtype", "float16"], ["--weights", "random", "--seed", "1"]):
+        made = run_cli("extract", str(demo_dir), *LITE, "--layer", "pool", *extra, cwd=tmp_path)
+        assert made.returncode == 0, made.stderr
+    plain = run_cli("svm", "--layer", "pool", "--train-per-class", "12", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr  # weights and dtype left out: imagenet, float32 on a CPU
+    assert "RANDOM" not in plain.stdout and "efficientnet_lite0-imagenet/" in plain.stderr
+    half = run_cli("svm", "--layer", "pool", "--dtype", "float16", "--train-per-class", "12", cwd=tmp_path)
+    assert half.returncode == 0 and "efficientnet_lite0-imagenet-float16/" in half.stderr
+    result = run_cli("svm", "--layer", "pool", "--weights", "random", cwd=tmp_path)  # seed 0 or 1?
+    assert_clean_error(result, "holds several", "efficientnet_lite0-random-seed0",
+                       "efficientnet_lite0-random-seed1", "choose one with --weights")
+    chosen = run_cli("svm", "--layer", "pool", "--weights", "random-seed1", "--train-per-class", "12",
                      cwd=tmp_path)
     assert chosen.returncode == 0, chosen.stderr
     assert "RANDOM" in chosen.stdout
-    half = run_cli("extract", str(demo_dir), *LITE, "--layer", "pool", "--dtype", "float16",
-                   cwd=tmp_path)  # the same weights, stored as float16 beside
-    assert half.returncode == 0, half.stderr
-    result = run_cli("svm", "--layer", "pool", "--weights", "imagenet", cwd=tmp_path)
-    assert_clean_error(result, "holds several", "efficientnet_lite0-imagenet,",
-                       "efficientnet_lite0-imagenet-float16", "--dtype")
-    chosen = run_cli("svm", "--layer", "pool", "--weights", "imagenet", "--dtype", "float16",
-                     "--train-per-class", "12", cwd=tmp_path)
-    assert chosen.returncode == 0, chosen.stderr
-    assert "-float16" in chosen.stderr + chosen.stdout
     result = run_cli("svm", "--layer", "pool", "--decode", "device", cwd=tmp_path)
     assert_clean_error(result, "holds no features for decode device")
 

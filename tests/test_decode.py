@@ -89,7 +89,7 @@ def test_device_crops_match_pil_and_failures_are_the_same(odd_files) -> None:
                 assert torch.equal(x_pil[k], x_dev[k]), name  # PIL decoded it in both
             else:
                 assert diff.mean() < 2.0 and diff.max() < 64, name  # two JPEG decoders, one resize
-    errors = {images.paths[i]: e for i_, _, es in device for i, e in zip(i_, es) if e}
+    errors = {images.paths[i]: e.error for i_, _, es in device for i, e in zip(i_, es) if e.error}
     assert set(errors) == {"a/truncated.jpg", "a/text.jpg"}
 
 

@@ -121,7 +121,8 @@ def test_gpus_asks_for_gpus_this_machine_has(tmp_path, tiny_dataset) -> None:
     assert result.returncode == 2 and "--gpus must be all or a number" in result.stderr
 
 
-CHOSEN = {"precision": "fp16", "dtype": "float16", "decode": "device", "tta": "flip", "verify": "hash"}
+CHOSEN = {"precision": "fp16", "dtype": "float16", "decode": "device", "tta": "flip", "verify": "hash",
+          "max_pixels": "100000000"}
 
 
 def test_the_ranks_get_every_option_given_to_featx_extract_gpus(tmp_path, monkeypatch) -> None:
@@ -233,7 +234,7 @@ def _probes(stream, budget: int) -> dict:
     for probe in ("svm", "logreg"):
         result, _ = get_probe(probe).train(stream, split, ProbeOptions(C=1.0, memory=budget))
         training = next(iter(stream.memo.values()))
-        out[probe] = (result.accuracy, result.y_pred, len(training.x))
+        out[probe] = (result.accuracy, result.y_pred.tolist(), len(training.x))
     return out
 
 

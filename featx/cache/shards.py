@@ -198,14 +198,17 @@ class VerifiedShards:
                 return
         except OSError:
             return
-        with lock():
-            records = self.load()
-            tmp = self.path.with_name(f"{VERIFIED}.{os.getpid()}.tmp")
-            try:
-                tmp.write_text("".join(f"{k} {s} {m} {c}\n" for k, (s, m, c) in sorted(records.items())))
-                os.replace(tmp, self.path)
-            except OSError:
-                tmp.unlink(missing_ok=True)
+        try:
+            with lock():
+                records = self.load()
+                tmp = self.path.with_name(f"{VERIFIED}.{os.getpid()}.tmp")
+                try:
+                    tmp.write_text("".join(f"{k} {s} {m} {c}\n" for k, (s, m, c) in sorted(records.items())))
+                    os.replace(tmp, self.path)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except OSError:
+            return  # a cache that cannot be written keeps its log as it is
 
 
 class ShardWriter:

@@ -180,11 +180,19 @@ class FeatureStore:
         if key.dtype not in DTYPES:
             raise FeatxError(f"unknown dtype {key.dtype!r}; use float32 or float16")
         folder = cls.folder_for(root, images, key)
-        if (folder / "manifest.json").is_file():
-            store = cls(folder)
-            store.check_key(key)
-            return store
-        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "manifest.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with FileLock(folder / ".manifest.lock"):  # two runs starting together make it once
+                if not (folder / "manifest.json").is_file():
+                    cls._create(folder, images, key=key, weights=weights, layer_names=layer_names,
+                                imagenet_default=imagenet_default, verify=verify)
+        store = cls(folder)
+        store.check_key(key)
+        return store
+
+    @staticmethod
+    def _create(folder: Path, images: ImageSet, *, key: CacheKey, weights: Weights, layer_names: list[str],
+                imagenet_default: bool, verify: str) -> None:
         rows = RowTable(folder / "rows", 0)
         codes = np.zeros(len(images), np.uint8)
         if images.fixed_split:
@@ -194,11 +202,10 @@ class FeatureStore:
         count = rows.append(images.paths, labels=images.labels, stats=images.file_stats(), split_codes=codes)
         manifest = Manifest(key=key, weights=weights, dataset=images.name, dataset_root=str(images.root),
                             classes=list(images.classes), model_layers=list(layer_names), rows=count,
-                            fixed_split=images.fixed_split is not None, verify=str(Verify.parse(verify,
-                                                                                                "verify")),
+                            fixed_split=images.fixed_split is not None,
+                            verify=str(Verify.parse(verify, "verify")),
                             imagenet_default=imagenet_default, skipped=dict(images.skipped), created=now())
         write_manifest(folder / "manifest.json", manifest)
-        return cls(folder)
 
     def check_key(self, key: CacheKey) -> None:
         """Refuse to use this cache for features made with `key` if it was made with another."""
@@ -301,6 +308,14 @@ class FeatureStore:
         strongest = str(Verify.HASH if Verify.HASH in (verify, self.manifest.verify) else Verify.SIZE)
         changes = self.compare_images(images, verify)
         now_stats = images.file_stats()
+        if not changes and strongest == self.manifest.verify:  # at most new times to record
+            if len(changes.moved_rows):
+                try:
+                    with self._lock():
+                        self._write_stats(changes.moved_rows, now_stats[changes.moved_at])
+                except OSError:
+                    pass  # a cache that cannot be written still serves: the times are read again next run
+            return changes
         with self._lock():
             self.rows = RowTable(self.folder / "rows", read_manifest(self.manifest_path).rows)
             if len(changes.moved_rows):  # the same bytes, new times: only the record moves

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ def default_workers() -> int:
 
 def _error(exc: BaseException) -> str:
     first = str(exc).splitlines()[0] if str(exc) else ""
+    first = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", first)  # the bytes read, not a place
     return f"{type(exc).__name__}: {first}"
 
 

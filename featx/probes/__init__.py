@@ -48,6 +48,7 @@ class ProbeResult:
     balanced_accuracy: float = float("nan")
     solver: str = ""  # the solver that fitted it (svm: torch or liblinear)
     cv_scores: dict[str, float] = field(default_factory=dict)
+    C_edge: str = ""  # "top" or "bottom": cross-validation chose C at that end of the grid it searched
     y_true: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # per test row
     y_pred: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     test_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # their dataset rows

@@ -283,8 +283,9 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, *, pr
                          f"--memory {describe_bytes(options.memory - room + 2 * need)} would work")
     if options.C == "auto":
         C, cv_scores = choose_C(training, grid, n_classes, seed=options.seed, solve=solve, at_once=at_once)
+        edge = "top" if C == max(grid) else "bottom" if C == min(grid) else ""
     else:
-        C, cv_scores = float(options.C), {}
+        C, cv_scores, edge = float(options.C), {}, ""
     fit = solve(training.x, training.y, torch.ones((1, n), dtype=torch.bool, device=training.x.device),
                 C=torch.tensor([C], dtype=torch.float64), n_classes=n_classes, total=training.total)
     weights = feature_weights(stream, training, fit.coef[0], budget=budget)
@@ -296,7 +297,7 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, *, pr
         balanced_accuracy=balanced_accuracy(y_true, y_pred), C=C, scaling=stream.scaling,
         train_seconds=time.perf_counter() - started, kernel_form=stream.dim > len(split.train),
         n_train=len(split.train), n_test=len(split.test), converged=bool(fit.converged.all()),
-        probe=probe, solver=solver, cv_scores=cv_scores, y_true=y_true.astype(np.int32),
+        probe=probe, solver=solver, cv_scores=cv_scores, C_edge=edge, y_true=y_true.astype(np.int32),
         y_pred=y_pred.astype(np.int32))
     return result, weights, intercept
 

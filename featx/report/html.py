@@ -157,6 +157,10 @@ def _layer_section(report: Report, layer: LayerReport, images: dict[str, str]) -
         if not score.converged:
             parts.append(f'<p class="warn">The {escape(score.probe)} solver did not converge for this '
                          "layer (it stopped short of its tolerance).</p>")
+        if score.C_edge:
+            parts.append(f'<p class="warn">Cross-validation chose the {escape(score.probe)} probe\'s C '
+                         f"at the {escape(score.C_edge)} of its grid ({score.C:g}): a C beyond it might "
+                         "score higher.</p>")
     if images:
         from featx.report.plots import plot_stem  # the names write_plots gave
 

@@ -35,6 +35,7 @@ class ProbeScore:
     accuracy_std: float | None = None
     C_per_split: list[float] = field(default_factory=list)
     converged: bool = True  # the solver met its tolerance on every split (reports before: unknown)
+    C_edge: str = ""  # cross-validation chose C at this end of its grid (on a split at least)
 
     @classmethod
     def from_results(cls, results: list[ProbeResult]) -> ProbeScore:
@@ -44,7 +45,8 @@ class ProbeScore:
                    C=results[0].C, train_seconds=float(np.mean([r.train_seconds for r in results])),
                    accuracy_std=float(np.std([r.accuracy for r in results])) if several else None,
                    C_per_split=[r.C for r in results] if several else [],
-                   converged=all(r.converged for r in results))
+                   converged=all(r.converged for r in results),
+                   C_edge=next((r.C_edge for r in results if r.C_edge), ""))
 
 
 @dataclass
@@ -84,6 +86,7 @@ class LayerReport(ProbeResult):
             entry.train_seconds = float(np.mean([r.train_seconds for r in results]))
             entry.C_per_split = [r.C for r in results]
             entry.converged = all(r.converged for r in results)
+            entry.C_edge = next((r.C_edge for r in results if r.C_edge), "")
         return entry
 
     def to_dict(self) -> dict:
@@ -281,6 +284,12 @@ def notes(report: Report) -> list[str]:
         lines.append("Not converged (the solver stopped short of its tolerance, at its step limit or the "
                      "float precision; rounding can still move these accuracies): "
                      + ", ".join(unconverged) + ".")
+    edges = [f"{f'{layer.model} ' if report.multi_model else ''}{layer.layer} {score.probe} "
+             f"(C {score.C:g}, the {score.C_edge} of the grid)"
+             for layer in report.layers for score in [layer, *layer.other_probes] if score.C_edge]
+    if edges:
+        lines.append("C chosen at an end of the grid cross-validation searched, so a C beyond it might score "
+                     "higher (give one with --C): " + ", ".join(edges) + ".")
     if report.skipped:
         lines.append(f"Skipped {len(report.skipped)} unreadable images: "
                      + ", ".join(shown(path) for path in sorted(report.skipped)[:10])
