@@ -8,16 +8,18 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 
 from featx.cache.store import FeatureStore
 from featx.data.images import Split, seeded_split
 from featx.errors import FeatxError
 from featx.probes import ProbeOptions, get_probe
-from featx.probes.mlp import HeadSettings, _validation_score, fit_head, held_out_rows
+from featx.probes.mlp import HeadSettings, MLPHead, _validation_score, fit_head, held_out_rows, train_head
 from featx.probes.stream import LayerStream
 
 from conftest import array_store, assert_clean_error, run_cli
@@ -62,9 +64,9 @@ def test_the_mlp_beats_chance_and_matches_the_svm(separable) -> None:
 
 def test_one_seed_gives_one_head_and_another_seed_another(separable) -> None:
     store, _, _, split = separable
-    first, a = train(store, split, seed=3)
-    again, b = train(store, split, seed=3)
-    other, c = train(store, split, seed=4)
+    first, a = train(store, split, seed=3, params={"hidden": 128})
+    again, b = train(store, split, seed=3, params={"hidden": 128})
+    other, c = train(store, split, seed=4, params={"hidden": 128})
     heads = [m.named_steps["mlp"] for m in (a, b, c)]
     assert first.y_pred == again.y_pred
     assert all(np.array_equal(p, q) for p, q in zip(heads[0].coefs_ + heads[0].intercepts_,
@@ -88,6 +90,30 @@ def test_early_stopping_returns_the_best_epochs_weights() -> None:
     accuracy, loss = _validation_score(x, y, rows, fit.weights)
     assert (accuracy, loss) == pytest.approx(best, rel=1e-5)
     assert (fit.validation_accuracy, fit.validation_loss) == pytest.approx(best, rel=1e-5)
+
+
+def test_refit_trains_a_new_head_on_every_row_for_the_best_epoch_count() -> None:
+    x, y, _ = problem(n_per_class=30, dim=40, classes=3, separation=0.25, seed=2)
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    validation = held_out_rows(y.numpy(), 0.2, seed=0)
+    settings = HeadSettings(hidden=32, patience=5, refit=1)
+    refit = train_head(x, y, validation, n_classes=3, settings=settings, seed=0)
+    kept = train_head(x, y, validation, n_classes=3, settings=replace(settings, refit=0), seed=0)
+    assert refit.best_epoch == kept.best_epoch and refit.stopped_early
+    every_row = fit_head(x, y, np.zeros(len(y), dtype=bool), n_classes=3,
+                         settings=replace(settings, epochs=kept.best_epoch), seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(refit.weights, every_row.weights))
+    assert not torch.equal(refit.weights[0], kept.weights[0])
+
+
+def test_the_saved_head_is_a_scikit_learn_classifier() -> None:
+    x, y, split = problem(n_per_class=30, dim=20, classes=3, separation=0.8)
+    names = np.array(["cat", "dog", "owl"])[y]
+    head = clone(MLPHead(hidden=32, patience=5)).fit(x[split.train], names[split.train])
+    assert head.get_params()["hidden"] == 32 and list(head.classes_) == ["cat", "dog", "owl"]
+    assert head.coefs_[0].shape == (20, 32) and head.best_epoch_ <= head.n_epochs_
+    assert np.mean(head.predict(x[split.test]) == names[split.test]) >= 0.8
+    assert head.predict_proba(x[split.test]).shape == (len(split.test), 3)
 
 
 def test_training_stopped_by_the_epoch_limit_is_not_converged(separable) -> None:

@@ -5,10 +5,12 @@ stream's device (GPU or CPU).
 Early stopping: a seeded, stratified part of each class's training rows (`held_out`) is kept
 out of training; after each epoch the head is scored on it, and training stops once `patience`
 epochs passed without a better validation score (accuracy first, then cross-entropy); the best
-epoch's weights are restored. The result counts as converged when training stopped that way,
-before the epoch limit. Initialisation, shuffling, dropout and the held-out rows all come from
+epoch's weights are restored (or, with `refit`, a new head is trained on every training row for
+that many epochs). The result counts as converged when training stopped that way, before the
+epoch limit. Initialisation, shuffling, dropout and the held-out rows all come from
 `seed` (torch generators, the global random state is left alone): on the CPU the same seed gives
-the same head.
+the same head, with the same number of threads (another count sums the matrix products in
+another order, and the runs part after a few epochs).
 
 Memory: the training rows are held, with the head's weights, gradients, AdamW's two moments and
 the best epoch's copy, within the budget (`--memory`); the test rows are scored block by block.
@@ -23,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 HIDDEN, DROPOUT, EPOCHS, PATIENCE = 1024, 0.5, 200, 20
 LR, WEIGHT_DECAY, BATCH, HELD_OUT = 3e-3, 1e-4, 128, 0.15
+REFIT = 0
 PARAMS = (
     ProbeParam("hidden", HIDDEN, "units of the hidden layer", 1, 65536, whole=True),
     ProbeParam("dropout", DROPOUT, "share of the hidden units dropped at each training step", 0.0, 0.95),
@@ -54,8 +57,10 @@ PARAMS = (
     ProbeParam("batch", BATCH, "training rows per step", 1, 65536, whole=True),
     ProbeParam("held_out", HELD_OUT, "share of each class's training rows held out for early stopping",
                0.05, 0.5),
+    ProbeParam("refit", REFIT, "1: once early stopping found the best epoch count, train a new head on all "
+               "training rows for that many epochs; 0: keep the best epoch's head", 0, 1, whole=True),
 )
-SCORE_ROWS = 4096  # validation rows scored at a time
+SCORE_ROWS = 1024  # validation rows scored at a time
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class HeadSettings:
     weight_decay: float = WEIGHT_DECAY
     batch: int = BATCH
     held_out: float = HELD_OUT
+    refit: int = REFIT
 
     @classmethod
     def from_params(cls, params: Mapping[str, float]) -> HeadSettings:
@@ -82,8 +88,9 @@ class HeadSettings:
 
     def training_bytes(self, dim: int, n_classes: int) -> int:
         """What training holds beside the rows: weights, gradients, AdamW's two moments and the
-        best epoch's copy (5 float32 copies), and one step's activations."""
-        step = 4 * self.batch * (dim + 3 * self.hidden + 3 * n_classes)
+        best epoch's copy (5 float32 copies), and the activations of one step or one block of
+        validation rows."""
+        step = 4 * max(self.batch, SCORE_ROWS) * (dim + 3 * self.hidden + 3 * n_classes)
         return 20 * self.parameter_count(dim, n_classes) + step
 
 
@@ -92,13 +99,13 @@ Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # w1, b
 
 @dataclass
 class HeadFit:
-    """A trained head: the best epoch's weights and how training went."""
+    """A trained head: the best epoch's weights (with refit: the new head's) and how training went."""
 
     weights: Weights
     best_epoch: int  # 1-based
     epochs_run: int
     stopped_early: bool
-    validation_accuracy: float  # of the returned weights
+    validation_accuracy: float  # of the best epoch
     validation_loss: float
     history: list[tuple[float, float]]  # (validation accuracy, loss) after each epoch
 
@@ -150,7 +157,8 @@ def _validation_score(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, weig
 def fit_head(x: torch.Tensor, y: torch.Tensor, validation: np.ndarray, *, n_classes: int,
              settings: HeadSettings, seed: int) -> HeadFit:
     """Train the head on the rows of `x` not in `validation` (a boolean mask), stopping early on
-    those in it; returns the best epoch's weights (on x's device)."""
+    those in it; returns the best epoch's weights (on x's device). Without validation rows it
+    trains `settings.epochs` epochs and returns the last one's weights."""
     device = x.device
     generator = torch.Generator().manual_seed(seed)  # initialisation and shuffling, on the CPU
     dropping = torch.Generator(device=device).manual_seed(seed + 1)  # dropout masks, where x is
@@ -160,7 +168,7 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, validation: np.ndarray, *, n_clas
     fit_rows = torch.as_tensor(np.flatnonzero(~validation))
     held = torch.as_tensor(np.flatnonzero(validation), device=device)
     keep = 1.0 - settings.dropout
-    best_key, best, best_epoch, history, since = None, None, 0, [], 0
+    best_key, best, best_epoch, history, since = (-1.0, -math.inf), None, 0, [], 0
     for epoch in range(1, settings.epochs + 1):
         order = fit_rows[torch.randperm(len(fit_rows), generator=generator)].to(device)
         for start in range(0, len(order), settings.batch):
@@ -173,19 +181,39 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, validation: np.ndarray, *, n_clas
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if not len(held):
+            continue
         with torch.no_grad():
             accuracy, val_loss = _validation_score(x, y, held, tuple(params))
         history.append((accuracy, val_loss))
-        if best_key is None or (accuracy, -val_loss) > best_key:
+        if (accuracy, -val_loss) > best_key:
             best_key, best_epoch, since = (accuracy, -val_loss), epoch, 0
             best = tuple(p.detach().clone() for p in params)
         else:
             since += 1
             if since >= settings.patience:
                 break
+    if not len(held):
+        return HeadFit(tuple(p.detach() for p in params), best_epoch=settings.epochs,
+                       epochs_run=settings.epochs, stopped_early=False, validation_accuracy=math.nan,
+                       validation_loss=math.nan, history=[])
     return HeadFit(best, best_epoch=best_epoch, epochs_run=len(history),
                    stopped_early=since >= settings.patience, validation_accuracy=best_key[0],
                    validation_loss=-best_key[1], history=history)
+
+
+def train_head(x: torch.Tensor, y: torch.Tensor, validation: np.ndarray, *, n_classes: int,
+               settings: HeadSettings, seed: int) -> HeadFit:
+    """`fit_head` with early stopping on the `validation` rows; with `settings.refit`, then a new
+    head (the same seed) on every row for the best epoch count, whose weights it returns with the
+    early-stopping run's story."""
+    fit = fit_head(x, y, validation, n_classes=n_classes, settings=settings, seed=seed)
+    if not settings.refit:
+        return fit
+    fit.weights = ()  # freed before the new head is trained
+    whole = fit_head(x, y, np.zeros(len(validation), dtype=bool), n_classes=n_classes,
+                     settings=replace(settings, epochs=fit.best_epoch), seed=seed)
+    return replace(fit, weights=whole.weights)
 
 
 class MLPHead(ClassifierMixin, BaseEstimator):
@@ -195,23 +223,25 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
     def __init__(self, hidden: int = HIDDEN, dropout: float = DROPOUT, epochs: int = EPOCHS,
                  patience: int = PATIENCE, lr: float = LR, weight_decay: float = WEIGHT_DECAY,
-                 batch: int = BATCH, held_out: float = HELD_OUT, random_state: int = 0) -> None:
+                 batch: int = BATCH, held_out: float = HELD_OUT, refit: int = REFIT,
+                 random_state: int = 0) -> None:
         self.hidden, self.dropout, self.epochs, self.patience = hidden, dropout, epochs, patience
         self.lr, self.weight_decay, self.batch, self.held_out = lr, weight_decay, batch, held_out
+        self.refit = refit
         self.random_state = random_state
 
     def settings(self) -> HeadSettings:
         return HeadSettings(hidden=int(self.hidden), dropout=float(self.dropout), epochs=int(self.epochs),
                             patience=int(self.patience), lr=float(self.lr),
                             weight_decay=float(self.weight_decay), batch=int(self.batch),
-                            held_out=float(self.held_out))
+                            held_out=float(self.held_out), refit=int(self.refit))
 
     def fit(self, X, y) -> MLPHead:
         self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
         x = torch.as_tensor(np.asarray(X, dtype=np.float32))
         validation = held_out_rows(codes, self.held_out, self.random_state)
-        fit = fit_head(x, torch.as_tensor(codes), validation, n_classes=len(self.classes_),
-                       settings=self.settings(), seed=self.random_state)
+        fit = train_head(x, torch.as_tensor(codes), validation, n_classes=len(self.classes_),
+                         settings=self.settings(), seed=self.random_state)
         return self.set_fitted(fit)
 
     def set_fitted(self, fit: HeadFit, classes: np.ndarray | None = None) -> MLPHead:
@@ -281,18 +311,17 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
     validation = held_out_rows(labels, settings.held_out, options.seed)
     x = stream.gather(split.train, budget // 2, "the training rows")
     y = torch.as_tensor(labels, device=stream.device)
-    fit = fit_head(x, y, validation, n_classes=n_classes, settings=settings, seed=options.seed)
+    fit = train_head(x, y, validation, n_classes=n_classes, settings=settings, seed=options.seed)
     del x
     ranks = stream.ranks
     fit = _from_lead(fit, ranks)
-    weights = fit.weights
     log.info("mlp on %s: best epoch %d of %d (validation accuracy %.4f)%s", stream.name, fit.best_epoch,
              fit.epochs_run, fit.validation_accuracy, "" if fit.stopped_early else ", at the epoch limit")
     predicted = [np.zeros(0, dtype=np.int64)]
     rows = max(1, min(stream.block_rows(budget // 2), (budget // 8) // (4 * (settings.hidden + n_classes))))
     with torch.no_grad():
         for _, block in stream.blocks(rows, ranks.share(split.test)):
-            predicted.append(head_scores(block, weights).argmax(1).cpu().numpy())
+            predicted.append(head_scores(block, fit.weights).argmax(1).cpu().numpy())
     y_pred = ranks.joined(np.concatenate(predicted))
     y_true = stream.labels[split.test]
     result = ProbeResult(
@@ -301,8 +330,7 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
         train_seconds=time.perf_counter() - started, kernel_form=False, n_train=len(split.train),
         n_test=len(split.test), converged=fit.stopped_early, probe="mlp", solver="adamw",
         y_true=y_true.tolist(), y_pred=y_pred.tolist())
-    head = MLPHead(**{name: getattr(settings, name) for name in HeadSettings.__dataclass_fields__},
-                   random_state=options.seed)
+    head = MLPHead(**asdict(settings), random_state=options.seed)
     head.set_fitted(fit, classes=np.arange(n_classes))
     return result, Pipeline([("scale", fitted_scaler(stream)), ("mlp", head)])
 
