@@ -10,6 +10,7 @@ listed by `featx probes`, and drawn in the tables, plots and HTML page like the 
     svm     linear SVM (LinearSVC's objective), C by cross-validation
     logreg  multinomial logistic regression, L2, C by cross-validation
     knn     k nearest neighbours by cosine similarity, temperature-weighted votes
+    mlp     one hidden layer (ReLU, dropout), AdamW, early stopping on held-out training rows
 """
 
 from __future__ import annotations
