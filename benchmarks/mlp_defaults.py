@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import featx
-from featx.data.images import Split
+from featx.data.splits import Split
 from featx.probes import ProbeOptions, get_probe, parse_probe_params
 from featx.probes.stream import LayerStream
 from featx.study import ProbingOptions, find_store, split_rows

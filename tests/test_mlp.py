@@ -16,7 +16,7 @@ import torch
 from sklearn.base import clone
 
 from featx.cache.store import FeatureStore
-from featx.data.images import Split, seeded_split
+from featx.data.splits import Split, seeded_split
 from featx.errors import FeatxError
 from featx.probes import ProbeOptions, get_probe
 from featx.probes.mlp import HeadSettings, MLPHead, _validation_score, fit_head, held_out_rows, train_head
@@ -68,7 +68,7 @@ def test_one_seed_gives_one_head_and_another_seed_another(separable) -> None:
     again, b = train(store, split, seed=3, params={"hidden": 128})
     other, c = train(store, split, seed=4, params={"hidden": 128})
     heads = [m.named_steps["mlp"] for m in (a, b, c)]
-    assert first.y_pred == again.y_pred
+    assert np.array_equal(first.y_pred, again.y_pred)
     assert all(np.array_equal(p, q) for p, q in zip(heads[0].coefs_ + heads[0].intercepts_,
                                                     heads[1].coefs_ + heads[1].intercepts_))
     assert heads[0].best_epoch_ == heads[1].best_epoch_

@@ -33,7 +33,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from featx.data.images import Split
+from featx.data.splits import Split
 from featx.errors import FeatxError
 from featx.extract.ranks import Ranks
 from featx.options import describe_bytes
@@ -329,7 +329,7 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
         balanced_accuracy=balanced_accuracy(y_true, y_pred), C=None, scaling=stream.scaling,
         train_seconds=time.perf_counter() - started, kernel_form=False, n_train=len(split.train),
         n_test=len(split.test), converged=fit.stopped_early, probe="mlp", solver="adamw",
-        y_true=y_true.tolist(), y_pred=y_pred.tolist())
+        y_true=y_true.astype(np.int32), y_pred=y_pred.astype(np.int32))
     head = MLPHead(**asdict(settings), random_state=options.seed)
     head.set_fitted(fit, classes=np.arange(n_classes))
     return result, Pipeline([("scale", fitted_scaler(stream)), ("mlp", head)])
