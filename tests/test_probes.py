@@ -296,7 +296,7 @@ def test_a_probe_stopped_at_its_step_limit_is_flagged_everywhere(tmp_path, monke
     lines = {probe: [line for line in said if f" {probe} " in line] for probe in ("svm", "logreg")}
     assert "NOT CONVERGED" in lines["logreg"][0] and "NOT CONVERGED" not in lines["svm"][0]
     notes = (tmp_path / "out" / "svm.md").read_text()
-    assert "Not converged (the solver stopped short of its tolerance" in notes
-    assert "rounding can still move these accuracies): a logreg." in notes
+    assert "Not converged (logreg: its solver stopped short of its tolerance" in notes
+    assert "rounding can still move these accuracies): a." in notes
     row = json.loads((tmp_path / "out" / "svm.json").read_text())["layers"][0]
     assert row["converged"] is True and row["other_probes"][0]["converged"] is False

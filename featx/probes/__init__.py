@@ -106,10 +106,12 @@ class Probe:
     train: TrainLayer
     chooses_C: bool = True  # whether it has a C, chosen by cross-validation or given
     params: tuple[ProbeParam, ...] = ()
+    unconverged: str = "its solver stopped short of its tolerance, at its step limit or the float precision"
 
     def describe(self) -> dict[str, object]:
         """What a report keeps of the probe, so that it renders without the registry."""
-        return {"title": self.title, "summary": self.summary, "chooses_C": self.chooses_C}
+        return {"title": self.title, "summary": self.summary, "chooses_C": self.chooses_C,
+                "unconverged": self.unconverged}
 
     def defaults(self) -> dict[str, float]:
         return {param.name: param.default for param in self.params}

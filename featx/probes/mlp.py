@@ -337,4 +337,5 @@ def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tup
 
 register(Probe(
     "mlp", "MLP head", "one hidden layer (ReLU, dropout) trained with AdamW, early stopping on held-out "
-    "training images", train_layer, chooses_C=False, params=PARAMS))
+    "training images", train_layer, chooses_C=False, params=PARAMS,
+    unconverged="its training reached the epoch limit before early stopping ended it"))

@@ -155,8 +155,8 @@ def _layer_section(report: Report, layer: LayerReport, images: dict[str, str]) -
              f"<p>{escape('; '.join(facts))}.</p>"]
     for score in [layer, *layer.other_probes]:
         if not score.converged:
-            parts.append(f'<p class="warn">The {escape(score.probe)} solver did not converge for this '
-                         "layer (it stopped short of its tolerance).</p>")
+            parts.append(f'<p class="warn">The {escape(score.probe)} probe did not converge on this '
+                         f"layer: {escape(report.unconverged_text(score.probe))}.</p>")
         if score.C_edge:
             parts.append(f'<p class="warn">Cross-validation chose the {escape(score.probe)} probe\'s C '
                          f"at the {escape(score.C_edge)} of its grid ({score.C:g}): a C beyond it might "

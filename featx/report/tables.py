@@ -162,6 +162,10 @@ class Report:
         written before titles were kept)."""
         return self.probe_info.get(probe, {}).get("title", _OLD_TITLES.get(probe, probe))
 
+    def unconverged_text(self, probe: str) -> str:
+        default = "its solver stopped short of its tolerance, at its step limit or the float precision"
+        return self.probe_info.get(probe, {}).get("unconverged", default)
+
     def chooses_C(self, probe: str) -> bool:
         return self.probe_info.get(probe, {}).get("chooses_C", probe != "knn")
 
@@ -277,13 +281,13 @@ def notes(report: Report) -> list[str]:
     lines.append(f"Split: {report.split}. Scaling: {report.scaling}. C: {how_c}.")
     lines.append("Balanced: mean per-class recall. Probes: "
                  + "; ".join(_probe_text(report, p) for p in report.probes) + ".")
-    unconverged = [f"{f'{layer.model} ' if report.multi_model else ''}{layer.layer} {score.probe}"
-                   for layer in report.layers for score in [layer, *layer.other_probes]
-                   if not score.converged]
-    if unconverged:
-        lines.append("Not converged (the solver stopped short of its tolerance, at its step limit or the "
-                     "float precision; rounding can still move these accuracies): "
-                     + ", ".join(unconverged) + ".")
+    for probe in report.probes:
+        unconverged = [f"{f'{layer.model} ' if report.multi_model else ''}{layer.layer}"
+                       for layer in report.layers for score in [layer, *layer.other_probes]
+                       if score.probe == probe and not score.converged]
+        if unconverged:
+            lines.append(f"Not converged ({probe}: {report.unconverged_text(probe)}; rounding can still move "
+                         "these accuracies): " + ", ".join(unconverged) + ".")
     edges = [f"{f'{layer.model} ' if report.multi_model else ''}{layer.layer} {score.probe} "
              f"(C {score.C:g}, the {score.C_edge} of the grid)"
              for layer in report.layers for score in [layer, *layer.other_probes] if score.C_edge]
