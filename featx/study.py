@@ -20,7 +20,7 @@ from featx import __version__
 from featx.cache.store import FeatureStore, default_cache_root, list_stores
 from featx.data.images import ImageSet
 from featx.data.scan import find_images
-from featx.data.splits import Split, fixed_split, read_split_file, seeded_split
+from featx.data.splits import Split, fixed_split, nested_subsets, parse_sizes, read_split_file, seeded_split
 from featx.errors import FeatxError, OptionError
 from featx.extract.ranks import Ranks
 from featx.extract.run import ExtractOptions, Progress, extract_images, logged_progress
@@ -44,7 +44,7 @@ from featx.probes import ProbeOptions, ProbeResult, get_probe, parse_probe_param
 from featx.probes.linear import train_gram
 from featx.probes.stream import LayerStream
 from featx.report.similarity import Similarity, similarity
-from featx.report.tables import LayerReport, ModelIdentity, ProbeScore, Report, write_table
+from featx.report.tables import CurvePoint, LayerReport, ModelIdentity, ProbeScore, Report, write_table
 
 __all__ = ["ExtractOptions", "ProbingOptions", "evaluate", "extract", "find_store", "run_table"]
 
@@ -57,11 +57,13 @@ C_RANGE = (1e-6, 1e6)  # values of C a linear SVM on l2-scaled features can tell
 class ProbingOptions:
     """How to train and test: the probes and their parameters, C, scaling, the split, the solver,
     the memory budget and the device; checked once when made. `probe_params` takes
-    `PROBE.PARAM=VALUE` items (or a mapping) and holds, once made, every probe's parameters."""
+    `PROBE.PARAM=VALUE` items (or a mapping) and holds, once made, every probe's parameters.
+    `train_per_class` takes one size or several (`5,10,25`: a learning curve, `curve` once made,
+    the table's own split training on the largest)."""
 
     C: float | str = "auto"
     scaling: Scaling = Scaling.L2
-    train_per_class: int | None = None  # None: 100, or half of the smallest class (see seeded_split)
+    train_per_class: int | str | Sequence[int] | None = None  # None: 100, or half of the smallest class
     seed: int = 0
     split_file: str | None = None
     splits: int = 1
@@ -71,6 +73,7 @@ class ProbingOptions:
     device: str = "auto"
     probe_params: Sequence[str] | Mapping[str, object] = ()
     verify: Verify | None = None  # how the cache's images are recognised; None: as the cache says
+    curve: tuple[int, ...] = ()  # the sizes of the learning curve (from train_per_class)
 
     def __post_init__(self) -> None:
         if self.C != "auto":
@@ -86,7 +89,9 @@ class ProbingOptions:
             object.__setattr__(self, "C", value)
         object.__setattr__(self, "scaling", Scaling.parse(self.scaling, "scaling"))
         object.__setattr__(self, "solver", Solver.parse(self.solver, "solver"))
-        check_count("train_per_class", self.train_per_class, MAX_PER_CLASS, optional=True)
+        sizes = parse_sizes(self.train_per_class, MAX_PER_CLASS)
+        object.__setattr__(self, "train_per_class", sizes[-1] if sizes else None)
+        object.__setattr__(self, "curve", sizes if len(sizes) > 1 else ())
         check_count("splits", self.splits, MAX_SPLITS)
         check_count("seed", self.seed, MAX_SEED, least=0)
         object.__setattr__(self, "probe", parse_probes(self.probe))
@@ -302,7 +307,9 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, probing: Prob
         splits = split_rows(store, stream.index, probing)
         description = splits[0].description
         results: dict[str, list[ProbeResult]] = {probe: [] for probe in probing.probe}
+        curve: dict[str, dict[int, list[ProbeResult]]] = {probe: {} for probe in probing.probe}
         for k, split in enumerate(splits):
+            points = nested_subsets(split, stream.labels, probing.curve, seed=probing.seed + k)
             for probe in probing.probe:
                 result, model = run_probe(probe, stream, split, options=probing.probe_options(probe))
                 result.test_rows = stream.index[split.test]
@@ -312,6 +319,14 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, probing: Prob
                                               else f"{name}.{probe}.joblib"))
                 if on_layer:
                     on_layer(result)
+                for size, subset in points.items():  # the learning curve: the same test rows
+                    point, _ = run_probe(probe, stream, subset.check(stream.labels, store.classes),
+                                         options=probing.probe_options(probe))
+                    curve[probe].setdefault(size, []).append(point)
+                    if on_layer:
+                        on_layer(point)
+                if probing.curve and not probing.split_file and not store.manifest.fixed_split:
+                    curve[probe].setdefault(probing.train_per_class, []).append(result)
         seconds, shared = combined_feature_time(store, name)
         first, *others = probing.probe
         entry = LayerReport.from_results(results[first], store.model, store.key.weights,
@@ -319,6 +334,9 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, probing: Prob
                                          test_paths=store.rows.paths(
                                              np.concatenate([r.test_rows for r in results[first]])))
         entry.other_probes = [ProbeScore.from_results(results[probe]) for probe in others]
+        entry.curve = {probe: [CurvePoint.from_results(size, points) for size,
+                               points in sorted(by_size.items())]
+                       for probe, by_size in curve.items() if by_size}
         entries.append(entry)
         if lead:
             (out / f"{name}.json").write_text(json.dumps(entry.to_dict(), indent=1))
@@ -398,6 +416,7 @@ def build_report(store: FeatureStore, entries: list[LayerReport], probing: Probi
         title=f"{key.model} on {m.dataset} ({weights})", dataset=m.dataset,
         dataset_root=m.dataset_root, classes=list(m.classes), models=[identity], layers=entries,
         split=split, seed=probing.seed, train_per_class=probing.train_per_class,
+        train_sizes=list(probing.curve),
         split_file=probing.split_file, splits=probing.splits, scaling=str(probing.scaling),
         C_option=str(probing.C), probes=list(probing.probe), solver=str(probing.solver),
         probe_params={name: dict(values) for name, values in probing.probe_params.items() if values},

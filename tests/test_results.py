@@ -198,3 +198,39 @@ def test_several_models_end_with_the_best_layer_of_each(tmp_path, demo_dir) -> N
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("Best layer per model:"))
     assert "efficientnet_lite0 " in line and "mobilenet_v3_small " in line
+
+
+def test_a_learning_curve_runs_every_probe_at_each_size_on_the_same_test_images(tmp_path, demo_dir) -> None:
+    result = run_cli("table", str(demo_dir), *LITE, "--weights", "random", "--layer", "stage7_pool,pool",
+                     "--train-per-class", "8,2,4", "--probe", "svm,knn", "--C", "1", "--html", "page.html",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "featx-results" / "demo" / "efficientnet_lite0-random-seed0"
+    report = json.loads((out / "table.json").read_text())
+    assert report["train_sizes"] == [2, 4, 8]
+    for layer in report["layers"]:
+        for probe in ("svm", "knn"):
+            points = layer["curve"][probe]
+            assert [p["train_per_class"] for p in points] == [2, 4, 8]
+            main = layer if probe == "svm" else layer["other_probes"][0]
+            assert points[-1]["accuracy"] == main["accuracy"]  # the largest size is the table's own split
+        assert layer["n_train"] == 8 * 4
+    assert "Learning curve" in (out / "table.md").read_text() and (out / "table_curve.csv").is_file()
+    assert (out / "learning_curve.png").is_file() and "Learning curve" in (tmp_path / "page.html").read_text()
+    assert_clean_error(run_cli("table", str(demo_dir), *LITE, "--weights", "random", "--train-per-class",
+                               "2,x",
+                               cwd=tmp_path), "--train-per-class must be a whole number or several")
+
+
+def test_the_curve_s_training_parts_nest_and_share_one_test_part() -> None:
+    from featx.data.splits import nested_subsets, seeded_split
+
+    labels = np.repeat(np.arange(3), [20, 15, 30])
+    split = seeded_split(labels, ("a", "b", "c"), 10, seed=4)
+    subsets = nested_subsets(split, labels, [2, 5, 10, 12], seed=4)
+    assert sorted(subsets) == [2, 5]  # 10 is the split itself; 12 is more than a class has
+    assert set(subsets[2].train) < set(subsets[5].train) < set(split.train)
+    assert all(np.array_equal(s.test, split.test) for s in subsets.values())
+    assert np.bincount(labels[subsets[5].train]).tolist() == [5, 5, 5]
+    again = nested_subsets(split, labels, [2, 5], seed=4)
+    assert np.array_equal(again[5].train, subsets[5].train)

@@ -75,9 +75,11 @@ Seed = Annotated[int, typer.Option(help="Seed of the split, of CV folds and of r
 CValue = Annotated[str, typer.Option("--C", help="C of the linear probes, or auto: cross-validated on "
                                                  "the training part.")]
 ScalingOption = Annotated[str, typer.Option("--scaling", help=f"Feature scaling: {Scaling.names()}.")]
-TrainPerClass = Annotated[int | None, typer.Option(
+TrainPerClass = Annotated[str | None, typer.Option(
     help="Training images per class for the seeded split. Default: 100 (the 15-Scene protocol) "
-         "where every class has more images, else half of the smallest class; the table says which.")]
+         "where every class has more images, else half of the smallest class; the table says which. "
+         "Several, comma-separated (5,10,25,50,100), draw a learning curve: every probe at each size, on "
+         "the same test images; the table trains on the largest.", show_default=False)]
 SplitFile = Annotated[Path | None, typer.Option("--split", help="CSV with path,label,split (train/test).")]
 Splits = Annotated[int, typer.Option(
     help="Random splits to train and test on (mean +/- std); 1 with a fixed split.")]
@@ -262,7 +264,7 @@ def svm(
         return
     paths = write_table(report, out_dir, stem="svm")
     typer.echo(render_markdown(report))
-    typer.echo(f"written: {paths['md']}, {paths['csv']}, {paths['json']}", err=True)
+    typer.echo(f"written: {', '.join(map(str, paths.values()))}", err=True)
 
 
 @app.command()
@@ -287,7 +289,8 @@ def table(
     Examples: `featx table 15scene/ --model vgg16` ; `featx table data/demo --model
     efficientnet_lite0 --train-per-class 12` ; `featx table 15scene/ --model efficientnet_lite0
     --split 15scene-split.csv` ; `featx table 15scene/ --model vgg16 --model resnet50 --splits 5
-    --html report.html` ; `featx table 15scene/ --probe svm,logreg,knn`.
+    --html report.html` ; `featx table 15scene/ --probe svm,logreg,knn` ; `featx table data/demo --model
+    efficientnet_lite0 --train-per-class 2,4,8,12` (a learning curve).
     """
     from featx.extract.ranks import Ranks
     from featx.report.tables import render_markdown
@@ -308,7 +311,7 @@ def table(
     if not lead:
         return
     typer.echo(render_markdown(report))
-    typer.echo(f"written: {paths['md']}, {paths['csv']}, {paths['json']}", err=True)
+    typer.echo(f"written: {', '.join(map(str, paths.values()))}", err=True)
     _write_figures(report, paths["json"].parent, html)
 
 

@@ -81,6 +81,39 @@ def seeded_split(labels: np.ndarray, classes: Sequence[str], train_per_class: in
                  f"{train_per_class} training images per class{how}, seed {seed}, the rest for test")
 
 
+MAX_SIZES = 20  # training sizes of one learning curve
+
+
+def parse_sizes(value: int | str | Sequence[int] | None, most: int) -> tuple[int, ...]:
+    """`--train-per-class`: one size, or several (`5,10,25` or a list) for a learning curve;
+    sorted, each from 1 to `most`. None: no size given (the default rule applies)."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
+    try:
+        sizes = sorted({int(str(item).strip()) for item in items if str(item).strip()})
+    except ValueError:
+        raise OptionError("train_per_class", f"must be a whole number or several, comma-separated, not "
+                          f"{value!r}") from None
+    if not sizes or len(sizes) > MAX_SIZES or not 1 <= sizes[0] <= sizes[-1] <= most:
+        raise OptionError("train_per_class", f"must be 1 to {MAX_SIZES} whole numbers from 1 to {most}, not "
+                          f"{value!r}")
+    return tuple(sizes)
+
+
+def nested_subsets(split: Split, labels: np.ndarray, sizes: Sequence[int], *, seed: int) -> dict[int, Split]:
+    """For a learning curve: per size k, the split that trains on k images of each class, drawn in
+    one seeded order so that a smaller training part lies within every larger one, and tests on
+    the split's own test rows (the same for every size). A size reaching a class's whole training
+    part is left out (the split itself is that point)."""
+    rng = np.random.default_rng(seed)
+    orders = {label: rng.permutation(split.train[labels[split.train] == label])
+              for label in np.unique(labels[split.train])}
+    smallest = min(len(rows) for rows in orders.values())
+    return {k: Split(np.sort(np.concatenate([rows[:k] for rows in orders.values()])), split.test,
+                     f"{k} of its training images per class") for k in sizes if k < smallest}
+
+
 def fixed_split(codes: np.ndarray, description: str) -> Split:
     """A split given per row as a code: TRAIN, TEST, or 0 for a row in neither part."""
     codes = np.asarray(codes)

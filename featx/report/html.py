@@ -9,7 +9,7 @@ from html import escape
 from pathlib import Path
 
 from featx.data.images import shown
-from featx.report.tables import LayerReport, Report, notes, table_rows
+from featx.report.tables import LayerReport, Report, curve_rows, notes, table_rows
 
 CSS = """
 body { font-family: sans-serif; max-width: 1200px; margin: 1.5em auto; padding: 0 1em;
@@ -71,6 +71,11 @@ def render_html(report: Report, images: dict[str, str]) -> str:
     if "accuracy" in images:
         parts += ["<h2>Accuracy, feature dimension and time per layer</h2>",
                   _img(images["accuracy"], "accuracy, feature dimension and time per layer")]
+    if curve_rows(report):
+        rows = curve_rows(report)
+        parts += ["<h2>Learning curve</h2>", *([_img(images["learning_curve"], "learning curve")]
+                                              if "learning_curve" in images else []),
+                  _table(list(rows[0]), [list(row.values()) for row in rows])]
     if "best_per_model" in images:
         parts += ["<h2>Best layer per model</h2>", _img(images["best_per_model"], "best layer per model")]
     if "similarity" in images:  # written by featx similarity into the same folder

@@ -77,6 +77,8 @@ def write_plots(report: Report, out_dir: Path) -> dict[str, list[Path]]:
         written = {"accuracy": _save(_accuracy_figure(report), out_dir, "accuracy")}
         if report.multi_model:
             written["best_per_model"] = _save(_best_per_model_figure(report), out_dir, "best_per_model")
+        if any(layer.curve for layer in report.layers):
+            written["learning_curve"] = _save(_curve_figure(report), out_dir, "learning_curve")
         for layer in report.layers:
             for kind, draw in (("confusion", _confusion_figure), ("per_class", _per_class_figure)):
                 stem = plot_stem(kind, layer)
@@ -108,6 +110,31 @@ def _best_per_model_figure(report: Report) -> Figure:
     ax.set_xlim(max(0.0, low - 10), 100)
     ax.set_xlabel("test accuracy of the best layer (%)")
     ax.set_title(f"Best layer per model on {report.dataset} ({_weights(report)})", fontsize=10)
+    return fig
+
+
+def _curve_figure(report: Report) -> Figure:
+    """Test accuracy against training images per class: a line per layer, a panel per probe."""
+    probes = [probe for probe in report.probes if any(probe in layer.curve for layer in report.layers)]
+    fig = _figure(5.5 * len(probes) + 1.5, 4.8)
+    axes = fig.subplots(1, len(probes), squeeze=False)[0]
+    for ax, probe in zip(axes, probes):
+        for k, layer in enumerate(layer for layer in report.layers if probe in layer.curve):
+            points = layer.curve[probe]
+            name = f"{layer.model} {layer.layer}" if report.multi_model else layer.layer
+            ax.plot([p.train_per_class for p in points], [100 * p.accuracy for p in points], marker="o",
+                    color=f"C{k % 10}", label=name)
+        sizes = sorted({p.train_per_class for layer in report.layers for p in layer.curve.get(probe, [])})
+        if sizes and sizes[-1] / sizes[0] >= 8:
+            ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.set_xlabel("training images per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(report.probe_title(probe), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Learning curve: {', '.join(_models(report))} on {report.dataset} ({_weights(report)}; the "
+                 "same test images for every size)", fontsize=10)
     return fig
 
 

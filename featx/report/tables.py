@@ -50,6 +50,24 @@ class ProbeScore:
 
 
 @dataclass
+class CurvePoint:
+    """One point of a layer's learning curve for one probe: its accuracy when trained on
+    `train_per_class` images of each class (means over splits when there are several)."""
+
+    train_per_class: int
+    accuracy: float
+    balanced_accuracy: float
+    train_seconds: float
+    splits: int = 1
+
+    @classmethod
+    def from_results(cls, size: int, results: list[ProbeResult]) -> CurvePoint:
+        return cls(size, float(np.mean([r.accuracy for r in results])),
+                   float(np.mean([r.balanced_accuracy for r in results])),
+                   float(np.mean([r.train_seconds for r in results])), len(results))
+
+
+@dataclass
 class LayerReport(ProbeResult):
     """One layer of one model in the table: the probe's result (the mean over splits when there
     are several, with every split's accuracy and C), whose features they are and the extraction
@@ -65,6 +83,7 @@ class LayerReport(ProbeResult):
     other_probes: list[ProbeScore] = field(default_factory=list)
 
     test_paths: list[str] = field(default_factory=list)
+    curve: dict[str, list[CurvePoint]] = field(default_factory=dict)  # probe -> learning curve points
 
     @classmethod
     def from_results(cls, results: list[ProbeResult], model: str, weights: str,
@@ -94,7 +113,8 @@ class LayerReport(ProbeResult):
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "test_rows"}
         return {**data, "y_true": np.asarray(self.y_true).tolist(),
                 "y_pred": np.asarray(self.y_pred).tolist(),
-                "other_probes": [asdict(score) for score in self.other_probes]}
+                "other_probes": [asdict(score) for score in self.other_probes],
+                "curve": {probe: [asdict(p) for p in points] for probe, points in self.curve.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerReport:
@@ -102,6 +122,8 @@ class LayerReport(ProbeResult):
         names = {f.name for f in fields(cls)} - {"test_rows"}
         entry = cls(**{k: v for k, v in data.items() if k in names})
         entry.other_probes = [ProbeScore(**p) for p in data.get("other_probes", [])]
+        entry.curve = {probe: [CurvePoint(**p) for p in points] for probe, points in data.get("curve",
+                                                                                              {}).items()}
         return entry
 
 
@@ -136,6 +158,7 @@ class Report:
     splits: int
     scaling: str
     C_option: str
+    train_sizes: list[int] = field(default_factory=list)  # a learning curve's sizes, when asked for
     probes: list[str] = field(default_factory=lambda: ["svm"])
     solver: str = "auto"
     probe_info: dict[str, dict] = field(default_factory=dict)  # name -> title, summary, chooses_C
@@ -288,6 +311,11 @@ def notes(report: Report) -> list[str]:
         if unconverged:
             lines.append(f"Not converged ({probe}: {report.unconverged_text(probe)}; rounding can still move "
                          "these accuracies): " + ", ".join(unconverged) + ".")
+    drawn = {p.train_per_class for layer in report.layers for points in layer.curve.values() for p in points}
+    if report.train_sizes and set(report.train_sizes) - drawn:
+        lines.append("Learning curve: no point at " + ", ".join(map(str,
+                                                                    sorted(set(report.train_sizes) - drawn)))
+                     + " training images per class (a class has no more training images than that).")
     edges = [f"{f'{layer.model} ' if report.multi_model else ''}{layer.layer} {score.probe} "
              f"(C {score.C:g}, the {score.C_edge} of the grid)"
              for layer in report.layers for score in [layer, *layer.other_probes] if score.C_edge]
@@ -307,13 +335,46 @@ def markdown_text(text: str) -> str:
     return text.replace("[", "\\[").replace("]", "\\]").replace("|", "\\|")
 
 
+def curve_rows(report: Report) -> list[dict[str, str]]:
+    """The learning curve as rows: per layer (and probe, with several), the accuracy at each
+    number of training images per class."""
+    sizes = sorted({p.train_per_class for layer in report.layers for points in layer.curve.values()
+                    for p in points})
+    rows = []
+    for layer in report.layers:
+        for probe, points in layer.curve.items():
+            row = {**({"Model": layer.model} if report.multi_model else {}), "Layer": layer.layer,
+                   **({"Probe": probe} if len(report.probes) > 1 else {})}
+            at = {p.train_per_class: p for p in points}
+            row.update({f"{k} per class": f"{at[k].accuracy:.4f}" if k in at else "-" for k in sizes})
+            rows.append(row)
+    return rows
+
+
+def _markdown_table(rows: list[dict[str, str]]) -> list[str]:
+    header = list(rows[0])
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(markdown_text(row[h]) for h in header) + " |" for row in rows])
+
+
 def render_markdown(report: Report) -> str:
     rows = table_rows(report)
-    header = list(rows[0]) if rows else list(COLUMNS)
-    lines = [markdown_text(report.title), "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(markdown_text(row[h]) for h in header) + " |" for row in rows]
+    lines = [markdown_text(report.title), ""]
+    lines += _markdown_table(rows) if rows else ["| " + " | ".join(COLUMNS) + " |"]
+    curve = curve_rows(report)
+    if curve:
+        lines += ["", "Learning curve (test accuracy by training images per class, the same test images "
+                  "for every size):", ""] + _markdown_table(curve)
     return "\n".join(lines + [""] + [markdown_text(line) for line in notes(report)]) + "\n"
+
+
+def render_curve_csv(report: Report) -> str:
+    buffer = io.StringIO()
+    rows = curve_rows(report)
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def render_csv(report: Report) -> str:
@@ -326,12 +387,16 @@ def render_csv(report: Report) -> str:
 
 
 def write_table(report: Report, out_dir: Path, stem: str = "table") -> dict[str, Path]:
-    """Write <stem>.md, <stem>.csv and <stem>.json; return their paths."""
+    """Write <stem>.md, <stem>.csv and <stem>.json (and <stem>_curve.csv with a learning curve);
+    return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
     paths["md"].write_text(render_markdown(report))
     paths["csv"].write_text(render_csv(report))
     paths["json"].write_text(json.dumps(report.to_dict(), indent=1))
+    if curve_rows(report):
+        paths["curve"] = out_dir / f"{stem}_curve.csv"
+        paths["curve"].write_text(render_curve_csv(report))
     return paths
 
 
