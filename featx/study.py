@@ -229,6 +229,7 @@ def verify_cache(store: FeatureStore, verify: str | None = None) -> Verification
     """Read every shard of every layer whole against its checksum (noting the damaged ones, so that
     the next extraction writes them anew), and compare the dataset with the cache's record,
     reading every image under hash verification."""
+    verify = Verify.parse(verify, "verify") if verify is not None else None  # before any work
     layers = {name: (len(store.shard_ranges(name)) - len(store.missing_shards(name)),
                      store.damaged_shards(name, thorough=True)) for name in store.manifest.layers}
     root = Path(store.manifest.dataset_root)

@@ -259,3 +259,34 @@ def test_the_installed_command_runs_and_lists_layers_without_torch(tmp_path) -> 
                            check=False)
     assert probe.returncode == 0, probe.stderr
     assert "encoder_layer_11_cls" in probe.stdout and "ln_mean" in probe.stdout
+
+
+def test_every_command_line_in_the_docs_parses(tmp_path) -> None:
+    """Each `featx ...` line of the README's and docs' code blocks names a command and options that
+    exist, with values of the right kind (the commands are parsed, not run)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import click
+    import typer.main
+
+    from featx.cli.app import app
+
+    group = typer.main.get_command(app)
+    repo = Path(__file__).parents[1]
+    lines = []
+    for doc in [repo / "README.md", repo / "CONTRIBUTING.md", *sorted((repo / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                command = line.split("&&")[-1].split("  #")[0].strip()
+                if command.startswith("featx "):
+                    lines.append((doc.name, command))
+    assert len(lines) >= 20
+    for doc, command in lines:
+        name, *args = shlex.split(command)[1:]
+        assert name in group.commands, f"{doc}: {command}"
+        try:
+            group.commands[name].make_context(name, args, resilient_parsing=False)
+        except (click.NoSuchOption, click.BadOptionUsage, click.BadParameter, click.UsageError) as exc:
+            raise AssertionError(f"{doc}: {command}: {exc.format_message()}") from None

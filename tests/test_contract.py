@@ -119,7 +119,7 @@ BAD = [
     (["svm", "--cache", "{cache}", "--train-per-class", "100"], "--train-per-class 100 leaves no test"),
     (["svm", "--cache", "{cache}", "--splits", "0"], "--splits must be"),
     (["svm", "--cache", "{cache}", "--splits", "1000000"], "--splits must be a whole number from 1 to 100"),
-    (["svm", "--cache", "{cache}", "--train-per-class", "1000000000"], "--train-per-class must be a whole"),
+    (["svm", "--cache", "{cache}", "--train-per-class", "1000000000"], "whole numbers from 1 to 1000000"),
     (["svm", "--cache", "{cache}", "--memory", "1000T"], "more than this machine's"),
     (["svm", "--cache", "{cache}", "--probe", "knn", "--probe-option", "knn.k=0"], "knn.k must be a whole"),
     (["svm", "--cache", "{cache}", "--probe", "knn", "--probe-option", "knn.depth=3"],

@@ -250,7 +250,7 @@ def test_missing_imagenet_weights_offline_give_one_clear_message(tmp_path, monke
     assert "\n" not in message
     expected = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
     assert str(expected) in message
-    assert "download.pytorch.org" in message and "local state dict" in message
+    assert "download.pytorch.org" in message and "--weights PATH" in message
 
 
 def test_weights_path_loads_a_local_state_dict(tmp_path) -> None:

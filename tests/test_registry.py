@@ -5,6 +5,7 @@ side by side in the cache."""
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -192,7 +193,7 @@ def test_timm_tables_are_derived_once_then_answered_without_torch(tmp_path) -> N
                                     env=env, check=False) for _ in range(2))
     assert first.returncode == 0 and first.stdout.split() == ["512", "True", "True"], first.stderr
     assert second.returncode == 0 and second.stdout.split() == ["512", "False", "False"], second.stderr
-    assert list((tmp_path / "home").glob("catalog-timm-*.json"))
+    assert list((tmp_path / "home").glob("catalog-featx*-timm-*.json"))
 
 
 def test_models_lists_weight_sets(tmp_path) -> None:
@@ -247,3 +248,29 @@ def test_resnet50_v1_and_v2_caches_live_side_by_side_and_svm_finds_each(tmp_path
         assert found.returncode == 0, found.stderr
         assert f"tiny/{folder}" in json.loads(
             (tmp_path / "featx-results" / "tiny" / folder / "svm.json").read_text())["models"][0]["cache"]
+
+
+def test_the_contributing_guide_toy_probe_registers_and_runs_beside_the_svm(tmp_path, demo_dir,
+                                                                            monkeypatch) -> None:
+    from featx import probes
+
+    guide = (Path(__file__).parents[1] / "CONTRIBUTING.md").read_text()
+    section = guide.split("## Adding a probe", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    monkeypatch.setattr(probes, "_PROBES", dict(probes.registered()))  # the toy probe leaves with the test
+    exec(compile(block, "CONTRIBUTING.md", "exec"), {"__name__": "centroid"})  # noqa: S102 - the guide's code
+    assert probes.get_probe("centroid").title == "Nearest centre"
+    listed = run_cli("probes", cwd=tmp_path)
+    assert listed.returncode == 0 and "centroid" in listed.stdout
+    result = run_cli("table", str(demo_dir), "--model", "efficientnet_lite0", "--layer", "pool",
+                     "--probe", "svm,centroid", "--probe-option", "centroid.sharpness=0.5",
+                     "--train-per-class", "12", "--C", "1", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (pool,) = json.loads(next((tmp_path / "out").rglob("table.json")).read_text())["layers"]
+    scores = {pool["probe"]: pool["accuracy"]} | {o["probe"]: o["accuracy"] for o in pool["other_probes"]}
+    assert scores.keys() == {"svm", "centroid"}
+    assert scores["centroid"] > 0.5  # four classes: chance is 0.25
+    assert "centroid Accuracy" in result.stdout and "(sharpness 0.5)" in result.stdout
+    bad = run_cli("table", str(demo_dir), "--model", "efficientnet_lite0", "--probe", "centroid",
+                  "--probe-option", "centroid.sharpness=2", cwd=tmp_path)
+    assert bad.returncode == 2 and "sharpness" in bad.stderr

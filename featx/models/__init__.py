@@ -17,6 +17,7 @@ from featx.models import catalog
 from featx.models.layers import Layer
 from featx.models.source import ModelSource, register_source, source_named, sources
 from featx.models.weights import Preprocess, Weights
+from featx.options import MAX_SEED, check_count
 
 __all__ = ["Layer", "LoadedModel", "ModelSource", "ModelSpec", "Preprocess", "Weights", "get_model",
            "load_model", "model_names", "register_source"]
@@ -157,6 +158,7 @@ def resolve_weights(name: str, weights: str = "imagenet", seed: int = 0) -> Weig
 def get_model(name: str, weights: str = "imagenet", seed: int = 0) -> ModelSpec:
     """The model's entry with `weights` resolved and its layer table at their input size (a
     local checkpoint's from its own config)."""
+    check_count("seed", seed, MAX_SEED, least=0)
     name = name.strip()
     name = name if any(name.startswith(s.PREFIX) for s in prefixed_sources()) else name.lower()
     source = _source(name)
