@@ -384,27 +384,33 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def whole_run(tmp_path_factory, demo_dir) -> np.ndarray:
-    cache = tmp_path_factory.mktemp("whole") / "cache"
-    args = ["extract", str(demo_dir), *LITE_RANDOM, "--layer", "pool", "--cache", str(cache),
-            "--batch-size", "8", "--shard-size", "8", "--workers", "1", "--precision", "fp32"]
-    assert run_cli(*args, cwd=cache.parent).returncode == 0
-    return FeatureStore(cache / "demo" / "efficientnet_lite0-random-seed0").read_layer("pool").features
+def signal_data(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("signal") / "data", {"a": 24, "b": 24}, size=32)
+
+
+SIGNAL_ARGS = [*LITE_RANDOM, "--layer", "pool", "--batch-size", "4", "--shard-size", "4", "--workers", "1",
+               "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(signal_data) -> np.ndarray:
+    cache = signal_data.parent / "whole"
+    assert run_cli("extract", str(signal_data), *SIGNAL_ARGS, "--cache", str(cache), cwd=cache.parent).returncode == 0
+    return FeatureStore(cache / "data" / "efficientnet_lite0-random-seed0").read_layer("pool").features
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
                                              (signal.SIGTERM, 143, "terminated")])
-def test_a_signal_mid_extraction_stops_cleanly_and_the_rerun_is_identical(tmp_path, demo_dir, whole_run,
+def test_a_signal_mid_extraction_stops_cleanly_and_the_rerun_is_identical(tmp_path, signal_data, whole_run,
                                                                           sig, code, word) -> None:
     cache = tmp_path / "cache"
-    args = [sys.executable, "-m", "featx", "extract", str(demo_dir), *LITE_RANDOM, "--layer", "pool",
-            "--cache", str(cache), "--batch-size", "8", "--shard-size", "8", "--workers", "1",
-            "--precision", "fp32"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    layer_dir = cache / "demo" / "efficientnet_lite0-random-seed0" / "pool"
+    args = ["extract", str(signal_data), *SIGNAL_ARGS, "--cache", str(cache)]
+    process = subprocess.Popen([sys.executable, "-m", "featx", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    layer_dir = cache / "data" / "efficientnet_lite0-random-seed0" / "pool"
     deadline = time.time() + 300
     while not (layer_dir / "shard-00002.h5").exists() and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     children = _children(process.pid)
     assert children, "the decoding worker should be running"
     process.send_signal(sig)
@@ -422,7 +428,7 @@ def test_a_signal_mid_extraction_stops_cleanly_and_the_rerun_is_identical(tmp_pa
     done = sorted(layer_dir.glob("shard-*.h5"))
     assert 3 <= len(done) < 12, "the signal should land mid-run"
 
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+    again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     store = FeatureStore(layer_dir.parent)
     assert np.array_equal(store.read_layer("pool").features, whole_run)

@@ -211,26 +211,39 @@ def test_concurrent_extracts_of_the_same_layer_do_the_work_once(tmp_path, demo_d
     assert [run.status for run in store.manifest.runs] == ["done"]
 
 
+KILLED_RUN = """
+import contextlib, json, os, sys, time
+from pathlib import Path
+from featx.data.scan import find_images
+from featx.extract.run import ExtractOptions, extract_images
+
+manifest = Path(sys.argv[2]) / "data" / "efficientnet_lite0-random-seed0" / "manifest.json"
+
+@contextlib.contextmanager
+def progress(description):
+    def advance(done, total):  # dies like a killed process once the run has noted its time
+        runs = json.loads(manifest.read_text())["runs"]
+        if runs[-1]["images"] > 0:
+            os._exit(9)
+        time.sleep(0.25)
+    yield advance
+
+extract_images(find_images(sys.argv[1]), "efficientnet_lite0", ["pool"], weights="random", cache=sys.argv[2],
+               options=ExtractOptions(batch_size=4, shard_size=4, workers=0), progress=progress)
+"""
+
+
 def test_a_killed_run_is_recorded_with_its_time(tmp_path) -> None:
-    data = write_images(tmp_path / "data", {"a": 200, "b": 200}, size=32)  # seconds of work after
-    cache = tmp_path / "cache"                                              # the first time note
-    args = [sys.executable, "-m", "featx", "extract", str(data), "--model", "resnet50", "--weights", "random",
-            "--layer", "pool", "--cache", str(cache), "--batch-size", "8", "--shard-size", "8",
-            "--workers", "0", "--precision", "fp32"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder = cache / "data" / "resnet50-random-seed0"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        manifest = folder / "manifest.json"
-        runs = json.loads(manifest.read_text())["runs"] if manifest.exists() else []
-        if runs and runs[-1]["images"] > 0:
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    data = write_images(tmp_path / "data", {"a": 12, "b": 12}, size=32)
+    cache = tmp_path / "cache"
+    child = subprocess.run([sys.executable, "-c", KILLED_RUN, str(data), str(cache)], capture_output=True,
+                           text=True, check=False)
+    assert child.returncode == 9, child.stderr
+    folder = cache / "data" / FOLDER
     killed = FeatureStore(folder).manifest.runs[0]
-    assert killed.status == "running" and killed.seconds > 0 and killed.images > 0
-    assert subprocess.run(args, capture_output=True, check=False).returncode == 0
+    assert killed.status == "running" and killed.seconds > 0 and 0 < killed.images < 24
+    rerun = run_cli("extract", str(data), *LITE_RANDOM, "--layer", "pool", "--cache", str(cache), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
     store = FeatureStore(folder)
     seconds, _ = store.feature_time("pool")
     assert seconds == pytest.approx(sum(run.seconds for run in store.manifest.runs))
