@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -15,6 +16,7 @@ from featx.cache.store import FeatureStore
 from conftest import assert_clean_error, run_cli, run_installed, write_images
 
 LITE = ["--model", "efficientnet_lite0"]
+REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,12 @@ def test_table_on_the_demo_data_writes_md_csv_json(demo_workdir, demo_dir) -> No
         assert np.mean(np.equal(layer["y_true"], layer["y_pred"])) == pytest.approx(layer["accuracy"])
         assert 0.6 <= layer["accuracy"] < 1.0  # the demo is hard enough that layers differ
     assert report["weights_random"] is False and report["split"].startswith("12 training images")
+    quoted = (REPO / "data" / "README.md").read_text()  # the docs quote what this command prints
+    for layer in report["layers"]:
+        assert f"{layer['accuracy']:.4f} ({layer['layer']})" in quoted, layer["layer"]
+    best, second = sorted(report["layers"], key=lambda layer: -layer["accuracy"])[:2]
+    assert (f"best: {best['layer']} at {best['accuracy']:.4f}, "
+            f"{100 * (best['accuracy'] - second['accuracy']):.2f} points above") in (REPO / "README.md").read_text()
 
 
 def test_random_weights_say_so_everywhere(tmp_path, demo_dir) -> None:
