@@ -11,7 +11,6 @@ and writes files that featx itself never reads back. docs/export.md says what ea
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from featx.options import (
 
 if TYPE_CHECKING:
     from featx.extract.run import Progress
+    from featx.probes.stream import LayerStream
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class _Plan:
     path_width: int  # bytes of the longest path
     codes: np.ndarray | None  # split code per exported row; None: no split known
     split: str
-    stream: object | None = None  # a combination's LayerStream
+    stream: LayerStream | None = None  # a combination's rows, as the probes read them
     notes: list[str] = field(default_factory=list)
 
 
@@ -193,6 +193,7 @@ def export_layers(store: FeatureStore, layers: Sequence[str] | None, out: str | 
     options = options or ExportOptions()
     fmt = output_format(out, options.format)
     writable_file(out, "out")
+    _check_installed(fmt)
     names = list(dict.fromkeys(layers or [])) or _default_layer(store)
     targets = _targets(Path(out), names)
     store.check_layers(layer_parts(names))
@@ -202,6 +203,19 @@ def export_layers(store: FeatureStore, layers: Sequence[str] | None, out: str | 
         for path in plan.files:
             writable_file(path, "out")
     return [_write(store, plan, progress) for plan in plans]
+
+
+def _check_installed(fmt: ExportFormat) -> None:
+    """Parquet needs pyarrow and MATLAB v5 scipy (the `export` extra): said before any work."""
+    needs = {ExportFormat.PARQUET: ("pyarrow", "Parquet"), ExportFormat.MAT: ("scipy", "MATLAB v5"),
+             ExportFormat.MAT5: ("scipy", "MATLAB v5")}.get(fmt)
+    if needs is None:
+        return
+    try:
+        __import__(needs[0])
+    except ImportError:
+        raise FeatxError(f"{needs[1]} files need {needs[0]}, which is not installed: pip install "
+                         "'featx[export]'") from None
 
 
 def _default_layer(store: FeatureStore) -> list[str]:
@@ -281,8 +295,8 @@ def _plan(store: FeatureStore, name: str, target: Path, fmt: ExportFormat, optio
         written = np.dtype(np.float32)
         notes.append("float16 written as float32 (MATLAB single; exact): MATLAB v5 has no half precision")
     if fmt == ExportFormat.MAT73 and source == np.float16:
-        notes.append("float16 kept (HDF5 half precision), marked single: MATLAB reads it as single, "
-                     "converted exactly on reading")
+        notes.append("float16 kept (HDF5 half precision), marked single for HDF5 to convert exactly as "
+                     "MATLAB reads it")
     if fmt == ExportFormat.CSV:
         notes.append(f"each value as the exact decimal of its {source} value")
     expansion = CSV_EXPANSION if fmt == ExportFormat.CSV else EXPANSION
@@ -443,7 +457,8 @@ def _write_parquet(store: FeatureStore, plan: _Plan, blocks: Iterator[_Block], t
     schema = pa.schema(fields, metadata={"featx": json.dumps(_metadata(store, plan, classes))})
     names = np.array(classes, dtype=object)
     split_names = np.array([None, "train", "test"], dtype=object)
-    with pq.ParquetWriter(temps[0], schema) as writer:
+    small = [f.name for f in fields if f.name != "features"]  # min/max of feature values: costly, unused
+    with pq.ParquetWriter(temps[0], schema, write_statistics=small) as writer:
         for block in blocks:
             columns = [pa.array(block.paths, pa.binary()), pa.array(names[block.labels], pa.string()),
                        pa.array(block.labels, pa.int32())]
@@ -548,17 +563,23 @@ def _write_csv(store: FeatureStore, plan: _Plan, blocks: Iterator[_Block], temps
                classes: list[str]) -> None:
     """UTF-8 text: path and label as reports show them (a byte that is not UTF-8 as \\xNN, which
     --split reads back), label_index, split when known, then f0, f1, ... each the exact decimal of
-    the stored value (read as a double and rounded to the stored type, it is that value again)."""
-    names = np.array(classes, dtype=object)
+    the stored value (read as a double and rounded to the stored type, it is that value again).
+    Text cells are quoted as the csv module quotes them; the numbers need no quoting, and are
+    joined directly (twice as fast as through the csv writer)."""
+    names = [_csv_cell(name) for name in classes]
     with open(temps[0], "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "label_index"] + (["split"] if plan.codes is not None else [])
-                        + [f"f{k}" for k in range(plan.dim)])
+        f.write(",".join(["path", "label", "label_index"] + (["split"] if plan.codes is not None else [])
+                         + [f"f{k}" for k in range(plan.dim)]) + "\r\n")
         for block in blocks:
-            values = block.features.astype(np.float64).astype(str)
-            head = [[path.decode("utf-8", "backslashreplace"), names[label], str(label)]
-                    for path, label in zip(block.paths, block.labels)]
-            if block.codes is not None:
-                for row, code in zip(head, block.codes):
-                    row.append(SPLIT_NAMES[code])
-            writer.writerows(row + list(text) for row, text in zip(head, values))
+            for k, (path, label, values) in enumerate(zip(block.paths, block.labels.tolist(),
+                                                          block.features.astype(np.float64).tolist())):
+                shown_path = _csv_cell(path.decode("utf-8", "backslashreplace"))
+                split = f",{SPLIT_NAMES[block.codes[k]]}" if block.codes is not None else ""
+                f.write(f"{shown_path},{names[label]},{label}{split}," + ",".join(map(repr, values)) + "\r\n")
+
+
+def _csv_cell(text: str) -> str:
+    """A text cell as csv.writer writes it: quoted when it holds a comma, a quote or a line break."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text

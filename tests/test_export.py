@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -26,9 +27,10 @@ from featx.export import ExportFormat, ExportOptions, export_layers
 from featx.models import Layer, Preprocess, Weights
 from featx.study import ProbingOptions, split_rows
 
-from conftest import array_store, assert_clean_error, run_cli, write_images
+from conftest import SHARED_DATA, array_store, assert_clean_error, run_cli, write_images
 
 ODD = b"train/b/caf\xe9 \xff.jpg"  # a name that is not UTF-8 (Latin-1 bytes)
+QUOTED = 'train/a/comma, "quote".jpg'  # a name CSV must quote
 FORMATS = {"npy": ".npy", "npz": ".npz", "parquet": ".parquet", "mat5": ".mat", "mat73": ".mat",
            "csv": ".csv"}
 KEEPS_FLOAT16 = {"npy", "npz", "parquet", "mat73"}
@@ -42,6 +44,7 @@ def image_cache(root: Path, dtype: str) -> tuple[FeatureStore, dict[str, np.ndar
     write_images(data / "train", {"a": 4, "b": 3}, size=8)
     write_images(data / "test", {"a": 3, "b": 3}, size=8, seed=1)
     shutil.copy(data / "train/b/img_000.jpg", os.fsdecode(os.fsencode(data) + b"/" + ODD))
+    shutil.copy(data / "train/b/img_000.jpg", data / QUOTED)
     images = find_images(data)
     weights = Weights(model="made", tag="here", source="file", preprocess=Preprocess(), location=str(data),
                       categories=None, checksum="made")
@@ -145,7 +148,7 @@ def test_every_format_reads_back_as_the_cache(tmp_path, fmt, dtype) -> None:
         assert np.array_equal(got["features"], expected.astype(np.float32))
         assert "float16 written as float32" in result.stdout
     assert got["paths"] == [os.fsencode(p) for p in store.rows.paths(index)]
-    assert ODD in got["paths"]
+    assert ODD in got["paths"] and QUOTED.encode() in got["paths"]
     assert np.array_equal(got["labels"], store.labels[index])
     assert got["classes"] in (None, list(store.classes))
     assert np.array_equal(got["split"], split_codes(store, index, ProbingOptions()))  # train/ and test/
@@ -277,3 +280,30 @@ def test_a_damaged_shard_stops_the_export_and_leaves_no_file(tmp_path, arrays) -
     result = run_cli("export", "--layer", "pool", "--out", "x.parquet", cwd=tmp_path)
     assert_clean_error(result, "damaged")
     assert not [p for p in tmp_path.iterdir() if "x.parquet" in p.name]
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, arrays, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    result = run_cli("export", "--layer", "pool", "--out", "x.parquet", cwd=tmp_path)
+    assert_clean_error(result, "Parquet files need pyarrow", "pip install 'featx[export]'")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "15scene").is_dir(),
+                    reason=f"the 15-Scene dataset is not at {SHARED_DATA / '15scene'} (FEATX_SHARED_DATA)")
+def test_15scene_pool_exports_with_the_protocol_split(tmp_path) -> None:
+    from featx.study import extract
+
+    split = SHARED_DATA / "15scene-split.csv"
+    store = extract(SHARED_DATA / "15scene", "efficientnet_lite0", ["pool"], cache=tmp_path / "featx-cache",
+                    progress=None)
+    result = run_cli("export", "--layer", "pool", "--out", "pool.parquet", "--split", str(split),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    layer = store.read_layer("pool")
+    got = read_back(tmp_path / "pool.parquet", "parquet")
+    assert len(layer.index) == 4485 and np.array_equal(got["features"].astype(np.float32), layer.features)
+    assert got["paths"] == [os.fsencode(p) for p in store.rows.paths(layer.index)]
+    assert np.bincount(got["split"], minlength=3).tolist() == [0, 1500, 2985]
+    protocol = ProbingOptions(split_file=str(split))
+    assert np.array_equal(got["split"], split_codes(store, layer.index, protocol))
