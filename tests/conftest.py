@@ -94,14 +94,15 @@ def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> No
 
 
 def array_store(root: Path, layers: dict[str, np.ndarray], labels: np.ndarray, shard_size: int = 16,
-                missing: tuple[int, ...] = ()):
-    """A cache holding these arrays (rows in `missing` absent, as unreadable images are)."""
+                missing: tuple[int, ...] = (), dtype: str = "float32"):
+    """A cache holding these arrays (rows in `missing` absent, as unreadable images are), stored
+    as `dtype`."""
     from featx.cache.store import FeatureStore
 
     classes = tuple(f"c{i}" for i in range(int(labels.max()) + 1))
     store = FeatureStore.for_arrays(root, "arrays", labels, classes=classes,
                                     layers={name: x.shape[1] for name,
-                                            x in layers.items()}, shard_size=shard_size)
+                                            x in layers.items()}, dtype=dtype, shard_size=shard_size)
     for name, x in layers.items():
         for k, (start, stop) in enumerate(store.shard_ranges(name)):
             rows = np.array([i for i in range(start, stop) if i not in missing], dtype=np.int64)

@@ -560,12 +560,13 @@ class FeatureStore:
         removed = self.removed
         return index[~np.isin(index, removed)] if len(removed) else index
 
-    def iter_blocks(self, layer: str, rows: int, from_row: int = 0) -> Iterator[tuple[np.ndarray,
-                                                                                      np.ndarray]]:
+    def iter_blocks(self, layer: str, rows: int, from_row: int = 0, *, stored: bool = False,
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(dataset rows, float32 features) of one layer in blocks of at most `rows` rows, shard by
         shard from the one holding dataset row `from_row`, holding one block at a time; removed
-        images left out. A damaged shard raises DamagedShard at its end (a consumer discards what
-        it computed from an unfinished pass)."""
+        images left out. `stored`: the features as stored (the cache's dtype), for an exact copy.
+        A damaged shard raises DamagedShard at its end (a consumer discards what it computed from
+        an unfinished pass)."""
         self._check_complete(layer)
         removed = self.removed
         records = VerifiedShards(self.folder / layer).load()
@@ -574,7 +575,7 @@ class FeatureStore:
                 continue
             for index, block in self._blocks(layer, k, rows, records):
                 keep = ~np.isin(index, removed) if len(removed) else slice(None)
-                yield index[keep], block[keep].astype(np.float32, copy=False)
+                yield index[keep], block[keep] if stored else block[keep].astype(np.float32, copy=False)
 
     def damaged_shards(self, layer: str, *, thorough: bool = False) -> dict[int, str]:
         """{shard: why} for every present shard of `layer` that fails its check. A shard whose size

@@ -407,6 +407,58 @@ def similarity(
 
 
 @app.command()
+def export(
+    out: Annotated[Path, typer.Option(
+        "--out", help="The file to write; its suffix names the format: .npy, .npz, .parquet, .mat or .csv. "
+                      "With several layers, one file each: OUT-LAYER.SUFFIX.", show_default=False)],
+    layer: Annotated[list[str] | None, typer.Option(
+        "--layer", "-l", help="Cached layer, or a combination such as pool5+relu7 (each part scaled to "
+                              "unit length, side by side); repeat or comma-separate for several. Default: "
+                              "the cache's layer, when it holds one.")] = None,
+    format_: Annotated[str | None, typer.Option(
+        "--format", help="npy, npz, parquet, csv, or mat (MATLAB v5, or v7.3 when v5 cannot hold the "
+                         "layer), mat5, mat73. Default: from the suffix of --out.",
+        show_default=False)] = None,
+    dataset: CachedDataset = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Model in the cache, when it holds several.")] = None,
+    weights: CachedWeights = None, tta: CachedTta = None, dtype: CachedDtype = None,
+    decode: CachedDecode = None, cache: Cache = None, split: SplitFile = None,
+    train_per_class: Annotated[int | None, typer.Option(
+        help="Write a seeded split (as featx svm draws it): this many training images per class, the "
+             "rest for test. Default: no split, unless --split or the dataset's own train/ and test/ give "
+             "one.", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed of that split (alone: the split with the default training images per class).",
+        show_default=False)] = None,
+    memory: Annotated[str, typer.Option(
+        help="Memory budget: the layer is written block by block within it, whatever its size (MATLAB "
+             "v5 is written from memory: past the budget, .mat is written as v7.3).")] = "2G",
+) -> None:
+    """Write cached layers to files other tools read: NumPy, Parquet, MATLAB or CSV, one row per image
+    (in dataset order) with its path, label and split, the features exactly as cached.
+
+    Examples: `featx export --layer pool --out pool.npy` ;
+    `featx export --layer pool --out pool.parquet --train-per-class 10 --seed 1` ;
+    `featx export --layer pool --out pool.mat --split split.csv` ;
+    `featx export --layer pool --out pool.mat --format mat73` ;
+    `featx export --layer stage2_pool+pool --out both.npz` ;
+    `featx export --layer pool,stage2_pool --out small.csv` (writes small-pool.csv and
+    small-stage2_pool.csv). Paths stay the file system's bytes; docs/export.md says what each format holds.
+    """
+    from featx.export import ExportOptions, export_layers, output_format
+    from featx.study import find_store
+
+    output_format(out, format_)  # an unknown suffix or format, a place that cannot be written: said
+    writable_file(out, "out")  # before any work
+    options = ExportOptions(format=format_, memory=memory, split_file=str(split) if split else None,
+                            train_per_class=train_per_class, seed=seed)
+    store = find_store(cache, dataset, model, weights=weights, tta=tta, dtype=dtype, decode=decode)
+    for exported in export_layers(store, _layer_names(layer), out, options, progress=progress_bar):
+        typer.echo(exported.describe())
+
+
+@app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     model: Model = "efficientnet_lite0", weights: Weights = "imagenet",
