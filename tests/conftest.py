@@ -17,6 +17,11 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 SHARED_DATA = Path(os.environ.get("FEATX_SHARED_DATA", REPO.parent / "shared" / "data"))
+# A torchvision network about eight times cheaper than efficientnet_lite0, for tests of the cache,
+# the inputs and the ranks, where which network computes the features does not matter.
+CHEAP = "mobilenet_v3_small"
+CHEAP_RANDOM = ["--model", CHEAP, "--weights", "random"]
+CHEAP_FOLDER = f"{CHEAP}-random-seed0"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,6 +36,31 @@ def user_catalog(tmp_path_factory) -> Path:
 def demo_dir() -> Path:
     assert DEMO.is_dir(), "data/demo is missing: run python data/make_demo.py"
     return DEMO
+
+
+class DemoCaches:
+    """The demo set's four standard efficientnet_lite0 layers, extracted at most once per test run
+    for each weight set; `copy_to(work)` makes them `work/featx-cache`, as if extracted there."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: dict[str, Path] = {}
+
+    def copy_to(self, work: Path, weights: str = "imagenet") -> Path:
+        if weights not in self.made:
+            place = self.root / weights
+            place.mkdir()
+            result = run_cli("extract", str(DEMO), "--model", "efficientnet_lite0", "--weights", weights,
+                             cwd=place)
+            assert result.returncode == 0, result.stderr
+            self.made[weights] = place / "featx-cache"
+        shutil.copytree(self.made[weights], work / "featx-cache", dirs_exist_ok=True)  # times kept
+        return work
+
+
+@pytest.fixture(scope="session")
+def demo_caches(tmp_path_factory) -> DemoCaches:
+    return DemoCaches(tmp_path_factory.mktemp("demo-caches"))
 
 
 def write_images(folder: Path, classes: dict[str, int], size: int = 64, seed: int = 0) -> Path:

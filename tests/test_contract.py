@@ -395,7 +395,8 @@ SIGNAL_ARGS = [*LITE_RANDOM, "--layer", "pool", "--batch-size", "4", "--shard-si
 @pytest.fixture(scope="module")
 def whole_run(signal_data) -> np.ndarray:
     cache = signal_data.parent / "whole"
-    assert run_cli("extract", str(signal_data), *SIGNAL_ARGS, "--cache", str(cache), cwd=cache.parent).returncode == 0
+    result = run_cli("extract", str(signal_data), *SIGNAL_ARGS, "--cache", str(cache), cwd=cache.parent)
+    assert result.returncode == 0, result.stderr
     return FeatureStore(cache / "data" / "efficientnet_lite0-random-seed0").read_layer("pool").features
 
 
@@ -436,16 +437,17 @@ def test_a_signal_mid_extraction_stops_cleanly_and_the_rerun_is_identical(tmp_pa
 
 # --- concurrent runs and links ----------------------------------------------------------------------
 
-def test_two_concurrent_extracts_of_different_layers_keep_both(tmp_path, demo_dir) -> None:
+def test_two_concurrent_extracts_of_different_layers_keep_both(tmp_path) -> None:
+    data = write_images(tmp_path / "data", {"a": 12, "b": 12}, size=32)
     cache = tmp_path / "cache"
-    runs = [subprocess.Popen([sys.executable, "-m", "featx", "extract", str(demo_dir), *LITE_RANDOM,
+    runs = [subprocess.Popen([sys.executable, "-m", "featx", "extract", str(data), *LITE_RANDOM,
                               "--layer", layer, "--cache", str(cache), "--workers", "0"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for layer in ("pool", "stage6_pool")]
     for run in runs:
         _, stderr = run.communicate(timeout=300)
         assert run.returncode == 0 and "Traceback" not in stderr, stderr
-    store = FeatureStore(cache / "demo" / "efficientnet_lite0-random-seed0")
+    store = FeatureStore(cache / "data" / "efficientnet_lite0-random-seed0")
     assert set(store.complete_layers()) == {"pool", "stage6_pool"}
     assert {tuple(run.layers) for run in store.manifest.runs} == {("pool",), ("stage6_pool",)}
 

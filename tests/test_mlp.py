@@ -64,9 +64,10 @@ def test_the_mlp_beats_chance_and_matches_the_svm(separable) -> None:
 
 def test_one_seed_gives_one_head_and_another_seed_another(separable) -> None:
     store, _, _, split = separable
-    first, a = train(store, split, seed=3, params={"hidden": 128})
-    again, b = train(store, split, seed=3, params={"hidden": 128})
-    other, c = train(store, split, seed=4, params={"hidden": 128})
+    params = {"hidden": 128, "epochs": 30}
+    first, a = train(store, split, seed=3, params=params)
+    again, b = train(store, split, seed=3, params=params)
+    other, c = train(store, split, seed=4, params=params)
     heads = [m.named_steps["mlp"] for m in (a, b, c)]
     assert np.array_equal(first.y_pred, again.y_pred)
     assert all(np.array_equal(p, q) for p, q in zip(heads[0].coefs_ + heads[0].intercepts_,
@@ -158,7 +159,8 @@ def test_a_budget_too_small_for_the_mlp_says_which_would_work(tmp_path) -> None:
               params={"epochs": 1})
 
 
-def test_table_with_svm_and_mlp_writes_both_columns_plots_and_page(tmp_path, demo_dir) -> None:
+def test_table_with_svm_and_mlp_writes_both_columns_plots_and_page(tmp_path, demo_dir, demo_caches) -> None:
+    demo_caches.copy_to(tmp_path, "random")
     result = run_cli("table", str(demo_dir), "--model", "efficientnet_lite0", "--weights", "random",
                      "--layer", "pool", "--train-per-class", "12", "--probe", "svm,mlp", "--device", "cpu",
                      "--probe-option", "mlp.hidden=256", "--out", "out", "--html", "page.html", cwd=tmp_path)

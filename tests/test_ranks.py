@@ -47,14 +47,14 @@ def features(cache: Path, layers: list[str]) -> dict[str, np.ndarray]:
 def single(tmp_path_factory, demo_dir) -> Path:
     """The demo set's pool and logits from one process: what every ranked run must equal."""
     root = tmp_path_factory.mktemp("single")
-    result = one_process(*EXTRACT, str(demo_dir), "--model", "resnet50", "--layer", "pool,logits",
+    result = one_process(*EXTRACT, str(demo_dir), "--model", "resnet18", "--layer", "pool,logits",
                          "--batch-size", "4", "--shard-size", "8", "--cache", "c", cwd=root)
     assert result.returncode == 0, result.stderr
     return root / "c"
 
 
 def test_two_ranks_write_what_one_process_writes_bit_for_bit(tmp_path, demo_dir, single) -> None:
-    run = torchrun(2, *EXTRACT, str(demo_dir), "--model", "resnet50", "--layer", "pool,logits",
+    run = torchrun(2, *EXTRACT, str(demo_dir), "--model", "resnet18", "--layer", "pool,logits",
                    "--batch-size", "4", "--shard-size", "8", "--cache", "c", cwd=tmp_path)
     _, err = run.communicate(timeout=600)
     assert run.returncode == 0, err
@@ -69,7 +69,7 @@ def test_two_ranks_write_what_one_process_writes_bit_for_bit(tmp_path, demo_dir,
 
 def test_a_killed_rank_leaves_whole_shards_and_a_rerun_with_other_ranks_finishes(tmp_path, demo_dir,
                                                                                  single) -> None:
-    args = [*EXTRACT, str(demo_dir), "--model", "resnet50", "--layer", "pool,logits",
+    args = [*EXTRACT, str(demo_dir), "--model", "resnet18", "--layer", "pool,logits",
             "--batch-size", "4", "--shard-size", "8", "--cache", "c"]
     run = torchrun(2, *args, cwd=tmp_path)
     deadline = time.monotonic() + 300
@@ -99,7 +99,7 @@ def test_featx_starts_the_ranks_itself(tmp_path, demo_dir, single) -> None:
     code = ("import sys; from featx.extract.ranks import launch_local; "
             "sys.exit(launch_local(sys.argv[1:], 2))")
     result = subprocess.run(
-        [sys.executable, "-c", code, *EXTRACT, str(demo_dir), "--model", "resnet50", "--layer", "pool",
+        [sys.executable, "-c", code, *EXTRACT, str(demo_dir), "--model", "resnet18", "--layer", "pool",
          "--batch-size", "4", "--shard-size", "8", "--cache", "c"],
         cwd=tmp_path, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=600,
         check=False)

@@ -250,10 +250,11 @@ def test_resnet50_v1_and_v2_caches_live_side_by_side_and_svm_finds_each(tmp_path
             (tmp_path / "featx-results" / "tiny" / folder / "svm.json").read_text())["models"][0]["cache"]
 
 
-def test_the_contributing_guide_toy_probe_registers_and_runs_beside_the_svm(tmp_path, demo_dir,
+def test_the_contributing_guide_toy_probe_registers_and_runs_beside_the_svm(tmp_path, demo_dir, demo_caches,
                                                                             monkeypatch) -> None:
     from featx import probes
 
+    demo_caches.copy_to(tmp_path)
     guide = (Path(__file__).parents[1] / "CONTRIBUTING.md").read_text()
     section = guide.split("## Adding a probe", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", section, re.S)

@@ -5,9 +5,7 @@ clear line or a correct result, and every shard it should not touch stays as it 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,10 +18,10 @@ from PIL import Image
 
 from featx.cache.store import FeatureStore
 
-from conftest import assert_clean_error, run_cli, write_images
+from conftest import CHEAP_FOLDER, CHEAP_RANDOM, assert_clean_error, run_cli, write_images
 
-LITE_RANDOM = ["--model", "efficientnet_lite0", "--weights", "random"]
-FOLDER = "efficientnet_lite0-random-seed0"
+LITE_RANDOM = CHEAP_RANDOM
+FOLDER = CHEAP_FOLDER
 
 
 def shard_sums(store_folder: Path) -> dict[str, str]:
@@ -199,7 +197,8 @@ def test_a_broken_manifest_is_passed_over_and_the_others_still_work(cached, tmp_
 
 def test_concurrent_extracts_of_the_same_layer_do_the_work_once(tmp_path, demo_dir) -> None:
     cache = tmp_path / "cache"
-    args = [sys.executable, "-m", "featx", "extract", str(demo_dir), *LITE_RANDOM, "--layer", "pool",
+    lite = ["--model", "efficientnet_lite0", "--weights", "random"]  # seconds of work: the second run waits
+    args = [sys.executable, "-m", "featx", "extract", str(demo_dir), *lite, "--layer", "pool",
             "--cache", str(cache), "--workers", "0"]
     runs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
@@ -207,7 +206,7 @@ def test_concurrent_extracts_of_the_same_layer_do_the_work_once(tmp_path, demo_d
     assert all(run.returncode == 0 for run in runs), outputs
     joined = "\n".join(outputs)
     assert "waiting for it to finish" in joined and "already cached" in joined
-    store = FeatureStore(cache / "demo" / FOLDER)
+    store = FeatureStore(cache / "demo" / "efficientnet_lite0-random-seed0")
     assert [run.status for run in store.manifest.runs] == ["done"]
 
 
@@ -217,7 +216,7 @@ from pathlib import Path
 from featx.data.scan import find_images
 from featx.extract.run import ExtractOptions, extract_images
 
-manifest = Path(sys.argv[2]) / "data" / "efficientnet_lite0-random-seed0" / "manifest.json"
+manifest = Path(sys.argv[2]) / "data" / "mobilenet_v3_small-random-seed0" / "manifest.json"
 
 @contextlib.contextmanager
 def progress(description):
@@ -228,7 +227,7 @@ def progress(description):
         time.sleep(0.25)
     yield advance
 
-extract_images(find_images(sys.argv[1]), "efficientnet_lite0", ["pool"], weights="random", cache=sys.argv[2],
+extract_images(find_images(sys.argv[1]), "mobilenet_v3_small", ["pool"], weights="random", cache=sys.argv[2],
                options=ExtractOptions(batch_size=4, shard_size=4, workers=0), progress=progress)
 """
 
@@ -242,7 +241,8 @@ def test_a_killed_run_is_recorded_with_its_time(tmp_path) -> None:
     folder = cache / "data" / FOLDER
     killed = FeatureStore(folder).manifest.runs[0]
     assert killed.status == "running" and killed.seconds > 0 and 0 < killed.images < 24
-    rerun = run_cli("extract", str(data), *LITE_RANDOM, "--layer", "pool", "--cache", str(cache), cwd=tmp_path)
+    rerun = run_cli("extract", str(data), *LITE_RANDOM, "--layer", "pool", "--cache", str(cache),
+                    cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     store = FeatureStore(folder)
     seconds, _ = store.feature_time("pool")

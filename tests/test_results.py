@@ -22,9 +22,9 @@ LITE = ["--model", "efficientnet_lite0"]
 
 
 @pytest.fixture(scope="module")
-def splits_run(tmp_path_factory, demo_dir):
+def splits_run(tmp_path_factory, demo_dir, demo_caches):
     """`featx table` on the demo with 3 random splits and the HTML page."""
-    work = tmp_path_factory.mktemp("splits")
+    work = demo_caches.copy_to(tmp_path_factory.mktemp("splits"))
     result = run_cli("table", str(demo_dir), *LITE, "--layer", "stage7_pool,pool",
                      "--train-per-class", "12", "--splits", "3", "--html", "page.html", cwd=work)
     assert result.returncode == 0, result.stderr
@@ -47,7 +47,8 @@ def test_repeated_splits_report_mean_and_std_in_every_format(splits_run) -> None
     assert "mean +/- standard deviation over 3 splits" in result.stdout
 
 
-def test_a_fixed_split_is_one_split_and_says_so(tmp_path, demo_dir) -> None:
+def test_a_fixed_split_is_one_split_and_says_so(tmp_path, demo_dir, demo_caches) -> None:
+    demo_caches.copy_to(tmp_path)
     split = tmp_path / "split.csv"
     rows = [f"{p.parent.name}/{p.name},{p.parent.name},{'train' if i % 2 else 'test'}"
             for i, p in enumerate(sorted(demo_dir.glob("*/*.jpg")))]
@@ -92,7 +93,8 @@ def _report_page(work, out):
     return work / "again.html"
 
 
-def test_several_models_in_one_table(tmp_path, demo_dir) -> None:
+def test_several_models_in_one_table(tmp_path, demo_dir, demo_caches) -> None:
+    demo_caches.copy_to(tmp_path, "random")
     result = run_cli("table", str(demo_dir), "--model", "efficientnet_lite0", "--model",
                      "mobilenet_v3_small", "--weights", "random", "--layer", "pool",
                      "--train-per-class", "12", "--C", "1", cwd=tmp_path)
@@ -166,7 +168,8 @@ def test_readme_api_examples_run(tmp_path, monkeypatch) -> None:
     assert 0 <= search.best_score_ <= 1 and search.best_params_["svm__C"] in (0.1, 1.0)
 
 
-def test_a_layer_combination_is_one_row_from_the_cached_layers(tmp_path, demo_dir) -> None:
+def test_a_layer_combination_is_one_row_from_the_cached_layers(tmp_path, demo_dir, demo_caches) -> None:
+    demo_caches.copy_to(tmp_path, "random")
     args = ["table", str(demo_dir), *LITE, "--weights", "random", "--train-per-class", "12", "--C", "1"]
     first = run_cli(*args, "--layer", "stage6_pool,pool", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -185,13 +188,14 @@ def test_a_layer_combination_is_one_row_from_the_cached_layers(tmp_path, demo_di
     both = np.concatenate([block.numpy() for _, block in stream.blocks(32)])
     assert np.allclose(np.linalg.norm(both[:, :192], axis=1), 1) and np.allclose(np.linalg.norm(both[:, 192:],
                                                                                                    axis=1), 1)
-    missing = run_cli("svm", "--layer", "pool+logits", cwd=tmp_path)
-    assert_clean_error(missing, "layer 'logits' is not in the cache")
+    missing = run_cli("svm", "--layer", "pool+stem", cwd=tmp_path)
+    assert_clean_error(missing, "layer 'stem' is not in the cache")
     unknown = run_cli("svm", "--layer", "pool+pool9", cwd=tmp_path)
     assert_clean_error(unknown, "has no layer 'pool9'")
 
 
-def test_several_models_end_with_the_best_layer_of_each(tmp_path, demo_dir) -> None:
+def test_several_models_end_with_the_best_layer_of_each(tmp_path, demo_dir, demo_caches) -> None:
+    demo_caches.copy_to(tmp_path, "random")
     result = run_cli("table", str(demo_dir), "--model", "efficientnet_lite0", "--model", "mobilenet_v3_small",
                      "--weights", "random", "--layer", "pool,logits", "--train-per-class", "12", "--C", "1",
                      cwd=tmp_path)
@@ -200,7 +204,9 @@ def test_several_models_end_with_the_best_layer_of_each(tmp_path, demo_dir) -> N
     assert "efficientnet_lite0 " in line and "mobilenet_v3_small " in line
 
 
-def test_a_learning_curve_runs_every_probe_at_each_size_on_the_same_test_images(tmp_path, demo_dir) -> None:
+def test_a_learning_curve_runs_every_probe_at_each_size_on_the_same_test_images(tmp_path, demo_dir,
+                                                                               demo_caches) -> None:
+    demo_caches.copy_to(tmp_path, "random")
     result = run_cli("table", str(demo_dir), *LITE, "--weights", "random", "--layer", "stage7_pool,pool",
                      "--train-per-class", "8,2,4", "--probe", "svm,knn", "--C", "1", "--html", "page.html",
                      cwd=tmp_path)

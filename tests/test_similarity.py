@@ -48,12 +48,13 @@ def test_cka_is_one_on_itself_and_invariant_to_rotation_and_scale(layers) -> Non
         similarity({"x": x})
 
 
-def test_the_command_writes_matrix_and_heatmap_and_the_page_shows_it(tmp_path, demo_dir) -> None:
+def test_the_command_writes_matrix_and_heatmap_and_the_page_shows_it(tmp_path, demo_dir, demo_caches) -> None:
+    demo_caches.copy_to(tmp_path, "random")
     args = ["--model", "efficientnet_lite0", "--weights", "random"]
     table = run_cli("table", str(demo_dir), *args, "--layer", "stage6_pool,pool,logits",
                     "--train-per-class", "12", "--C", "1", cwd=tmp_path)
     assert table.returncode == 0, table.stderr
-    result = run_cli("similarity", cwd=tmp_path)
+    result = run_cli("similarity", "--layer", "stage6_pool,pool,logits", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "featx-results" / "demo" / "efficientnet_lite0-random-seed0"
     rows = (out / "similarity.csv").read_text().splitlines()

@@ -17,7 +17,7 @@ from featx.data.scan import find_images
 from featx.errors import FeatxError
 from featx.extract.run import ExtractOptions, extract_images
 
-from conftest import assert_clean_error, run_cli, write_images
+from conftest import CHEAP, CHEAP_RANDOM, assert_clean_error, run_cli, write_images
 
 OPTIONS = ExtractOptions(device="cpu", workers=0, shard_size=8, batch_size=4)
 
@@ -54,18 +54,21 @@ def _by_image(store: FeatureStore, images, layer: str = "pool") -> dict[str, np.
     return {images.read_bytes(int(i)): row for i, row in zip(features.index, features.features)}
 
 
+@pytest.fixture
+def small(tmp_path) -> Path:
+    return write_images(tmp_path / "small", {"a": 8, "b": 8, "c": 8})
+
+
 @pytest.mark.parametrize("decode", ["pil", "device"])
-def test_tar_shards_give_the_features_of_the_same_images_in_a_folder(tmp_path, demo_dir, decode) -> None:
-    pattern = to_tars(demo_dir, tmp_path / "tars")
-    tars, folder = find_images(pattern), find_images(demo_dir)
+def test_tar_shards_give_the_features_of_the_same_images_in_a_folder(tmp_path, small, decode) -> None:
+    pattern = to_tars(small, tmp_path / "tars")
+    tars, folder = find_images(pattern), find_images(small)
     assert tars.name == "part" and len(tars) == len(folder) and tars.classes == folder.classes
-    assert tars.paths[0] == "part-000000.tar/checkerboard/img_000.jpg"
+    assert tars.paths[0] == "part-000000.tar/a/img_000.jpg"
     options = ExtractOptions(device="cpu", workers=0, shard_size=8, batch_size=4, decode=decode)
-    from_tars = extract_images(tars, "efficientnet_lite0", ["pool"], weights="random", cache=tmp_path / "c",
-                               options=options,
+    from_tars = extract_images(tars, CHEAP, ["pool"], weights="random", cache=tmp_path / "c", options=options,
                                progress=None)
-    from_folder = extract_images(folder, "efficientnet_lite0", ["pool"], weights="random",
-                                 cache=tmp_path / "c",
+    from_folder = extract_images(folder, CHEAP, ["pool"], weights="random", cache=tmp_path / "c",
                                  options=options, progress=None)
     ours, theirs = _by_image(from_tars, tars), _by_image(from_folder, folder)
     assert ours.keys() == theirs.keys()
@@ -89,7 +92,7 @@ def test_labels_come_from_cls_or_txt_members(tmp_path, demo_dir, label) -> None:
 def test_a_missing_shard_of_the_pattern_is_one_clear_line(tmp_path, demo_dir) -> None:
     pattern = to_tars(demo_dir, tmp_path / "tars")
     os.remove(tmp_path / "tars" / "part-000001.tar")
-    result = run_cli("extract", pattern, "--model", "efficientnet_lite0", "--weights", "random", cwd=tmp_path)
+    result = run_cli("extract", pattern, *CHEAP_RANDOM, cwd=tmp_path)
     assert_clean_error(result, "tar shard not found", "part-000001.tar")
 
 
@@ -103,7 +106,7 @@ def test_a_corrupt_member_is_skipped_and_a_damaged_tar_keeps_what_precedes_the_d
     images = find_images(pattern)
     assert "part-000001.tar" in images.skipped and "damaged tar" in images.skipped["part-000001.tar"]
     assert 6 <= len(images) < 13  # the first tar whole (with the broken member), part of the second
-    store = extract_images(images, "efficientnet_lite0", ["pool"], weights="random", cache=tmp_path / "c",
+    store = extract_images(images, CHEAP, ["pool"], weights="random", cache=tmp_path / "c",
                            options=OPTIONS,
                            progress=None)
     skipped = FeatureStore(store.folder).manifest.skipped
@@ -114,31 +117,31 @@ def test_a_corrupt_member_is_skipped_and_a_damaged_tar_keeps_what_precedes_the_d
 def test_a_rewritten_tar_is_extracted_again_and_the_rest_is_kept(tmp_path) -> None:
     write_images(tmp_path / "imgs", {"a": 8, "b": 8})
     pattern = to_tars(tmp_path / "imgs", tmp_path / "tars", shards=2)
-    first = extract_images(find_images(pattern), "efficientnet_lite0", ["pool"], weights="random",
+    first = extract_images(find_images(pattern), CHEAP, ["pool"], weights="random",
                            cache=tmp_path / "c",
                            options=OPTIONS, progress=None)
     time.sleep(0.01)
     write_images(tmp_path / "imgs", {"a": 8, "b": 8}, seed=5)  # other pixels, same names
     to_tars(tmp_path / "imgs", tmp_path / "other", shards=2)
     (tmp_path / "tars" / "part-000001.tar").write_bytes((tmp_path / "other" / "part-000001.tar").read_bytes())
-    again = extract_images(find_images(pattern), "efficientnet_lite0", ["pool"], weights="random",
+    again = extract_images(find_images(pattern), CHEAP, ["pool"], weights="random",
                            cache=tmp_path / "c",
                            options=OPTIONS, progress=None)
     assert again.folder == first.folder
     redone = again.manifest.runs[-1].images
     assert 0 < redone < again.n_images  # only the shards holding the rewritten tar's images
-    fresh = extract_images(find_images(pattern), "efficientnet_lite0", ["pool"], weights="random",
+    fresh = extract_images(find_images(pattern), CHEAP, ["pool"], weights="random",
                            cache=tmp_path / "fresh",
                            seed=0, options=OPTIONS, progress=None)
     assert np.array_equal(again.read_layer("pool").features, fresh.read_layer("pool").features)
 
 
-def test_tars_from_the_command_line_then_svm(tmp_path, demo_dir) -> None:
-    pattern = to_tars(demo_dir, tmp_path / "tars")
-    result = run_cli("extract", pattern, "--model", "efficientnet_lite0", "--weights", "random",
+def test_tars_from_the_command_line_then_svm(tmp_path, small) -> None:
+    pattern = to_tars(small, tmp_path / "tars")
+    result = run_cli("extract", pattern, *CHEAP_RANDOM,
                      "--layer", "pool", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    result = run_cli("svm", "--dataset", "part", "--train-per-class", "12", cwd=tmp_path)
+    result = run_cli("svm", "--dataset", "part", "--train-per-class", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "| pool |" in result.stdout
 
