@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -25,11 +26,20 @@ from featx.extract.forward import HostFeatures, LayerExtractor, batch_that_fits,
 from featx.extract.run import extract_to_cache, logged_progress
 from featx.models import load_model
 
-LAYERS = ["stage6_pool", "pool", "logits"]
+from conftest import CHEAP, run_cli, write_images
+
+LAYERS = ["features.8_pool", "pool", "logits"]
+POOL = 576  # the pool layer's width
+
+
+@pytest.fixture(scope="module")
+def images40(tmp_path_factory) -> Path:
+    """Three classes, 40 images."""
+    return write_images(tmp_path_factory.mktemp("images40") / "data", {"a": 14, "b": 13, "c": 13}, size=48)
 
 
 def _extractor(seed: int = 0, layers=LAYERS) -> LayerExtractor:
-    model = load_model("efficientnet_lite0", "random", seed=seed)
+    model = load_model(CHEAP, "random", seed=seed)
     return LayerExtractor(model, model.spec.resolve_layers(layers), "cpu", precision="fp32")
 
 
@@ -48,12 +58,12 @@ def _cache(root, images, extractor=None, **kwargs) -> FeatureStore:
     return store
 
 
-def test_cache_round_trip_equals_direct_extraction(tmp_path, demo_dir) -> None:
-    images = find_images(demo_dir)
+def test_cache_round_trip_equals_direct_extraction(tmp_path, images40) -> None:
+    images = find_images(images40)
     extractor = _extractor()
-    store = _cache(tmp_path / "cache", images, extractor, batch_size=16, shard_size=32)
+    store = _cache(tmp_path / "cache", images, extractor, batch_size=8, shard_size=16)
     direct = {name: [] for name in LAYERS}
-    for out in extract_batches(extractor, images, batches_of(range(len(images)), 16), workers=0):
+    for out in extract_batches(extractor, images, batches_of(range(len(images)), 8), workers=0):
         for name in LAYERS:
             direct[name].append(out.features[name])
     for name in LAYERS:
@@ -63,15 +73,15 @@ def test_cache_round_trip_equals_direct_extraction(tmp_path, demo_dir) -> None:
         assert np.array_equal(cached.labels, images.labels)
     assert len(list((store.folder / "pool").glob("shard-*.h5"))) == 3
     with h5py.File(store.shard_path("pool", 1)) as f:
-        assert f["paths"][0].decode() == images.paths[32]
-        assert f.attrs["layer"] == "pool" and f["features"].shape == (32, 1280)
+        assert f["paths"][0].decode() == images.paths[16]
+        assert f.attrs["layer"] == "pool" and f["features"].shape == (16, POOL)
     manifest = json.loads((store.folder / "manifest.json").read_text())
     for key in ("format", "featx_version", "key", "weights", "dataset_root", "rows", "verify", "layers",
                 "runs", "skipped"):
         assert key in manifest, key
     assert manifest["format"] == 4 and manifest["rows"] == len(images) and "paths" not in manifest
     assert {"weights_checksum", "preprocess", "dtype"} <= set(manifest["key"])
-    assert manifest["layers"]["pool"]["dim"] == 1280
+    assert manifest["layers"]["pool"]["dim"] == POOL
     assert manifest["runs"][0]["layers"] == LAYERS
     assert store.rows.paths() == list(images.paths) and np.array_equal(store.labels, images.labels)
 
@@ -98,55 +108,57 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_an_exception_mid_shard_gives_identical_features(tmp_path, demo_dir) -> None:
-    images = find_images(demo_dir)
-    reference = _cache(tmp_path / "whole", images, batch_size=8, shard_size=16)
+def test_resume_after_an_exception_mid_shard_gives_identical_features(tmp_path, images40) -> None:
+    images = find_images(images40)
+    reference = _cache(tmp_path / "whole", images, batch_size=4, shard_size=8)
 
     calls = []
 
     def stop_mid_shard(n: int, total: int) -> None:
         calls.append(n)
-        if len(calls) == 5:  # 40 images: shards 0 and 1 complete, shard 2 half done
+        if len(calls) == 5:  # 20 images: shards 0 and 1 complete, shard 2 half done
             raise Interrupt
 
     extractor = _extractor()
     store = _open(tmp_path / "resumed", images, extractor)
     with pytest.raises(Interrupt):
-        extract_to_cache(store, extractor, images, batch_size=8, shard_size=16, workers=0,
+        extract_to_cache(store, extractor, images, batch_size=4, shard_size=8, workers=0,
                          on_batch=stop_mid_shard)
     assert sorted(p.name for p in (store.folder / "pool").glob("shard-*")) == [
         "shard-00000.h5", "shard-00001.h5"]
-    assert store.missing_shards("pool") == [2, 3, 4, 5]
+    assert store.missing_shards("pool") == [2, 3, 4]
     with pytest.raises(FeatxError, match="incomplete"):
         store.read_layer("pool")
 
-    summary = extract_to_cache(store, extractor, images, batch_size=8, shard_size=16, workers=0)
-    assert summary["images"] == len(images) - 32  # resumed from the first missing shard
+    summary = extract_to_cache(store, extractor, images, batch_size=4, shard_size=8, workers=0)
+    assert summary["images"] == len(images) - 16  # resumed from the first missing shard
     for name in LAYERS:
         assert np.array_equal(store.read_layer(name).features, reference.read_layer(name).features)
 
 
-def test_resume_after_the_process_is_killed(tmp_path, demo_dir) -> None:
+def test_resume_after_the_process_is_killed(tmp_path, images40) -> None:
     cache = tmp_path / "cache"
-    args = [sys.executable, "-m", "featx", "extract", str(demo_dir), "--model",
-            "efficientnet_lite0", "--weights", "random", "--layer", "pool", "--cache", str(cache),
-            "--batch-size", "8", "--shard-size", "8", "--workers", "0", "--precision", "fp32"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    layer_dir = cache / "demo" / "efficientnet_lite0-random-seed0" / "pool"
+    args = ["extract", str(images40), "--model", "efficientnet_lite0", "--weights", "random",
+            "--layer", "pool", "--cache", str(cache), "--batch-size", "4", "--shard-size", "4",
+            "--workers", "0", "--precision", "fp32"]  # a second of work after shard 3
+    process = subprocess.Popen([sys.executable, "-m", "featx", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    layer_dir = cache / "data" / "efficientnet_lite0-random-seed0" / "pool"
     deadline = time.time() + 300
     while not (layer_dir / "shard-00002.h5").exists() and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done = sorted(layer_dir.glob("shard-*.h5"))
-    assert 3 <= len(done) < 12, "the kill should land mid-run"
+    assert 3 <= len(done) < 10, "the kill should land mid-run"
 
-    again = subprocess.run(args, check=False, capture_output=True, text=True, timeout=600)
+    again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert not list(layer_dir.glob("*.tmp"))
     store = FeatureStore(layer_dir.parent)
-    whole = _cache(tmp_path / "whole", find_images(demo_dir), _extractor(layers=["pool"]),
-                   batch_size=8, shard_size=8)
+    model = load_model("efficientnet_lite0", "random")
+    extractor = LayerExtractor(model, model.spec.resolve_layers(["pool"]), "cpu", precision="fp32")
+    whole = _cache(tmp_path / "whole", find_images(images40), extractor, batch_size=4, shard_size=4)
     assert np.array_equal(store.read_layer("pool").features, whole.read_layer("pool").features)
 
 
@@ -156,7 +168,7 @@ def test_float16_refuses_features_it_would_misrepresent(tmp_path, tiny_dataset, 
     extractor = _extractor(layers=["pool"])
     store = _open(tmp_path / "cache", find_images(tiny_dataset), extractor, dtype="float16")
     store.plan_layers(extractor.layers, batch_size=1, shard_size=1)
-    features = np.random.default_rng(0).uniform(0.5, 2.0, (1, 1280)).astype(np.float32)
+    features = np.random.default_rng(0).uniform(0.5, 2.0, (1, POOL)).astype(np.float32)
     store.write_shard("pool", 0, np.array([0]), features=features, skipped={})  # ordinary values are stored
     with pytest.raises(FeatxError, match=message):
         store.write_shard("pool", 1, np.array([1]), features=features * scale, skipped={})
@@ -203,7 +215,7 @@ def test_a_cache_made_with_other_weights_or_images_is_refused(tmp_path, tiny_dat
     changed = extractor.model.weights.with_checksum("0" * 16)  # same name, other file content
     with pytest.raises(FeatxError, match=r"another weights checksum \(\w+ there, 0+ now\)"):
         _open(tmp_path / "cache", images, extractor, weights=changed)
-    model = load_model("efficientnet_lite0", "random", seed=0)
+    model = load_model(CHEAP, "random", seed=0)
     bf16 = LayerExtractor(model, model.spec.resolve_layers(LAYERS), "cpu", precision="bf16")
     with pytest.raises(FeatxError, match=r"another precision \(fp32 there, bf16 now\)"):
         _open(tmp_path / "cache", images, bf16)
@@ -220,13 +232,14 @@ def test_a_cache_of_an_older_featx_is_named_not_misread(tmp_path, tiny_dataset) 
         _open(tmp_path / "cache", images, _extractor())
 
 
-def test_unreadable_images_are_skipped_counted_and_listed(tmp_path, demo_copy) -> None:
-    (demo_copy / "disks" / "empty.jpg").write_bytes(b"")
-    (demo_copy / "stripes" / "text.png").write_text("hello")
-    good = (demo_copy / "gradient" / "img_000.jpg").read_bytes()
-    (demo_copy / "gradient" / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    images = find_images(demo_copy)
-    store = _cache(tmp_path / "cache", images, batch_size=16, shard_size=32)
+def test_unreadable_images_are_skipped_counted_and_listed(tmp_path) -> None:
+    data = write_images(tmp_path / "data", {"disks": 6, "stripes": 6, "gradient": 6})
+    (data / "disks" / "empty.jpg").write_bytes(b"")
+    (data / "stripes" / "text.png").write_text("hello")
+    good = (data / "gradient" / "img_000.jpg").read_bytes()
+    (data / "gradient" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    images = find_images(data)
+    store = _cache(tmp_path / "cache", images, batch_size=4, shard_size=8)
     assert set(store.manifest.skipped) == {"disks/empty.jpg", "stripes/text.png", "gradient/truncated.jpg"}
     data = store.read_layer("pool")
     assert len(data.index) == len(images) - 3
@@ -241,7 +254,7 @@ def test_shard_writer_writes_every_submitted_shard(tmp_path, tiny_dataset) -> No
     store.plan_layers(extractor.layers, batch_size=1, shard_size=1)
     writer = ShardWriter(store.write_shard, depth=1)
     for k in range(len(images)):
-        writer.submit(layer="pool", shard=k, index=np.array([k]), features=np.full((1, 1280), k, np.float32),
+        writer.submit(layer="pool", shard=k, index=np.array([k]), features=np.full((1, POOL), k, np.float32),
                       skipped={})
     writer.close()
     data = store.read_layer("pool")
