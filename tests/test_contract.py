@@ -204,6 +204,16 @@ BAD = [
     (["similarity", "--cache", "{cache}", "--layer", "pool"], "at least two layers"),
     (["similarity", "--cache", "{cache}", "--layer", "pool,stem"], "layer 'stem' is not in the cache"),
     (["similarity", "--cache", "{root}/emptycache"], "no features cached"),
+    # export
+    (["export", "--cache", "{cache}", "--layer", "pool", "--out", "{root}/x.txt"], "has no suffix"),
+    (["export", "--cache", "{cache}", "--layer", "pool", "--out", "{root}/x.npy", "--format", "xls"],
+     "--format must be one of npy, npz"),
+    (["export", "--cache", "{cache}", "--layer", "stem", "--out", "{root}/x.npy"],
+     "layer 'stem' is not in the cache"),
+    (["export", "--cache", "{cache}", "--layer", "pool", "--out", "{root}/file.txt/x.npy"],
+     "a file is in the way"),
+    (["export", "--cache", "{cache}", "--layer", "pool", "--out", "{root}/x.npy", "--split", "{root}/odd.csv"],
+     "split must be train or test"),
     (["nothing"], "No such command 'nothing'"),
 ]
 
