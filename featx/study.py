@@ -132,7 +132,7 @@ def extract(dataset: str | Path, model: str = "vgg16", layers: list[str] | None 
             options: ExtractOptions | None = None, progress: Progress | None = logged_progress,
             ) -> FeatureStore:
     """Cache the requested layers (default: the model's standard ones) for every image of
-    `dataset` in one forward pass, resuming where an earlier run stopped."""
+    `dataset` in one forward pass, resuming where a previous extraction stopped."""
     return extract_images(find_images(dataset), model, layers, weights=weights, cache=cache, seed=seed,
                           options=options, progress=progress)
 

@@ -117,7 +117,7 @@ def extract_images(images: ImageSet, model: str, layers: list[str] | None, *, we
                    cache: str | Path | None = None, seed: int = 0, options: ExtractOptions | None = None,
                    progress: Progress | None = logged_progress) -> FeatureStore:
     """Cache the requested layers (default: the model's standard ones) of every image in one
-    forward pass, resuming where an earlier run stopped; `progress` is told of each batch.
+    forward pass, resuming where a previous extraction stopped; `progress` is told of each batch.
 
     What it costs follows what changed: the dataset is compared with the cache's row table, each
     requested layer's shards are checked by their size and time, and only when something is left
