@@ -271,32 +271,75 @@ def test_the_installed_command_runs_and_lists_layers_without_torch(tmp_path) -> 
     assert "encoder_layer_11_cls" in probe.stdout and "ln_mean" in probe.stdout
 
 
-def test_every_command_line_in_the_docs_parses(tmp_path) -> None:
-    """Each `featx ...` line of the README's and docs' code blocks names a command and options that
-    exist, with values of the right kind (the commands are parsed, not run)."""
+def _documented_commands() -> list[tuple[str, str]]:
+    """Every `featx ...` line of the README's and docs' code blocks and every example in the
+    commands' help, with where it is shown."""
     import re
-    import shlex
-    from pathlib import Path
-
-    import click
-    import typer.main
 
     from featx.cli.app import app
 
-    group = typer.main.get_command(app)
-    repo = Path(__file__).parents[1]
     lines = []
-    for doc in [repo / "README.md", repo / "CONTRIBUTING.md", *sorted((repo / "docs").glob("*.md"))]:
+    for doc in [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md"))]:
         for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 command = line.split("&&")[-1].strip()
                 if command.startswith("featx "):
                     lines.append((doc.name, command))
-    assert len(lines) >= 20
+    for command in app.registered_commands:
+        text = " ".join((command.callback.__doc__ or "").split()).partition("Example")[2]
+        lines += [(f"featx {command.callback.__name__} --help", example)
+                  for example in re.findall(r"`(featx [^`]+)`", text)]
+    return lines
+
+
+def test_every_command_line_in_the_docs_and_the_help_parses() -> None:
+    """Each names a command and options that exist, with values of the right kind (parsed, not
+    run)."""
+    import shlex
+
+    import typer.main
+
+    from featx.cli.app import app
+
+    group = typer.main.get_command(app)
+    lines = _documented_commands()
+    assert len(lines) >= 40
     for doc, command in lines:
         name, *args = shlex.split(command, comments=True)[1:]
         assert name in group.commands, f"{doc}: {command}"
         try:
             group.commands[name].make_context(name, args, resilient_parsing=False)
-        except (click.NoSuchOption, click.BadOptionUsage, click.BadParameter, click.UsageError) as exc:
-            raise AssertionError(f"{doc}: {command}: {exc.format_message()}") from None
+        except Exception as exc:  # noqa: BLE001 - click's parse errors, named with the line
+            raise AssertionError(f"{doc}: {command}: {exc}") from None
+
+
+def test_the_documented_commands_on_the_demo_data_run_as_printed(tmp_path, demo_caches) -> None:
+    import shlex
+
+    (tmp_path / "data").symlink_to(REPO / "data")
+    demo_caches.copy_to(tmp_path)
+    demo = sorted({command for _, command in _documented_commands() if " data/demo" in command})
+    assert len(demo) >= 4
+    for command in demo:
+        result = run_cli(*shlex.split(command, comments=True)[1:], cwd=tmp_path)
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+
+
+@pytest.mark.slow
+def test_the_quick_start_runs_as_printed_with_the_installed_command(tmp_path) -> None:
+    """The README's first command, after its install step, in a fresh folder: the table, the
+    figures and the page, with the best layer the README names."""
+    import re
+    import shlex
+
+    block = re.search(r"## Quick start.*?```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    command = shlex.split(block.split("&&")[-1].strip())
+    assert command[:3] == ["featx", "table", "data/demo"]
+    (tmp_path / "data").symlink_to(REPO / "data")
+    result = run_installed(*command[1:], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "featx-results" / "demo" / "efficientnet_lite0-imagenet"
+    assert (out / "table.md").is_file() and (out / "accuracy.png").is_file()
+    assert (tmp_path / "demo-report.html").stat().st_size > 10_000
+    best = re.search(r"best: (\w+) at ([0-9.]+)", (REPO / "README.md").read_text())
+    assert re.search(rf"\| {best.group(1)} \| {best.group(2)} \|", result.stdout), result.stdout

@@ -212,8 +212,8 @@ BAD = [
      "layer 'stem' is not in the cache"),
     (["export", "--cache", "{cache}", "--layer", "pool", "--out", "{root}/file.txt/x.npy"],
      "a file is in the way"),
-    (["export", "--cache", "{cache}", "--layer", "pool", "--out", "{root}/x.npy", "--split", "{root}/odd.csv"],
-     "split must be train or test"),
+    (["export", "--cache", "{cache}", "--layer", "pool", "--out", "{root}/x.npy", "--split",
+      "{root}/odd.csv"], "split must be train or test"),
     (["nothing"], "No such command 'nothing'"),
 ]
 

@@ -290,7 +290,8 @@ def table(
     efficientnet_lite0 --train-per-class 12` ; `featx table 15scene/ --model efficientnet_lite0
     --split 15scene-split.csv` ; `featx table 15scene/ --model vgg16 --model resnet50 --splits 5
     --html report.html` ; `featx table 15scene/ --probe svm,logreg,knn` ; `featx table data/demo --model
-    efficientnet_lite0 --train-per-class 2,4,8,12` (a learning curve).
+    efficientnet_lite0 --train-per-class 2,4,8,12` (a learning curve) ; `featx table data/demo --model
+    efficientnet_lite0 --probe svm,mlp --probe-option mlp.hidden=256` (a small MLP head beside the SVM).
     """
     from featx.extract.ranks import Ranks
     from featx.report.tables import render_markdown
