@@ -36,6 +36,7 @@ from featx.options import (
 from featx.probes import ProbeOptions, ProbeResult, get_probe, parse_probe_params, parse_probes
 from featx.probes.linear import train_gram
 from featx.probes.stream import LayerStream
+from featx.probes.threads import check_threads
 from featx.report.similarity import Similarity, similarity
 from featx.report.tables import LayerReport, ModelIdentity, ProbeScore, Report, write_table
 
@@ -63,6 +64,7 @@ class ProbingOptions:
     memory: str | int = DEFAULT_MEMORY
     device: str = "auto"
     probe_params: Sequence[str] | Mapping[str, object] = ()
+    threads: int | None = None  # at most this many threads per probe (None: torch's own count)
 
     def __post_init__(self) -> None:
         if self.C != "auto":
@@ -85,6 +87,7 @@ class ProbingOptions:
         if not (isinstance(self.probe_params, Mapping) and set(self.probe_params) == set(self.probe)):
             object.__setattr__(self, "probe_params", parse_probe_params(self.probe_params, self.probe))
         object.__setattr__(self, "memory", parse_memory(self.memory))
+        object.__setattr__(self, "threads", check_threads(self.threads))
         object.__setattr__(self, "device", parse_device(self.device))
         resolve_device(self.device)  # a GPU asked for where there is none: said before any work
         if self.split_file:
@@ -93,7 +96,7 @@ class ProbingOptions:
     def probe_options(self, probe: str) -> ProbeOptions:
         """What the probe `probe` is given: the shared settings and its own parameters."""
         return ProbeOptions(C=self.C, seed=self.seed, solver=self.solver, memory=self.memory,
-                            params=self.probe_params.get(probe, {}))
+                            params=self.probe_params.get(probe, {}), threads=self.threads)
 
 
 def check_split(images: ImageSet, probing: ProbingOptions) -> None:

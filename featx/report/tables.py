@@ -34,6 +34,7 @@ class ProbeScore:
     accuracy_std: float | None = None
     C_per_split: list[float] = field(default_factory=list)
     converged: bool = True  # the solver met its tolerance on every split (reports before: unknown)
+    solver: str = ""  # the solver that fitted it (svm: torch or liblinear)
 
     @classmethod
     def from_results(cls, results: list[ProbeResult]) -> ProbeScore:
@@ -43,7 +44,7 @@ class ProbeScore:
                    C=results[0].C, train_seconds=float(np.mean([r.train_seconds for r in results])),
                    accuracy_std=float(np.std([r.accuracy for r in results])) if several else None,
                    C_per_split=[r.C for r in results] if several else [],
-                   converged=all(r.converged for r in results))
+                   converged=all(r.converged for r in results), solver=results[0].solver)
 
 
 @dataclass
@@ -261,6 +262,10 @@ def notes(report: Report) -> list[str]:
     lines.append(f"Split: {report.split}. Scaling: {report.scaling}. C: {how_c}.")
     lines.append("Balanced: mean per-class recall. Probes: "
                  + "; ".join(_probe_text(report, p) for p in report.probes) + ".")
+    solvers = _solver_text(report)
+    if solvers:
+        how = "auto, the faster by featx's cost model per layer" if report.solver == "auto" else report.solver
+        lines.append(f"Solver ({how}): {solvers}.")
     unconverged = [f"{f'{layer.model} ' if report.multi_model else ''}{layer.layer} {score.probe}"
                    for layer in report.layers for score in [layer, *layer.other_probes]
                    if not score.converged]
@@ -273,6 +278,19 @@ def notes(report: Report) -> list[str]:
                      + ", ".join(sorted(report.skipped)[:10])
                      + (" ..." if len(report.skipped) > 10 else ""))
     return lines
+
+
+def _solver_text(report: Report) -> str:
+    """Which solver fitted which layers, per probe: `svm: liblinear on a, b; torch on c`, or
+    `logreg: torch` where one solver fitted every layer; empty for reports before solvers were kept."""
+    used: dict[str, dict[str, list[str]]] = {}
+    for layer in report.layers:
+        for score in [layer, *layer.other_probes]:
+            if score.solver:
+                where = f"{layer.model} {layer.layer}" if report.multi_model else layer.layer
+                used.setdefault(score.probe, {}).setdefault(score.solver, []).append(where)
+    return ". ".join(f"{probe}: " + (next(iter(by)) if len(by) == 1 else "; ".join(
+        f"{solver} on {', '.join(layers)}" for solver, layers in by.items())) for probe, by in used.items())
 
 
 def render_markdown(report: Report) -> str:
