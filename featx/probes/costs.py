@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from featx.probes.threads import threads_for
 
 WORK_UNIT = 1e6
-TORCH_FIXED = 0.1465  # seconds: a batched solve's small operations, whatever its size
-TORCH_SECONDS = {"kernel": 0.01413, "primal": 0.06985}  # per WORK_UNIT of work, on one thread
-TORCH_EXPONENT = 0.834
-LIBLINEAR_PER_FIT = 0.002419  # seconds: one LinearSVC fit's own cost
-LIBLINEAR_SECONDS = {"kernel": 0.1012, "primal": 0.05698}  # per WORK_UNIT of work, on one thread
-LIBLINEAR_EXPONENT = 0.927
+TORCH_FIXED = 0.0866  # seconds: a batched solve's small operations, whatever its size
+TORCH_SECONDS = {"kernel": 0.01103, "primal": 0.03545}  # per WORK_UNIT of work, on one thread
+TORCH_EXPONENT = 0.8718
+LIBLINEAR_PER_FIT = 0.001365  # seconds: one LinearSVC fit's own cost
+LIBLINEAR_SECONDS = {"kernel": 0.05794, "primal": 0.02953}  # per WORK_UNIT of work, on one thread
+LIBLINEAR_EXPONENT = 0.9677
 
 
 @dataclass(frozen=True)

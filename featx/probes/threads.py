@@ -6,8 +6,10 @@ for it, once per operation. The batched solver runs thousands of small operation
 with two busy processes beside it, its fit of a 1500 x 1280 layer took 180 s on two threads
 against 14 s on one (benchmarks/README.md, "contention.py"). A barrier costs little beside an
 operation of several GFLOP, so an operation gets one thread per FLOPS_PER_THREAD of its work, at
-most the cores this process may use (`os.sched_getaffinity`) and at most the cap (`--threads`;
-by default torch's own thread count, which OMP_NUM_THREADS sets). A small problem runs on one
+most the cores this process may use (`os.sched_getaffinity`), at most the cap (`--threads`; by
+default torch's own thread count, which OMP_NUM_THREADS sets), and no more than the cores that
+other tasks leave idle when the probe starts, plus its own (the tasks running or ready, from
+/proc/loadavg). A small problem, or a probe on cores other processes keep busy, runs on one
 thread: no team, no barrier.
 
 torch has no runtime switch for OpenMP's spin-waiting (OMP_WAIT_POLICY and GOMP_SPINCOUNT are
@@ -18,6 +20,7 @@ spinning. The count is set for a stage of a probe and the previous count restore
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -48,12 +51,32 @@ def check_threads(value: object) -> int | None:
     return int(value)
 
 
+def runnable_tasks() -> int | None:
+    """Tasks the kernel has running or ready to run now, this one included (/proc/loadavg; the
+    least of three readings a millisecond apart, so that a task passing through does not count);
+    None where the system does not say."""
+    readings = []
+    for k in range(3):
+        try:
+            with open("/proc/loadavg") as f:
+                readings.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return None
+        if k < 2:
+            time.sleep(0.001)
+    return min(readings)
+
+
 def thread_cap(threads: int | None = None) -> int:
-    """The most threads a probe may use: `threads` (checked already), else torch's own count,
-    never more than the cores this process may use."""
+    """The most threads a probe may use now: `threads` (checked already), else torch's own count;
+    never more than the cores this process may use, nor more than one beside each core that no
+    other task wants now (a thread beyond those waits for a core, and the others for it)."""
     import torch
 
-    return max(1, min(threads or torch.get_num_threads(), available_cores()))
+    cores = available_cores()
+    running = runnable_tasks()
+    free = cores if running is None else max(1, cores - running + 1)
+    return max(1, min(threads or torch.get_num_threads(), cores, free))
 
 
 def threads_for(flops: float, cap: int) -> int:
