@@ -18,6 +18,8 @@ fixed) per layer on the raw features, on the same seeded split. Both start Pytho
 they need within their time. The script prints the ratio, where featx's time goes (start-up,
 imports, building and tracing the network, extraction, probes, tables and figures; and each
 extraction stage timed alone) and both sides' accuracies, and which precision each side used.
+The usual way runs in float32; featx in its `auto` precision (float32 on a CPU), and with
+--also-precision once more in another (bf16: not like for like, said so).
 
     python benchmarks/extract.py --dataset ../shared/data/15scene --images 300 --table
 """
@@ -140,34 +142,50 @@ def run_side(side: str, arguments: list[str], out: Path) -> dict:
     return record
 
 
+def featx_table(folder: Path, args, precision: str, tmp: Path) -> dict:
+    """featx's side: `featx table` on the folder, in a process of its own, with `precision`."""
+    out, cache = tmp / f"out-{precision}", tmp / f"cache-{precision}"
+    command = ["table", str(folder), "--model", args.model, "--weights", args.weights,
+               "--train-per-class", str(args.train_per_class), "--cache", str(cache), "--out", str(out),
+               "--precision", precision, "--device", args.device,
+               *(["--workers", str(args.workers)] if args.workers is not None else [])]
+    featx = run_side("featx", ["--", *command], tmp / f"featx-{precision}.json")
+    report = json.loads((out / "table.json").read_text())
+    featx["layers"] = {row["layer"]: {"seconds": row["train_seconds"], "accuracy": row["accuracy"],
+                                      "solver": row["solver"], "dim": row["dim"]} for row in report["layers"]}
+    featx["precision"] = report["models"][0]["extraction_runs"][-1]["precision"]
+    stages = featx["stages"]
+    accounted = sum(v for k, v in stages.items() if k not in ("command", "start-up", "imports"))
+    stages["other"] = stages.pop("command") - accounted
+    return featx
+
+
 def whole_table(images: ImageSet, args) -> dict:
-    """Both sides' whole table, end to end, on the same images and split."""
+    """Both sides' whole table, end to end, on the same images and split; featx with `--precision`
+    (like for like: the usual way is fp32) and, with --also-precision, once more in another."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = link_subset(images, Path(tmp) / images.root.name)
-        out = Path(tmp) / "out"
-        command = ["table", str(folder), "--model", args.model, "--weights", args.weights,
-                   "--train-per-class", str(args.train_per_class), "--cache", str(Path(tmp) / "cache"),
-                   "--out", str(out), "--precision", args.precision, "--device", args.device,
-                   *(["--workers", str(args.workers)] if args.workers is not None else [])]
-        featx = run_side("featx", ["--", *command], Path(tmp) / "featx.json")
-        report = json.loads((out / "table.json").read_text())
-        featx["layers"] = {row["layer"]: {"seconds": row["train_seconds"], "accuracy": row["accuracy"],
-                                          "solver": row["solver"], "dim": row["dim"]}
-                           for row in report["layers"]}
-        featx["precision"] = report["models"][0]["extraction_runs"][-1]["precision"]
+        featx = featx_table(folder, args, args.precision, Path(tmp))
+        also = featx_table(folder, args, args.also_precision, Path(tmp)) if args.also_precision else None
         usual = run_side("usual", ["--dataset", str(folder), "--model", args.model, "--weights", args.weights,
                                    "--train-per-class", str(args.train_per_class)], Path(tmp) / "usual.json")
-    inside = featx["stages"]
-    accounted = sum(v for k, v in inside.items() if k not in ("command", "start-up", "imports"))
-    featx["stages"]["other"] = inside.pop("command") - accounted
-    return {"featx": featx, "usual": usual, "ratio": usual["wall_s"] / featx["wall_s"]}
+    table = {"featx": featx, "usual": usual, "ratio": usual["wall_s"] / featx["wall_s"]}
+    if also:
+        table["also"] = {**also, "ratio": usual["wall_s"] / also["wall_s"]}
+    return table
 
 
 def print_table(table: dict, alone: dict | None) -> None:
     featx, usual = table["featx"], table["usual"]
     print(f"whole table, end to end: featx {featx['wall_s']:.1f} s ({featx['precision']}), usual way "
           f"{usual['wall_s']:.1f} s ({usual['precision']}): ratio {table['ratio']:.1f}x")
-    for name, side in (("featx", featx), ("usual", usual)):
+    sides = [("featx", featx), ("usual", usual)]
+    if "also" in table:
+        also = table["also"]
+        print(f"  featx in {also['precision']} against the usual way in fp32 (not like for like): "
+              f"{also['wall_s']:.1f} s, ratio {also['ratio']:.1f}x")
+        sides.insert(1, (f"featx {also['precision']}", also))
+    for name, side in sides:
         print(f"  {name}'s time: " + ", ".join(f"{k} {v:.1f} s" for k, v in side["stages"].items()))
     if alone:
         print("  featx's extraction stages, each alone: " + ", ".join(
@@ -197,6 +215,8 @@ def main() -> None:
     parser.add_argument("--table", action="store_true",
                         help="the whole table end to end on both sides (extraction, SVMs, reports)")
     parser.add_argument("--train-per-class", type=int, default=10)
+    parser.add_argument("--also-precision", default=None,
+                        help="with --table: featx's side once more in this precision (such as bf16)")
     args = parser.parse_args()
 
     images = subset(find_images(args.dataset), args.images)

@@ -14,6 +14,10 @@ primal, and by a power of the work below 1 (larger matrix products run faster pe
     liblinear = (problems * LIBLINEAR_PER_FIT
                  + LIBLINEAR_SECONDS[form] * (work / WORK_UNIT) ** LIBLINEAR_EXPONENT) / workers
 
+Both are given the probe's thread cap (featx.probes.threads: the cores this process may use that
+other tasks leave free, at most `--threads`): liblinear's workers help only on free cores, so a
+layer may go to liblinear on a quiet machine and to the torch solver on a busy one.
+
 The constants are least-squares fits (of the logarithm of estimate over measurement) to both
 solvers timed on one thread each on synthetic and cached layers, from the demo's 48 training rows
 to 15-Scene's 1,500 (benchmarks/solver_cost.py; benchmarks/README.md gives the CPU and the

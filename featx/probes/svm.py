@@ -7,14 +7,16 @@ Two solvers give the same classifier (tests and benchmarks/svm.py compare them):
 - `liblinear`: scikit-learn's LinearSVC in the primal (trust-region Newton), one fit per C and
   fold, in threads.
 `auto` picks, per layer, the one a small cost model finds faster for the solve's shape (rows,
-width, classes, C values x folds, kernel form or primal, device: featx.probes.costs). Neither
-wins everywhere (benchmarks/README.md): liblinear on small problems, where the torch solver's many
-small operations cost more than the arithmetic (the demo's 48 training rows: 0.03 s against
-0.08 s), and on narrow primal layers; the torch solver on large ones and in kernel form with many
-rows (VGG16's 4096-wide layers of 15-Scene: 6 to 9x faster; with 100 classes and 10,000 training
-rows of 2048 values liblinear had not finished after 5 minutes where the torch probe takes 65 s),
-and on the GPU. The layer is streamed and fitted in kernel form
-when it has more values than training rows (featx.probes.linear).
+width, classes, C values x folds, kernel form or primal, device) and for the cores free when the
+probe starts (featx.probes.costs, featx.probes.threads). Neither wins everywhere
+(benchmarks/README.md): liblinear on small problems, where the torch solver's many small
+operations cost more than its arithmetic (the demo's 48 training rows: 0.03 s against 0.08 s),
+and on 15-Scene's narrower primal layers where two cores are free for its fits; the torch solver
+in kernel form from a few hundred training rows (VGG16's 4096-wide layers of 15-Scene: 6 to 9x
+faster), on large problems (100 classes and 10,000 training rows of 2048 values: 65 s, where
+liblinear had not finished after 5 minutes), where the cores are taken, and on the GPU. The
+layer is streamed and fitted in kernel form when it has more values than training rows
+(featx.probes.linear).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 torch runs an operation on a team of OpenMP threads that meet at a barrier when it ends. Where
 other processes want the same cores, a thread of the team waits for its turn and the others wait
 for it, once per operation. The batched solver runs thousands of small operations: on 2 cores
-with two busy processes beside it, its fit of a 1500 x 1280 layer took 180 s on two threads
-against 14 s on one (benchmarks/README.md, "contention.py"). A barrier costs little beside an
-operation of several GFLOP, so an operation gets one thread per FLOPS_PER_THREAD of its work, at
+with two busy processes beside it, an operation of its shape and 0.86 GFLOP took 456 ms on two
+threads against 45 ms on one (benchmarks/README.md, "solver_cost.py"); two threads paid only from
+about 30 GFLOP. A barrier costs little beside an operation of tens of GFLOP, so an operation gets one thread per FLOPS_PER_THREAD of its work, at
 most the cores this process may use (`os.sched_getaffinity`), at most the cap (`--threads`; by
 default torch's own thread count, which OMP_NUM_THREADS sets), and no more than the cores that
 other tasks leave idle when the probe starts, plus its own (the tasks running or ready, from
