@@ -5,12 +5,12 @@ other processes want the same cores, a thread of the team waits for its turn and
 for it, once per operation. The batched solver runs thousands of small operations: on 2 cores
 with two busy processes beside it, an operation of its shape and 0.86 GFLOP took 456 ms on two
 threads against 45 ms on one (benchmarks/README.md, "solver_cost.py"); two threads paid only from
-about 30 GFLOP. A barrier costs little beside an operation of tens of GFLOP, so an operation gets one thread per FLOPS_PER_THREAD of its work, at
-most the cores this process may use (`os.sched_getaffinity`), at most the cap (`--threads`; by
-default torch's own thread count, which OMP_NUM_THREADS sets), and no more than the cores that
-other tasks leave idle when the probe starts, plus its own (the tasks running or ready, from
-/proc/loadavg). A small problem, or a probe on cores other processes keep busy, runs on one
-thread: no team, no barrier.
+about 30 GFLOP. A barrier costs little beside an operation of tens of GFLOP, so an operation gets
+one thread per FLOPS_PER_THREAD of its work, at most the cores this process may use
+(`os.sched_getaffinity`), at most the cap (`--threads`; by default torch's own thread count,
+which OMP_NUM_THREADS sets), and no more than the cores that other tasks leave idle when the probe
+starts, plus its own (the tasks running or ready, from /proc/loadavg). A small problem, or a
+probe on cores other processes keep busy, runs on one thread: no team, no barrier.
 
 torch has no runtime switch for OpenMP's spin-waiting (OMP_WAIT_POLICY and GOMP_SPINCOUNT are
 read once, when torch loads its OpenMP library); one thread is also what keeps a small probe from
@@ -69,8 +69,9 @@ def runnable_tasks() -> int | None:
 
 def thread_cap(threads: int | None = None) -> int:
     """The most threads a probe may use now: `threads` (checked already), else torch's own count;
-    never more than the cores this process may use, nor more than one beside each core that no
-    other task wants now (a thread beyond those waits for a core, and the others for it)."""
+    never more than the cores this process may use, nor more than its own core and the cores no
+    other task is running or waiting on (a thread beyond those waits for a core, and the others
+    wait for it)."""
     import torch
 
     cores = available_cores()
