@@ -10,7 +10,7 @@ Two solvers give the same classifier (tests and benchmarks/svm.py compare them):
 width, classes, C values x folds, kernel form or primal, device) and for the cores free when the
 probe starts (featx.probes.costs, featx.probes.threads). Neither wins everywhere
 (benchmarks/README.md): liblinear on small problems, where the torch solver's many small
-operations cost more than its arithmetic (the demo's 48 training rows: 0.03 s against 0.08 s),
+operations cost more than its arithmetic (the demo's 48 training rows: 0.02 s against 0.05 s),
 and on 15-Scene's narrower primal layers where two cores are free for its fits; the torch solver
 in kernel form from a few hundred training rows (VGG16's 4096-wide layers of 15-Scene: 6 to 9x
 faster), on large problems (100 classes and 10,000 training rows of 2048 values: 65 s, where
