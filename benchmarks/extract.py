@@ -10,9 +10,16 @@ memory; on the device given (--device). A layer that is not a module's output (a
 has no hook point: the baseline traces that one node instead, a pass that stops there, which can
 only make the baseline faster.
 
-With --table, both sides also train a linear SVM per layer on a seeded split (featx: its defaults;
-baseline: sklearn's LinearSVC() on the raw features), which gives the end-to-end ratio of the whole
-layer-comparison table and both sides' accuracies.
+With --table, the whole layer-comparison table is timed end to end, each side in a process of its
+own (benchmarks/table_run.py), on the same images (a temporary folder of links to them): featx is
+the `featx table` command with its defaults (C by cross-validation, its solver choice, tables and
+figures written), the usual way is the baseline above followed by scikit-learn's LinearSVC() (C = 1,
+fixed) per layer on the raw features, on the same seeded split. Both start Python and import what
+they need within their time. The script prints the ratio, where featx's time goes (start-up,
+imports, building and tracing the network, extraction, probes, tables and figures; and each
+extraction stage timed alone) and both sides' accuracies, and which precision each side used.
+The usual way runs in float32; featx in its `auto` precision (float32 on a CPU), and with
+--also-precision once more in another (bf16: not like for like, said so).
 
     python benchmarks/extract.py --dataset ../shared/data/15scene --images 300 --table
 """
@@ -21,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,20 +40,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from sklearn.svm import LinearSVC
-from torchvision.models.feature_extraction import create_feature_extractor
+from table_run import usual_features
 
+from featx.cache.key import CacheKey
 from featx.cache.store import FeatureStore
 from featx.data.decode import pil_batches
-from featx.data.images import ImageSet, load_image
-from featx.data.preprocess import normalize, prepare
+from featx.data.images import ImageSet
 from featx.data.scan import find_images
-from featx.data.splits import seeded_split
-from featx.extract.forward import LayerExtractor, batches_of, resolve_device, to_vectors
+from featx.extract.forward import LayerExtractor, batches_of
 from featx.extract.run import extract_to_cache
 from featx.models import load_model
-from featx.probes import ProbeOptions, get_probe
-from featx.probes.stream import LayerStream
 
 from machine import cpu_name
 
@@ -64,7 +69,9 @@ def peak_rss_mib() -> float:
 
 
 def open_store(root: Path, images: ImageSet, extractor: LayerExtractor) -> FeatureStore:
-    return FeatureStore.open_for(root, images, extractor.model.weights, precision=extractor.precision,
+    weights = extractor.model.weights
+    key = CacheKey.of(weights, precision=extractor.precision, dtype=extractor.dtype)
+    return FeatureStore.open_for(root, images, key=key, weights=weights,
                                  layer_names=[layer.name for layer in extractor.model.spec.layers])
 
 
@@ -80,10 +87,10 @@ def run_featx(images: ImageSet, args, cache: Path) -> tuple[dict[str, np.ndarray
     return features, {"seconds": seconds, "precision": extractor.precision,
                       "device": str(extractor.device), "peak_rss_mib": peak_rss_mib(),
                       "channels_last": extractor.channels_last,
-                      "breakdown": None if args.no_breakdown else breakdown(images, extractor, args, store)}
+                      "breakdown": None if args.no_breakdown else breakdown(images, extractor, args)}
 
 
-def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureStore) -> dict:
+def breakdown(images: ImageSet, extractor: LayerExtractor, args) -> dict:
     """Each stage of featx timed alone over the same images: decode (workers), forward, copy to
     host, HDF5 write. In the real run they overlap."""
     batches = batches_of(range(len(images)), args.batch_size)
@@ -114,67 +121,92 @@ def breakdown(images: ImageSet, extractor: LayerExtractor, args, store: FeatureS
     return {"decode_s": decode, "forward_s": forward, "copy_to_host_s": copy, "write_s": write}
 
 
-def run_baseline(images: ImageSet, model_name: str, weights: str, layers: list[str] | None,
-                 device: str = "cpu") -> tuple[dict[str, np.ndarray], float]:
-    """One full forward pass per layer with a hook, fp32, PIL in the main process, batch 32, on
-    `device`; features kept in memory."""
-    model = load_model(model_name, weights)
-    target_device = resolve_device(device)
-    module, preprocess = model.module.eval().to(target_device), model.preprocess
-    sync = torch.cuda.synchronize if target_device.type == "cuda" else (lambda: None)
-    started = time.perf_counter()
-    features = {}
-    modules = dict(module.named_modules())
-    for layer in model.spec.resolve_layers(layers):
-        captured: list[np.ndarray] = []
-        if layer.node in modules:
-            def hook(_module, _inputs, output, layer=layer, captured=captured):
-                captured.append(to_vectors(layer, output).float().cpu().numpy())
-
-            handle = modules[layer.node].register_forward_hook(hook)
-            run = module
-        else:  # a pooled view, not a module: its node traced alone
-            handle = None
-            traced = create_feature_extractor(module, return_nodes=[layer.node])
-
-            def run(x, layer=layer, captured=captured, traced=traced):
-                captured.append(to_vectors(layer, traced(x)[layer.node]).float().cpu().numpy())
-        try:
-            for start in range(0, len(images), 32):
-                paths = images.paths[start:start + 32]
-                batch = torch.stack([prepare(preprocess, load_image(images.root / p)) for p in paths])
-                with torch.no_grad():
-                    run(normalize(preprocess, batch.to(target_device)))
-        finally:
-            if handle is not None:
-                handle.remove()
-        sync()
-        features[layer.name] = np.concatenate(captured)
-    return features, time.perf_counter() - started
+def link_subset(images: ImageSet, folder: Path) -> Path:
+    """A folder of links to `images` (class folders as in the dataset), so that a command given a
+    folder sees exactly these images, in the same order."""
+    for path in images.paths:
+        target = folder / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to((images.root / path).resolve())
+    return folder
 
 
-def svm_both(images: ImageSet, featx_features: dict, baseline_features: dict, per_class: int,
-             seed: int) -> dict:
-    """A linear SVM per layer on both sides' features, on one seeded split: featx's probe streams
-    its features from a cache (written here from featx's side), the baseline fits LinearSVC()."""
-    split = seeded_split(images.labels, images.classes, per_class, seed=seed)
-    rows = {}
+def run_side(side: str, arguments: list[str], out: Path) -> dict:
+    """One side of the table in a process of its own (benchmarks/table_run.py): its record, with
+    the process's whole wall time and the time before its script began (start-up)."""
+    script = Path(__file__).resolve().parent / "table_run.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.time()
+    subprocess.run([sys.executable, str(script), side, str(out), *arguments], check=True, env=env)
+    wall = time.time() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    record = json.loads(out.read_text())
+    record["wall_s"] = wall
+    record["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    record["stages"] = {"start-up": record["started"] - began, **record["stages"]}
+    return record
+
+
+def featx_table(folder: Path, args, precision: str, tmp: Path) -> dict:
+    """featx's side: `featx table` on the folder, in a process of its own, with `precision`."""
+    out, cache = tmp / f"out-{precision}", tmp / f"cache-{precision}"
+    command = ["table", str(folder), "--model", args.model, "--weights", args.weights,
+               "--train-per-class", str(args.train_per_class), "--cache", str(cache), "--out", str(out),
+               "--precision", precision, "--device", args.device,
+               *(["--workers", str(args.workers)] if args.workers is not None else [])]
+    featx = run_side("featx", ["--", *command], tmp / f"featx-{precision}.json")
+    report = json.loads((out / "table.json").read_text())
+    featx["layers"] = {row["layer"]: {"seconds": row["train_seconds"], "accuracy": row["accuracy"],
+                                      "solver": row["solver"], "dim": row["dim"]} for row in report["layers"]}
+    featx["precision"] = report["models"][0]["extraction_runs"][-1]["precision"]
+    stages = featx["stages"]
+    accounted = sum(v for k, v in stages.items() if k not in ("command", "start-up", "imports"))
+    stages["other"] = stages.pop("command") - accounted
+    return featx
+
+
+def whole_table(images: ImageSet, args) -> dict:
+    """Both sides' whole table, end to end, on the same images and split; featx with `--precision`
+    (like for like: the usual way is fp32) and, with --also-precision, once more in another."""
     with tempfile.TemporaryDirectory() as tmp:
-        store = FeatureStore.for_arrays(Path(tmp), "features", images.labels, classes=images.classes,
-                                        layers={name: x.shape[1] for name, x in featx_features.items()})
-        for name, x in featx_features.items():
-            for k, (start, stop) in enumerate(store.shard_ranges(name)):
-                store.write_shard(name, k, np.arange(start, stop), features=x[start:stop], skipped={})
-        for name in featx_features:
-            result, _ = get_probe("svm").train(LayerStream(store, name), split, ProbeOptions(seed=seed))
-            xb, y = baseline_features[name], images.labels
-            started = time.perf_counter()
-            reference = LinearSVC().fit(xb[split.train], y[split.train])
-            baseline_s = time.perf_counter() - started
-            rows[name] = {"featx_s": result.train_seconds, "featx_accuracy": result.accuracy,
-                          "baseline_s": baseline_s, "baseline_accuracy":
-                          float((reference.predict(xb[split.test]) == y[split.test]).mean())}
-    return rows
+        folder = link_subset(images, Path(tmp) / images.root.name)
+        featx = featx_table(folder, args, args.precision, Path(tmp))
+        also = featx_table(folder, args, args.also_precision, Path(tmp)) if args.also_precision else None
+        usual = run_side("usual", ["--dataset", str(folder), "--model", args.model, "--weights", args.weights,
+                                   "--train-per-class", str(args.train_per_class)], Path(tmp) / "usual.json")
+    table = {"featx": featx, "usual": usual, "ratio": usual["wall_s"] / featx["wall_s"],
+             "cpu_ratio": usual["cpu_s"] / featx["cpu_s"]}
+    if also:
+        table["also"] = {**also, "ratio": usual["wall_s"] / also["wall_s"],
+                         "cpu_ratio": usual["cpu_s"] / also["cpu_s"]}
+    return table
+
+
+def print_table(table: dict, alone: dict | None) -> None:
+    featx, usual = table["featx"], table["usual"]
+    print(f"whole table, end to end: featx {featx['wall_s']:.1f} s ({featx['precision']}), usual way "
+          f"{usual['wall_s']:.1f} s ({usual['precision']}): ratio {table['ratio']:.1f}x; CPU time (every "
+          f"process and thread) {featx['cpu_s']:.1f} s against {usual['cpu_s']:.1f} s: "
+          f"{table['cpu_ratio']:.1f}x")
+    sides = [("featx", featx), ("usual", usual)]
+    if "also" in table:
+        also = table["also"]
+        print(f"  featx in {also['precision']} against the usual way in fp32 (not like for like): "
+              f"{also['wall_s']:.1f} s, ratio {also['ratio']:.1f}x; CPU time {also['cpu_s']:.1f} s, "
+              f"{also['cpu_ratio']:.1f}x")
+        sides.insert(1, (f"featx {also['precision']}", also))
+    for name, side in sides:
+        print(f"  {name}'s time: " + ", ".join(f"{k} {v:.1f} s" for k, v in side["stages"].items()))
+    if alone:
+        print("  featx's extraction stages, each alone: " + ", ".join(
+            f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in alone.items()))
+    print(f"  extraction alone: {usual['stages']['extraction'] / featx['stages']['extraction']:.1f}x")
+    for name, row in featx["layers"].items():
+        theirs = usual["layers"][name]
+        print(f"  {name:<12} {row['dim']:>7}  featx svm ({row['solver']}) {row['seconds']:6.2f} s acc "
+              f"{row['accuracy']:.4f} | LinearSVC() {theirs['seconds']:6.2f} s acc {theirs['accuracy']:.4f}")
 
 
 def main() -> None:
@@ -192,45 +224,48 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="featx alone (e.g. for memory)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip timing each stage alone")
     parser.add_argument("--no-channels-last", action="store_true", help="featx in the default layout")
-    parser.add_argument("--table", action="store_true", help="also train an SVM per layer on both sides")
+    parser.add_argument("--table", action="store_true",
+                        help="the whole table end to end on both sides (extraction, SVMs, reports)")
     parser.add_argument("--train-per-class", type=int, default=10)
+    parser.add_argument("--also-precision", default=None,
+                        help="with --table: featx's side once more in this precision (such as bf16)")
     args = parser.parse_args()
 
     images = subset(find_images(args.dataset), args.images)
     n = len(images)
-    with tempfile.TemporaryDirectory() as tmp:
-        ours, info = run_featx(images, args, Path(tmp))
-    record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device_name": torch.cuda.get_device_name() if info["device"].startswith("cuda")
-              else cpu_name(),
-              "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+    record = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": cpu_name(),
+              "load": os.getloadavg()[0], "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
               "torchvision": torchvision.__version__, "model": args.model, "weights": args.weights,
-              "layers": list(ours), "images": n, "batch_size": args.batch_size,
-              "workers": args.workers, "featx": info}
-    layout = "channels_last" if info["channels_last"] else "default layout"
-    print(f"{args.model} [{', '.join(ours)}] on {n} images, {info['device']} {info['precision']}, "
-          f"{layout}")
-    print(f"featx:    {info['seconds']:8.1f} s  {n / info['seconds']:8.1f} images/s  "
-          f"(peak RSS {info['peak_rss_mib']:.0f} MiB)")
-    if info["breakdown"]:
-        print("  where the time goes (each stage alone): " + ", ".join(
-            f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in info["breakdown"].items()))
-    if not args.no_baseline:
-        theirs, baseline_s = run_baseline(images, args.model, args.weights, args.layers, args.device)
-        record["baseline"] = {"seconds": baseline_s}
-        print(f"baseline: {baseline_s:8.1f} s  {n / baseline_s:8.1f} images/s")
-        print(f"extraction ratio: {baseline_s / info['seconds']:.1f}x")
-        if args.table:
-            rows = svm_both(images, ours, theirs, args.train_per_class, 0)
-            record["svm"] = rows
-            for name, row in rows.items():
-                print(f"  {name:<12} svm featx {row['featx_s']:6.2f} s acc {row['featx_accuracy']:.4f} | "
-                      f"LinearSVC() {row['baseline_s']:6.2f} s acc {row['baseline_accuracy']:.4f}")
-            featx_total = info["seconds"] + sum(r["featx_s"] for r in rows.values())
-            baseline_total = baseline_s + sum(r["baseline_s"] for r in rows.values())
-            record["table"] = {"featx_s": featx_total, "baseline_s": baseline_total}
-            print(f"whole table: featx {featx_total:.1f} s, baseline {baseline_total:.1f} s, "
-                  f"ratio {baseline_total / featx_total:.1f}x")
+              "images": n, "batch_size": args.batch_size, "workers": args.workers}
+    if args.table:
+        print(f"{args.model} on {n} images of {images.root.name}; the whole table end to end; "
+              f"load {record['load']:.1f}", flush=True)
+        record["table"] = whole_table(images, args)
+        alone = None
+        if not args.no_breakdown:
+            model = load_model(args.model, args.weights)
+            extractor = LayerExtractor(model, model.spec.resolve_layers(args.layers), args.device,
+                                       precision=args.precision, channels_last=not args.no_channels_last)
+            alone = record["table"]["alone"] = breakdown(images, extractor, args)
+        print_table(record["table"], alone)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            ours, info = run_featx(images, args, Path(tmp))
+        record.update(device_name=torch.cuda.get_device_name() if info["device"].startswith("cuda")
+                      else cpu_name(), layers=list(ours), featx=info)
+        layout = "channels_last" if info["channels_last"] else "default layout"
+        print(f"{args.model} [{', '.join(ours)}] on {n} images, {info['device']} {info['precision']}, "
+              f"{layout}")
+        print(f"featx:    {info['seconds']:8.1f} s  {n / info['seconds']:8.1f} images/s  "
+              f"(peak RSS {info['peak_rss_mib']:.0f} MiB)")
+        if info["breakdown"]:
+            print("  where the time goes (each stage alone): " + ", ".join(
+                f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in info["breakdown"].items()))
+        if not args.no_baseline:
+            _, _, baseline_s = usual_features(images, args.model, args.weights, args.layers, args.device)
+            record["baseline"] = {"seconds": baseline_s}
+            print(f"baseline: {baseline_s:8.1f} s  {n / baseline_s:8.1f} images/s")
+            print(f"extraction ratio: {baseline_s / info['seconds']:.1f}x")
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "extract.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

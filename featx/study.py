@@ -43,6 +43,7 @@ from featx.options import (
 from featx.probes import ProbeOptions, ProbeResult, get_probe, parse_probe_params, parse_probes
 from featx.probes.linear import train_gram
 from featx.probes.stream import LayerStream
+from featx.probes.threads import check_threads
 from featx.report.similarity import Similarity, similarity
 from featx.report.tables import CurvePoint, LayerReport, ModelIdentity, ProbeScore, Report, write_table
 
@@ -73,6 +74,7 @@ class ProbingOptions:
     device: str = "auto"
     probe_params: Sequence[str] | Mapping[str, object] = ()
     verify: Verify | None = None  # how the cache's images are recognised; None: as the cache says
+    threads: int | None = None  # at most this many threads per probe (None: torch's own count)
     curve: tuple[int, ...] = ()  # the sizes of the learning curve (from train_per_class)
 
     def __post_init__(self) -> None:
@@ -98,6 +100,7 @@ class ProbingOptions:
         if not (isinstance(self.probe_params, Mapping) and set(self.probe_params) == set(self.probe)):
             object.__setattr__(self, "probe_params", parse_probe_params(self.probe_params, self.probe))
         object.__setattr__(self, "memory", parse_memory(self.memory))
+        object.__setattr__(self, "threads", check_threads(self.threads))
         object.__setattr__(self, "device", parse_device(self.device))
         resolve_device(self.device)  # a GPU asked for where there is none: said before any work
         if self.verify is not None:
@@ -108,7 +111,7 @@ class ProbingOptions:
     def probe_options(self, probe: str) -> ProbeOptions:
         """What the probe `probe` is given: the shared settings and its own parameters."""
         return ProbeOptions(C=self.C, seed=self.seed, solver=self.solver, memory=self.memory,
-                            params=self.probe_params.get(probe, {}))
+                            params=self.probe_params.get(probe, {}), threads=self.threads)
 
 
 def check_split(images: ImageSet, probing: ProbingOptions) -> None:

@@ -138,6 +138,8 @@ BAD = [
     (["svm", "--cache", "{cache}", "--memory", "lots"], "--memory must be a size"),
     (["svm", "--cache", "{cache}", "--memory", "10M"], "--memory must be at least"),
     (["svm", "--cache", "{cache}", "--device", "tpu"], "--device must be"),
+    (["svm", "--cache", "{cache}", "--threads", "0"], "--threads must be a whole number from 1 to"),
+    (["svm", "--cache", "{cache}", "--threads", "x"], "--threads"),
     (["similarity", "--cache", "{cache}", "--memory", "2 pints"], "--memory must be a size"),
     (["similarity", "--cache", "{cache}", "--device", "gpu0"], "--device must be"),
     (["svm", "--cache", "{cache}", "--device", "cuda:0"], "no CUDA GPU is available"),
@@ -163,6 +165,7 @@ BAD = [
     (["table", "{tiny}", *LITE_RANDOM, "--splits", "-1"], "--splits must be"),
     (["table", "{tiny}", *LITE_RANDOM, "--probe", "svm,lda"], "--probe must be among"),
     (["table", "{tiny}", *LITE_RANDOM, "--memory", "-2G"], "--memory must be a size"),
+    (["table", "{tiny}", *LITE_RANDOM, "--threads", "100000"], "--threads must be a whole number from 1 to"),
     (["table", "{root}/oneclass", *LITE_RANDOM, "--C", "1"], "has one class"),
     # layers, models
     (["layers", "--model", "vgg99"], "unknown model"),

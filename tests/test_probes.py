@@ -47,7 +47,7 @@ def test_kernel_form_predicts_as_linear_svc_on_the_raw_features(tmp_path, solver
     store = array_store(tmp_path, {"layer": x}, y)
     result, model = train(store, "layer", split, C=0.5, solver=solver)
     assert result.kernel_form and len(split.train) < x.shape[1] and result.solver == solver
-    assert train(store, "layer", split, C=0.5)[0].solver == "torch"  # auto in kernel form
+    assert train(store, "layer", split, C=0.5)[0].solver == "liblinear"  # auto: a small problem
     xs = normalize(x)
     reference = LinearSVC(C=0.5, max_iter=20000, tol=1e-8).fit(xs[split.train], y[split.train])
     expected = reference.predict(xs[split.test])
@@ -81,7 +81,7 @@ def test_features_are_used_directly_when_there_are_more_images_than_dimensions(t
     x, y, split = problem(n_per_class=40, dim=10)
     store = array_store(tmp_path, {"layer": x}, y)
     result, model = train(store, "layer", split, C=1.0, scaling="standardize")
-    assert not result.kernel_form and result.solver == "torch"  # what auto stands for
+    assert not result.kernel_form and result.solver == "liblinear"  # what auto picks for a small one
     assert result.n_train == 60 and result.n_test == 60 and result.dim == 10
     reference = make_pipeline(StandardScaler(), LinearSVC(C=1.0, tol=1e-8, max_iter=20000)).fit(
         x[split.train], y[split.train])

@@ -90,8 +90,12 @@ ProbeOption = Annotated[list[str] | None, typer.Option(
     "--probe-option", help="A probe's own parameter as PROBE.PARAM=VALUE, such as knn.k=10; repeat for "
                            "several. `featx probes` lists them with their defaults and ranges.")]
 SolverOption = Annotated[str, typer.Option(
-    "--solver", help=f"Linear probe solver: {Solver.names()}. torch: every C and fold as one batched "
-                     "problem, GPU or CPU; liblinear: scikit-learn's LinearSVC.")]
+    "--solver", help=f"Linear SVM solver: {Solver.names()}. torch: every C and fold as one batched "
+                     "problem, GPU or CPU; liblinear: scikit-learn's LinearSVC; auto: the faster for "
+                     "each layer's size (the table's notes say which).")]
+Threads = Annotated[int | None, typer.Option(
+    help="At most this many threads per probe, from 1 to the cores featx may use. Default: torch's "
+         "own count; a probe runs on fewer where its work is small (one for a small layer).")]
 Memory = Annotated[str, typer.Option(
     help="Memory budget of a probe (such as 2G or 512M): layers stream from the cache in blocks "
          "within it, whatever their size.")]
@@ -234,7 +238,7 @@ def svm(
     decode: CachedDecode = None, cache: Cache = None, C: CValue = "auto", scaling: ScalingOption = "l2",
     train_per_class: TrainPerClass = None, seed: Seed = 0, split: SplitFile = None,
     splits: Splits = 1, out: OutDir = None, probe: Probe = "svm", probe_option: ProbeOption = None,
-    solver: SolverOption = "auto", memory: Memory = "2G", device: Device = "auto",
+    solver: SolverOption = "auto", memory: Memory = "2G", device: Device = "auto", threads: Threads = None,
     verify: Annotated[str | None, typer.Option(
         "--verify", help="size or hash: how the cache's images are checked before scoring, for this run "
                          "(default: as the cache was made).", show_default=False)] = None,
@@ -254,7 +258,7 @@ def svm(
 
     options = _probing_options(split, C=C, scaling=scaling, train_per_class=train_per_class, seed=seed,
                                splits=splits, probe=probe, solver=solver, memory=memory, device=device,
-                               probe_params=probe_option or (), verify=verify)
+                               probe_params=probe_option or (), verify=verify, threads=threads)
     store = find_store(cache, dataset, model, weights=weights, tta=tta, dtype=dtype, decode=decode)
     out_dir = out or default_out_dir(store)
     lead = Ranks.from_env().lead  # under torchrun every rank probes, rank 0 reports
@@ -276,7 +280,7 @@ def table(
     C: CValue = "auto", scaling: ScalingOption = "l2", train_per_class: TrainPerClass = None,
     seed: Seed = 0, split: SplitFile = None, splits: Splits = 1, out: OutDir = None,
     probe: Probe = "svm", probe_option: ProbeOption = None, solver: SolverOption = "auto",
-    memory: Memory = "2G",
+    memory: Memory = "2G", threads: Threads = None,
     html: Annotated[Path | None, typer.Option(help="Also write the one-page HTML report here.")] = None,
     device: Device = "auto",
     precision: PrecisionOption = "auto", batch_size: BatchSize = None, workers: Workers = None,
@@ -302,7 +306,7 @@ def table(
                                        tta=tta, decode=decode, max_pixels=max_pixels)
     probing = _probing_options(split, C=C, scaling=scaling, train_per_class=train_per_class, seed=seed,
                                splits=splits, probe=probe, solver=solver, memory=memory, device=device,
-                               probe_params=probe_option or ())
+                               probe_params=probe_option or (), threads=threads)
     if html:
         writable_file(html, "html")
     lead = Ranks.from_env().lead  # under torchrun every rank extracts and probes, rank 0 reports

@@ -27,6 +27,7 @@ import numpy as np
 
 from featx.errors import FeatxError, OptionError
 from featx.options import DEFAULT_MEMORY, Solver
+from featx.probes.threads import check_threads
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class ProbeResult:
     converged: bool
     probe: str = "svm"
     balanced_accuracy: float = float("nan")
-    solver: str = ""  # the solver that fitted it (svm: torch or liblinear)
+    solver: str = ""  # the solver that fitted it (svm: torch or liblinear, as --solver or auto chose)
     cv_scores: dict[str, float] = field(default_factory=dict)
     C_edge: str = ""  # "top" or "bottom": cross-validation chose C at that end of the grid it searched
     y_true: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # per test row
@@ -58,16 +59,19 @@ class ProbeResult:
 @dataclass(frozen=True)
 class ProbeOptions:
     """What every probe is given besides the layer and the split: `params` holds the values of the
-    probe's own parameters (its `Probe.params`, defaults filled in)."""
+    probe's own parameters (its `Probe.params`, defaults filled in); `threads` caps the threads a
+    probe runs on (None: torch's own count; featx.probes.threads sizes them to the work)."""
 
     C: float | str = "auto"
     seed: int = 0
     solver: Solver = Solver.AUTO
     memory: int = DEFAULT_MEMORY
     params: Mapping[str, float] = field(default_factory=dict)
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "solver", Solver.parse(self.solver, "solver"))
+        object.__setattr__(self, "threads", check_threads(self.threads))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch
 from featx.data.splits import Split
 from featx.probes import Probe, ProbeOptions, ProbeParam, ProbeResult, balanced_accuracy, register
 from featx.probes.stream import LayerStream
+from featx.probes.threads import running_on, thread_cap, threads_for
 
 NEIGHBOURS = 20
 TEMPERATURE = 0.07
@@ -25,9 +26,16 @@ def _unit(rows: torch.Tensor) -> torch.Tensor:
 
 
 def train_layer(stream: LayerStream, split: Split, options: ProbeOptions) -> tuple[ProbeResult, None]:
-    """Score the test rows by their nearest training rows; no model is saved (it would be the
-    training rows themselves)."""
+    """Score the test rows by their nearest training rows, on the threads a block's similarities
+    are worth (featx.probes.threads); no model is saved (it would be the training rows themselves)."""
     started = time.perf_counter()
+    similarities = stream.block_flops(min(len(split.train), max(1, options.memory // 2 // stream.row_bytes)))
+    with running_on(threads_for(similarities, thread_cap(options.threads))):
+        return _train_layer(stream, split, options, started=started)
+
+
+def _train_layer(stream: LayerStream, split: Split, options: ProbeOptions, *, started: float,
+                 ) -> tuple[ProbeResult, None]:
     stream.memo.clear()  # what a linear probe kept for the next one: k-NN needs the room
     budget = stream.budget_left(options.memory)
     stream.fit_scaling(split.train, budget)

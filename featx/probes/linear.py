@@ -23,16 +23,20 @@ gradients, Hessian products and losses over the ranks, so the ranks' budgets add
 
 C is chosen by stratified cross-validation on the training rows: the torch solver fits every C of
 the grid on every fold as one batched problem, then the chosen C on all training rows.
+
+Threads (featx.probes.threads): each stage of a probe (the training rows and their Gram matrix,
+the solve, the weights and the test scores) runs on threads sized to its largest operation, at
+most the probe's cap; the count before the probe is restored after each stage.
 """
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -44,8 +48,10 @@ from featx.data.splits import Split
 from featx.errors import FeatxError
 from featx.options import describe_bytes
 from featx.probes import ProbeOptions, ProbeResult, balanced_accuracy
+from featx.probes.costs import SolveShape, liblinear_workers, torch_threads
 from featx.probes.solvers import LinearFit, Total, decision, whole, working_bytes
 from featx.probes.stream import LayerStream
+from featx.probes.threads import running_on, thread_cap, threads_for
 
 CV_FOLDS = 3
 Solver = Callable[..., LinearFit]  # (x, y, masks, *, C, n_classes, total=) as fit_squared_hinge
@@ -76,6 +82,7 @@ def training_rows(stream: LayerStream, positions: np.ndarray, budget: int, *, sp
     """The training rows at `positions` of the stream, in primal or kernel form (see above), split
     between the ranks when they do not fit one rank's budget and the solver `splits` (sums over
     ranks); the last one made is kept on the stream, so the probes of one layer and split share it."""
+    splits = splits and stream.ranks.several  # one process: the same rows for every solver
     key = (positions.tobytes(), stream.scaling_key(), splits)
     if key not in stream.memo:
         stream.memo.clear()
@@ -256,18 +263,35 @@ def fitted_scaler(stream: LayerStream):
 
 
 Pick = tuple[str, Solver, Callable[..., int]]  # the solver's name, the solver, its memory
+Picker = Callable[[SolveShape, int], Pick]  # (the solve's shape, the thread cap) -> the solver
+
+
+def solve_shape(stream: LayerStream, split: Split, options: ProbeOptions, *, grid: tuple[float, ...],
+                ) -> SolveShape:
+    """What the solve of this layer and split will cost, known before any row is read: the
+    solver sees the training rows (kernel form: their coordinates, as many as the rows at most)."""
+    n = len(split.train)
+    problems = len(grid) * CV_FOLDS + 1 if options.C == "auto" else 1
+    return SolveShape(rows=n, width=min(stream.dim, n), classes=len(stream.store.classes),
+                      problems=problems, kernel_form=stream.dim > n, device=stream.device)
 
 
 def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, *, probe: str,
-                 grid: tuple[float, ...], pick: Pick) -> tuple[ProbeResult, torch.Tensor, torch.Tensor]:
+                 grid: tuple[float, ...], pick: Picker) -> tuple[ProbeResult, torch.Tensor, torch.Tensor]:
     """Fit on the training rows (C by cross-validation when `options.C` is auto) with the solver
-    `pick` names, score the test rows; returns the result and the weights and intercept on the
-    layer's scaled values."""
+    `pick` chooses for the solve's shape, score the test rows; returns the result and the weights
+    and intercept on the layer's scaled values. Each stage runs on the threads its work is worth
+    (featx.probes.threads)."""
     started = time.perf_counter()
-    budget = stream.budget_left(options.memory)
-    stream.fit_scaling(split.train, budget)
-    solver, solve, memory_per_problem = pick
-    training = training_rows(stream, split.train, budget, splits=solver == "torch")
+    cap = thread_cap(options.threads)
+    shape = solve_shape(stream, split, options, grid=grid)
+    solver, solve, memory_per_problem = pick(shape, cap)
+    n = len(split.train)
+    gram = max(stream.block_flops(n), 4.0 * n ** 3) if shape.kernel_form else 0.0  # and its eigh
+    with running_on(threads_for(gram, cap)):
+        budget = stream.budget_left(options.memory)
+        stream.fit_scaling(split.train, budget)
+        training = training_rows(stream, split.train, budget, splits=solver == "torch")
     n_classes = len(stream.store.classes)
     n, d = training.x.shape
     problems = len(grid) * CV_FOLDS if options.C == "auto" else 1
@@ -281,16 +305,19 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, *, pr
         raise FeatxError(f"the {probe} solver needs {describe_bytes(need)} for layer {stream.name} "
                          f"({n} training rows, {d} columns, {n_classes} classes) beside what it holds: "
                          f"--memory {describe_bytes(options.memory - room + 2 * need)} would work")
-    if options.C == "auto":
-        C, cv_scores = choose_C(training, grid, n_classes, seed=options.seed, solve=solve, at_once=at_once)
-        edge = "top" if C == max(grid) else "bottom" if C == min(grid) else ""
-    else:
-        C, cv_scores, edge = float(options.C), {}, ""
-    fit = solve(training.x, training.y, torch.ones((1, n), dtype=torch.bool, device=training.x.device),
-                C=torch.tensor([C], dtype=torch.float64), n_classes=n_classes, total=training.total)
-    weights = feature_weights(stream, training, fit.coef[0], budget=budget)
-    intercept = fit.intercept[0]
-    y_pred = predict_rows(stream, split.test, weights, intercept=intercept, budget=budget)
+    with running_on(torch_threads(shape, cap) if solver == "torch" else 1):
+        if options.C == "auto":
+            C, cv_scores = choose_C(training, grid, n_classes, seed=options.seed, solve=solve,
+                                    at_once=at_once)
+            edge = "top" if C == max(grid) else "bottom" if C == min(grid) else ""
+        else:
+            C, cv_scores, edge = float(options.C), {}, ""
+        fit = solve(training.x, training.y, torch.ones((1, n), dtype=torch.bool, device=training.x.device),
+                    C=torch.tensor([C], dtype=torch.float64), n_classes=n_classes, total=training.total)
+    with running_on(threads_for(max(stream.block_flops(n_classes), 2.0 * n_classes * n * stream.dim), cap)):
+        weights = feature_weights(stream, training, fit.coef[0], budget=budget)
+        intercept = fit.intercept[0]
+        y_pred = predict_rows(stream, split.test, weights, intercept=intercept, budget=budget)
     y_true = stream.labels[split.test]
     result = ProbeResult(
         layer=stream.name, dim=stream.dim, accuracy=float((y_pred == y_true).mean()),
@@ -302,9 +329,10 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, *, pr
     return result, weights, intercept
 
 
-def liblinear_solver(seed: int) -> Solver:
-    """scikit-learn's LinearSVC (liblinear, primal Newton) fitted per problem, in threads, with
-    the same interface as the torch solver; the reference the torch solver is checked against."""
+def liblinear_solver(seed: int, workers: int = 1) -> Solver:
+    """scikit-learn's LinearSVC (liblinear, primal Newton) fitted per problem, in up to `workers`
+    threads (liblinear releases the GIL; its fits wait on nothing), with the same interface as
+    the torch solver; the reference the torch solver is checked against."""
     from sklearn.svm import LinearSVC
 
     def solve(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, *, C: torch.Tensor,
@@ -325,8 +353,11 @@ def liblinear_solver(seed: int) -> Solver:
             return coef, intercept, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
         order = sorted(range(len(C)), key=lambda k: -float(C[k]))  # slowest first: threads end together
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # liblinear releases the GIL
-            done = dict(zip(order, pool.map(one, order)))
+        if workers == 1 or len(order) == 1:
+            done = {k: one(k) for k in order}
+        else:
+            with ThreadPoolExecutor(min(workers, len(order))) as pool:
+                done = dict(zip(order, pool.map(one, order)))
         fits = [done[k] for k in range(len(C))]
         device = x.device
         return LinearFit(
@@ -338,11 +369,17 @@ def liblinear_solver(seed: int) -> Solver:
     return solve
 
 
-def liblinear_bytes(n: int, d: int, problems: int, *, n_classes: int) -> int:
-    """Each concurrent fit (one per core) copies its rows to float64 (8 bytes a value) and to
+def liblinear_bytes(n: int, d: int, problems: int, *, n_classes: int, workers: int = 1) -> int:
+    """Each concurrent fit (one per worker) copies its rows to float64 (8 bytes a value) and to
     liblinear's own feature nodes (16 bytes a value); the weights are float64."""
-    return min(problems, os.cpu_count() or 1) * 24 * n * (d + 1) + 8 * n_classes * (d + 1) * problems
+    return min(problems, workers) * 24 * n * (d + 1) + 8 * n_classes * (d + 1) * problems
 
 
-__all__ = ["Training", "choose_C", "fitted_scaler", "liblinear_bytes", "liblinear_solver",
-           "train_linear", "working_bytes"]
+def liblinear_pick(shape: SolveShape, cap: int, *, seed: int) -> Pick:
+    """liblinear with its workers for this solve: one per fit, at most `cap`."""
+    workers = liblinear_workers(shape, cap)
+    return "liblinear", liblinear_solver(seed, workers), partial(liblinear_bytes, workers=workers)
+
+
+__all__ = ["Training", "choose_C", "fitted_scaler", "liblinear_bytes", "liblinear_pick", "liblinear_solver",
+           "solve_shape", "train_linear", "working_bytes"]

@@ -53,6 +53,12 @@ class LayerStream:
         block in flight costs about four times its size: as stored, in float32, selected, scaled)."""
         return self.rows_within(min(BLOCK_BYTES, budget // 8), "a block")
 
+    def block_flops(self, rows: int) -> float:
+        """Floating-point operations of a block of this layer (BLOCK_BYTES of rows at most) times
+        `rows` rows: the largest operation of a pass over the layer, which sizes its threads."""
+        block = min(len(self.index), max(1, BLOCK_BYTES // self.row_bytes))
+        return 2.0 * block * rows * self.dim
+
     def rows_within(self, budget: int, what: str) -> int:
         """How many rows fit in `budget` bytes; a budget too small for one row is a clear error."""
         rows = budget // self.row_bytes

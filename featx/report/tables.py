@@ -36,6 +36,7 @@ class ProbeScore:
     C_per_split: list[float] = field(default_factory=list)
     converged: bool = True  # the solver met its tolerance on every split (reports before: unknown)
     C_edge: str = ""  # cross-validation chose C at this end of its grid (on a split at least)
+    solver: str = ""  # the solver that fitted it (svm: torch or liblinear)
 
     @classmethod
     def from_results(cls, results: list[ProbeResult]) -> ProbeScore:
@@ -45,7 +46,7 @@ class ProbeScore:
                    C=results[0].C, train_seconds=float(np.mean([r.train_seconds for r in results])),
                    accuracy_std=float(np.std([r.accuracy for r in results])) if several else None,
                    C_per_split=[r.C for r in results] if several else [],
-                   converged=all(r.converged for r in results),
+                   converged=all(r.converged for r in results), solver=results[0].solver,
                    C_edge=next((r.C_edge for r in results if r.C_edge), ""))
 
 
@@ -304,6 +305,10 @@ def notes(report: Report) -> list[str]:
     lines.append(f"Split: {report.split}. Scaling: {report.scaling}. C: {how_c}.")
     lines.append("Balanced: mean per-class recall. Probes: "
                  + "; ".join(_probe_text(report, p) for p in report.probes) + ".")
+    solvers = _solver_text(report)
+    if solvers:
+        how = "auto, the faster by featx's cost model per layer" if report.solver == "auto" else report.solver
+        lines.append(f"Solver ({how}): {solvers}.")
     for probe in report.probes:
         unconverged = [f"{f'{layer.model} ' if report.multi_model else ''}{layer.layer}"
                        for layer in report.layers for score in [layer, *layer.other_probes]
@@ -355,6 +360,19 @@ def _markdown_table(rows: list[dict[str, str]]) -> list[str]:
     header = list(rows[0])
     return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             + ["| " + " | ".join(markdown_text(row[h]) for h in header) + " |" for row in rows])
+
+
+def _solver_text(report: Report) -> str:
+    """Which solver fitted which layers, per probe: `svm: liblinear on a, b; torch on c`, or
+    `logreg: torch` where one solver fitted every layer; empty for reports before solvers were kept."""
+    used: dict[str, dict[str, list[str]]] = {}
+    for layer in report.layers:
+        for score in [layer, *layer.other_probes]:
+            if score.solver:
+                where = f"{layer.model} {layer.layer}" if report.multi_model else layer.layer
+                used.setdefault(score.probe, {}).setdefault(score.solver, []).append(where)
+    return ". ".join(f"{probe}: " + (next(iter(by)) if len(by) == 1 else "; ".join(
+        f"{solver} on {', '.join(layers)}" for solver, layers in by.items())) for probe, by in used.items())
 
 
 def render_markdown(report: Report) -> str:
