@@ -150,6 +150,7 @@ MAX_SPLITS = 100  # random splits a table repeats its probes on
 MAX_PER_CLASS = 1_000_000  # training images per class
 MAX_CHANNELS = 1024  # feature maps one activation grid draws
 MAX_SEED = 2**32 - 1
+C_RANGE = (1e-6, 1e6)  # values of C a linear SVM on l2-scaled features can tell apart
 MAX_PIXELS = 200_000_000  # the default --max-pixels: a larger image is skipped, never decoded
 MAX_SHARD = 1 << 16  # images per shard (wide layers get fewer: featx.cache.store.SHARD_BYTES)
 WORKER_BYTES = 512 << 20  # what one decoding worker process may take

@@ -26,6 +26,7 @@ from featx.extract.ranks import Ranks
 from featx.extract.run import ExtractOptions, Progress, extract_images, logged_progress
 from featx.models import get_model
 from featx.options import (
+    C_RANGE,
     DEFAULT_MEMORY,
     MAX_PER_CLASS,
     MAX_SEED,
@@ -51,7 +52,6 @@ __all__ = ["ExtractOptions", "ProbingOptions", "evaluate", "extract", "find_stor
 
 
 log = logging.getLogger(__name__)
-C_RANGE = (1e-6, 1e6)  # values of C a linear SVM on l2-scaled features can tell apart
 
 
 @dataclass(frozen=True)

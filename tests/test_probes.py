@@ -301,3 +301,33 @@ def test_a_probe_stopped_at_its_step_limit_is_flagged_everywhere(tmp_path, monke
     assert "rounding can still move these accuracies): a." in notes
     row = json.loads((tmp_path / "out" / "svm.json").read_text())["layers"][0]
     assert row["converged"] is True and row["other_probes"][0]["converged"] is False
+
+
+def test_a_C_at_the_end_of_its_grid_widens_the_search_and_is_flagged_where_it_stays(tmp_path,
+                                                                                    monkeypatch) -> None:
+    """Cross-validation that picks an end of its grid looks a decade further at a time; a C that
+    still ends there is named in the table's notes; a flat score is no reason to look further."""
+    import json
+
+    from featx.probes import linear, svm
+
+    from conftest import run_cli
+
+    x, y, split = problem(n_per_class=40, dim=60, classes=4, separation=0.25)
+    store = array_store(tmp_path / "c", {"layer": x}, y)
+    monkeypatch.setattr(svm, "C_GRID", (0.001, 0.01))  # too small for this problem: best at the top
+    widened, _ = train(store, "layer", split)
+    assert list(widened.cv_scores) == ["0.001", "0.01", "0.1", "1"]  # 1 scored below 0.1: no further
+    assert widened.C == 0.1 and widened.C_edge == ""
+    monkeypatch.setattr(linear, "WIDEN_DECADES", 0)
+    kept, _ = train(store, "layer", split)
+    assert kept.C == 0.01 and kept.C_edge == "top"
+    result = run_cli("svm", "--cache", str(tmp_path / "c"), "--train-per-class", "20", "--device", "cpu",
+                     "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    notes = (tmp_path / "out" / "svm.md").read_text()
+    assert "C chosen at an end of the grid cross-validation searched" in notes and "(C 0.01, the top" in notes
+    assert json.loads((tmp_path / "out" / "svm.json").read_text())["layers"][0]["C_edge"] == "top"
+    flat_x, flat_y, flat_split = problem(n_per_class=40, dim=60, classes=4, separation=0.8)
+    flat, _ = train(array_store(tmp_path / "flat", {"layer": flat_x}, flat_y), "layer", flat_split)
+    assert set(flat.cv_scores.values()) == {1.0} and flat.C == 0.001 and flat.C_edge == ""

@@ -22,7 +22,9 @@ form) beyond one rank's budget are split: each rank holds its part and the torch
 gradients, Hessian products and losses over the ranks, so the ranks' budgets add up.
 
 C is chosen by stratified cross-validation on the training rows: the torch solver fits every C of
-the grid on every fold as one batched problem, then the chosen C on all training rows.
+the grid on every fold as one batched problem, then the chosen C on all training rows. Where the
+best C is at an end of the grid, the search goes on a decade at a time past it (at most two), and
+a C still at the end is flagged in the reports.
 
 Threads (featx.probes.threads): each stage of a probe (the training rows and their Gram matrix,
 the solve, the weights and the test scores) runs on threads sized to its largest operation, at
@@ -46,7 +48,7 @@ from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScale
 
 from featx.data.splits import Split
 from featx.errors import FeatxError
-from featx.options import describe_bytes
+from featx.options import C_RANGE, describe_bytes
 from featx.probes import ProbeOptions, ProbeResult, balanced_accuracy
 from featx.probes.costs import SolveShape, liblinear_workers, torch_threads
 from featx.probes.solvers import LinearFit, Total, decision, whole, working_bytes
@@ -54,6 +56,7 @@ from featx.probes.stream import LayerStream
 from featx.probes.threads import running_on, thread_cap, threads_for
 
 CV_FOLDS = 3
+WIDEN_DECADES = 2  # how far cross-validation looks past an end of its grid where the best C lies
 Solver = Callable[..., LinearFit]  # (x, y, masks, *, C, n_classes, total=) as fit_squared_hinge
 
 
@@ -211,6 +214,35 @@ def choose_C(training: Training, grid: tuple[float, ...], n_classes: int, *, see
     return best, {f"{C:g}": mean[C] for C in grid}
 
 
+def choose_C_widening(training: Training, grid: tuple[float, ...], n_classes: int, *, seed: int,
+                      solve: Solver, at_once: int | None = None) -> tuple[float, dict[str, float], str]:
+    """choose_C, then, while the best C is at an end of the grid and scores above its neighbour,
+    one more decade past that end (at most WIDEN_DECADES, within C_RANGE) on the same folds;
+    returns the C, every C's score and the end ("top", "bottom") the C still lies at, or ""."""
+    C, scores = choose_C(training, grid, n_classes, seed=seed, solve=solve, at_once=at_once)
+    searched = sorted(grid)
+    for _ in range(WIDEN_DECADES):
+        edge = _edge(C, searched, scores)
+        beyond = C * (10.0 if edge == "top" else 0.1)
+        if not edge or not C_RANGE[0] <= beyond <= C_RANGE[1]:
+            break
+        scores.update(choose_C(training, (beyond,), n_classes, seed=seed, solve=solve, at_once=at_once)[1])
+        searched = sorted([*searched, beyond])
+        C = max(searched, key=lambda c: (scores[f"{c:g}"], -c))
+    return C, {f"{c:g}": scores[f"{c:g}"] for c in searched}, _edge(C, searched, scores)
+
+
+def _edge(C: float, searched: list[float], scores: dict[str, float]) -> str:
+    """The end of the searched values where C lies, scoring above the value next to it (a C tied
+    with its neighbour says nothing about values beyond), or ""."""
+    if len(searched) < 2:
+        return ""
+    for end, inner, name in ((searched[-1], searched[-2], "top"), (searched[0], searched[1], "bottom")):
+        if C == end and scores[f"{end:g}"] > scores[f"{inner:g}"]:
+            return name
+    return ""
+
+
 def feature_weights(stream: LayerStream, training: Training, coef: torch.Tensor,
                     *, budget: int) -> torch.Tensor:
     """(classes, values) weights on the layer's own (scaled) values: in kernel form, coef on the
@@ -307,9 +339,8 @@ def train_linear(stream: LayerStream, split: Split, options: ProbeOptions, *, pr
                          f"--memory {describe_bytes(options.memory - room + 2 * need)} would work")
     with running_on(torch_threads(shape, cap) if solver == "torch" else 1):
         if options.C == "auto":
-            C, cv_scores = choose_C(training, grid, n_classes, seed=options.seed, solve=solve,
-                                    at_once=at_once)
-            edge = "top" if C == max(grid) else "bottom" if C == min(grid) else ""
+            C, cv_scores, edge = choose_C_widening(training, grid, n_classes, seed=options.seed, solve=solve,
+                                                   at_once=at_once)
         else:
             C, cv_scores, edge = float(options.C), {}, ""
         fit = solve(training.x, training.y, torch.ones((1, n), dtype=torch.bool, device=training.x.device),
