@@ -187,8 +187,12 @@ def test_two_ranks_score_with_one_head_as_one_process_does(tmp_path) -> None:
     args = ["-m", "featx", "svm", "--cache", "c", "--probe", "mlp", "--probe-option", "mlp.hidden=64",
             "--train-per-class", "20", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *args, "--out", "one"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300, check=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same arithmetic
+    try:
+        one = run_cli(*args[2:], "--out", "one", cwd=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                           "2", *args, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -15,7 +15,7 @@ import pytest
 
 from featx.cache.store import FeatureStore
 
-from conftest import run_cli
+from conftest import run_cli, write_images
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same arithmetic in every process, so bytes can match
 EXTRACT = ["extract", "--weights", "random", "--device", "cpu", "--workers", "0", "--precision", "fp32"]
@@ -29,9 +29,15 @@ def torchrun(ranks: int, *args: str, cwd: Path) -> subprocess.Popen:
 
 
 def one_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`featx ARGS` in a process of its own, on one thread like each rank."""
-    return subprocess.run([sys.executable, "-m", "featx", *args], cwd=cwd, env={**os.environ, **ONE_THREAD},
-                          capture_output=True, text=True, timeout=600, check=False)
+    """`featx ARGS` in this process, on one thread like each rank."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_cli(*args, cwd=cwd)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def store_in(cache: Path) -> FeatureStore:
@@ -44,18 +50,25 @@ def features(cache: Path, layers: list[str]) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, demo_dir) -> Path:
-    """The demo set's pool and logits from one process: what every ranked run must equal."""
-    root = tmp_path_factory.mktemp("single")
-    result = one_process(*EXTRACT, str(demo_dir), "--model", "resnet18", "--layer", "pool,logits",
-                         "--batch-size", "4", "--shard-size", "8", "--cache", "c", cwd=root)
+def data(tmp_path_factory) -> Path:
+    """48 images in 3 classes: 12 shards of 4."""
+    return write_images(tmp_path_factory.mktemp("ranks") / "data", {"a": 16, "b": 16, "c": 16})
+
+
+@pytest.fixture(scope="module")
+def single(data) -> Path:
+    """The set's pool and logits from one process: what every ranked run must equal."""
+    root = data.parent / "single"
+    root.mkdir()
+    result = one_process(*EXTRACT, str(data), "--model", "resnet18", "--layer", "pool,logits",
+                         "--batch-size", "2", "--shard-size", "4", "--cache", "c", cwd=root)
     assert result.returncode == 0, result.stderr
     return root / "c"
 
 
-def test_two_ranks_write_what_one_process_writes_bit_for_bit(tmp_path, demo_dir, single) -> None:
-    run = torchrun(2, *EXTRACT, str(demo_dir), "--model", "resnet18", "--layer", "pool,logits",
-                   "--batch-size", "4", "--shard-size", "8", "--cache", "c", cwd=tmp_path)
+def test_two_ranks_write_what_one_process_writes_bit_for_bit(tmp_path, data, single) -> None:
+    run = torchrun(2, *EXTRACT, str(data), "--model", "resnet18", "--layer", "pool,logits",
+                   "--batch-size", "2", "--shard-size", "4", "--cache", "c", cwd=tmp_path)
     _, err = run.communicate(timeout=600)
     assert run.returncode == 0, err
     ours, theirs = features(tmp_path / "c", ["pool", "logits"]), features(single, ["pool", "logits"])
@@ -67,10 +80,10 @@ def test_two_ranks_write_what_one_process_writes_bit_for_bit(tmp_path, demo_dir,
     assert err.count("images, pool, logits in") == 1  # one summary line, from rank 0
 
 
-def test_a_killed_rank_leaves_whole_shards_and_a_rerun_with_other_ranks_finishes(tmp_path, demo_dir,
+def test_a_killed_rank_leaves_whole_shards_and_a_rerun_with_other_ranks_finishes(tmp_path, data,
                                                                                  single) -> None:
-    args = [*EXTRACT, str(demo_dir), "--model", "resnet18", "--layer", "pool,logits",
-            "--batch-size", "4", "--shard-size", "8", "--cache", "c"]
+    args = [*EXTRACT, str(data), "--model", "resnet18", "--layer", "pool,logits",
+            "--batch-size", "2", "--shard-size", "4", "--cache", "c"]
     run = torchrun(2, *args, cwd=tmp_path)
     deadline = time.monotonic() + 300
     while not list(tmp_path.rglob("shard-*.h5")) and time.monotonic() < deadline:
@@ -94,13 +107,13 @@ def test_a_killed_rank_leaves_whole_shards_and_a_rerun_with_other_ranks_finishes
         assert ours[name].tobytes() == theirs[name].tobytes(), name
 
 
-def test_featx_starts_the_ranks_itself(tmp_path, demo_dir, single) -> None:
+def test_featx_starts_the_ranks_itself(tmp_path, data, single) -> None:
     """The launcher behind `--gpus`, with two CPU ranks."""
     code = ("import sys; from featx.extract.ranks import launch_local; "
             "sys.exit(launch_local(sys.argv[1:], 2))")
     result = subprocess.run(
-        [sys.executable, "-c", code, *EXTRACT, str(demo_dir), "--model", "resnet18", "--layer", "pool",
-         "--batch-size", "4", "--shard-size", "8", "--cache", "c"],
+        [sys.executable, "-c", code, *EXTRACT, str(data), "--model", "resnet18", "--layer", "pool",
+         "--batch-size", "2", "--shard-size", "4", "--cache", "c"],
         cwd=tmp_path, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=600,
         check=False)
     assert result.returncode == 0, result.stderr
