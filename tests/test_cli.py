@@ -106,6 +106,7 @@ def test_table_on_the_demo_data_writes_md_csv_json(demo_workdir, demo_dir) -> No
     for name in ("stage6_pool", "stage7_pool", "pool", "logits"):
         assert f"| {name} |" in table and f"| {name} |" in result.stdout
     assert (out / "table.csv").read_text().startswith("Layer,Accuracy,Balanced,Feature Dim")
+    assert (out / "accuracy.png").is_file() and not list(out.glob("*.svg"))  # SVG only with --svg
     report = json.loads((out / "table.json").read_text())
     for layer in report["layers"]:  # the JSON recomputes the table
         assert np.mean(np.equal(layer["y_true"], layer["y_pred"])) == pytest.approx(layer["accuracy"])

@@ -90,7 +90,7 @@ def report() -> Report:
 
 @pytest.fixture(scope="module")
 def plots(report: Report, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
-    return write_plots(report, tmp_path_factory.mktemp("plots"))
+    return write_plots(report, tmp_path_factory.mktemp("plots"), svg=True)
 
 
 def embedded_pngs(page: str) -> list[Image.Image]:

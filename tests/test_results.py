@@ -26,7 +26,7 @@ def splits_run(tmp_path_factory, demo_dir, demo_caches):
     """`featx table` on the demo with 3 random splits and the HTML page."""
     work = demo_caches.copy_to(tmp_path_factory.mktemp("splits"))
     result = run_cli("table", str(demo_dir), *LITE, "--layer", "stage7_pool,pool",
-                     "--train-per-class", "12", "--splits", "3", "--html", "page.html", cwd=work)
+                     "--train-per-class", "12", "--splits", "3", "--html", "page.html", "--svg", cwd=work)
     assert result.returncode == 0, result.stderr
     return work, result, work / "featx-results" / "demo" / "efficientnet_lite0-imagenet"
 
@@ -69,7 +69,7 @@ def test_plots_are_written_beside_the_table_and_redrawn_from_json(splits_run, tm
         with Image.open(out / f"{stem}.png") as image:
             assert image.size[0] > 300 and image.size[1] > 200
         ET.parse(out / f"{stem}.svg")
-    redrawn = run_cli("plot", str(out / "table.json"), "--out", str(tmp_path / "again"), cwd=work)
+    redrawn = run_cli("plot", str(out / "table.json"), "--out", str(tmp_path / "again"), "--svg", cwd=work)
     assert redrawn.returncode == 0, redrawn.stderr
     assert (tmp_path / "again" / "accuracy.png").is_file()
     assert (tmp_path / "again" / "confusion_efficientnet_lite0_stage7_pool.svg").is_file()

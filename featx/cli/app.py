@@ -96,6 +96,8 @@ SolverOption = Annotated[str, typer.Option(
 Threads = Annotated[int | None, typer.Option(
     help="At most this many threads per probe, from 1 to the cores featx may use. Default: torch's "
          "own count; a probe runs on fewer where its work is small (one for a small layer).")]
+Svg = Annotated[bool, typer.Option(
+    "--svg", help="Also write each figure as SVG (for a paper); PNG is always written.")]
 Memory = Annotated[str, typer.Option(
     help="Memory budget of a probe (such as 2G or 512M): layers stream from the cache in blocks "
          "within it, whatever their size.")]
@@ -131,15 +133,15 @@ def _layer_names(layer: list[str] | None) -> list[str] | None:
     return [n.strip() for item in layer or [] for n in item.split(",") if n.strip()] or None
 
 
-def _write_figures(report, out_dir: Path, html: Path | None) -> None:
+def _write_figures(report, out_dir: Path, html: Path | None, *, svg: bool) -> None:
     """Plots beside the table (when matplotlib is installed) and the optional HTML page."""
     try:
         from featx.report.plots import write_plots
     except FeatxError as exc:
         typer.echo(f"note: no plots ({exc})", err=True)
         return
-    plots = write_plots(report, out_dir)
-    typer.echo(f"plots: {len(plots)} figures (PNG and SVG) in {out_dir}", err=True)
+    plots = write_plots(report, out_dir, svg=svg)
+    typer.echo(f"plots: {len(plots)} figures ({'PNG and SVG' if svg else 'PNG'}) in {out_dir}", err=True)
     if (out_dir / "similarity.png").is_file():  # featx similarity was run into this folder
         plots["similarity"] = [out_dir / "similarity.png"]
     if html:
@@ -282,7 +284,7 @@ def table(
     probe: Probe = "svm", probe_option: ProbeOption = None, solver: SolverOption = "auto",
     memory: Memory = "2G", threads: Threads = None,
     html: Annotated[Path | None, typer.Option(help="Also write the one-page HTML report here.")] = None,
-    device: Device = "auto",
+    svg: Svg = False, device: Device = "auto",
     precision: PrecisionOption = "auto", batch_size: BatchSize = None, workers: Workers = None,
     shard_size: ShardSize = 512, dtype: DtypeOption = "auto", verify: VerifyOption = None,
     tta: TtaOption = "none", decode: DecodeOption = "auto", max_pixels: MaxPixels = MAX_PIXELS,
@@ -317,7 +319,7 @@ def table(
         return
     typer.echo(render_markdown(report))
     typer.echo(f"written: {', '.join(map(str, paths.values()))}", err=True)
-    _write_figures(report, paths["json"].parent, html)
+    _write_figures(report, paths["json"].parent, html, svg=svg)
 
 
 @app.command()
@@ -499,18 +501,19 @@ ReportArg = Annotated[Path, typer.Argument(help="A table.json written by featx t
 
 @app.command()
 def plot(report: ReportArg, out: Annotated[Path | None, typer.Option(
-        "--out", help="Folder for the figures. Default: beside the JSON.")] = None) -> None:
+        "--out", help="Folder for the figures. Default: beside the JSON.")] = None, svg: Svg = False) -> None:
     """Redraw the plots (accuracy per layer, confusion matrices, per-class accuracy) from a
     saved report, without touching the model.
 
-    Example: `featx plot featx-results/15scene/vgg16-imagenet/table.json`.
+    Examples: `featx plot featx-results/15scene/vgg16-imagenet/table.json` ; `featx plot
+    featx-results/15scene/vgg16-imagenet --svg` (each figure also as SVG, for a paper).
     """
     from featx.report.plots import write_plots
 
     data = _read_report(report)
     folder = writable_folder(out or _report_path(report).parent, "out")
-    plots = write_plots(data, folder)
-    typer.echo(f"{len(plots)} figures (PNG and SVG) in {folder}")
+    plots = write_plots(data, folder, svg=svg)
+    typer.echo(f"{len(plots)} figures ({'PNG and SVG' if svg else 'PNG'}) in {folder}")
 
 
 @app.command("report")

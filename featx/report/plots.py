@@ -23,7 +23,7 @@ try:
 except ImportError:  # matplotlib is the optional "plot" extra
     raise FeatxError("plots need matplotlib: pip install 'featx[plot]'") from None
 
-FORMATS = ("png", "svg")
+FORMATS = ("png", "svg")  # PNG always (the HTML page embeds it), SVG on request
 DPI = 120
 ANNOTATE_MAX_CLASSES = 20
 
@@ -66,23 +66,26 @@ def literal_text():
     return matplotlib.rc_context({"text.parse_math": False})
 
 
-def write_plots(report: Report, out_dir: Path) -> dict[str, list[Path]]:
-    """Write accuracy.{png,svg} and, per layer, confusion_<model>_<layer> and
-    per_class_<model>_<layer>; return {stem: [png path, svg path]} (empty without layers)."""
+def write_plots(report: Report, out_dir: Path, *, svg: bool = False) -> dict[str, list[Path]]:
+    """Write accuracy.png and, per layer, confusion_<model>_<layer>.png and
+    per_class_<model>_<layer>.png (each also as .svg where `svg`); return {stem: [png path, (svg
+    path)]} (empty without layers)."""
+    formats = FORMATS if svg else FORMATS[:1]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not report.layers:
         return {}
     with literal_text():
-        written = {"accuracy": _save(_accuracy_figure(report), out_dir, "accuracy")}
+        written = {"accuracy": _save(_accuracy_figure(report), out_dir, "accuracy", formats)}
         if report.multi_model:
-            written["best_per_model"] = _save(_best_per_model_figure(report), out_dir, "best_per_model")
+            written["best_per_model"] = _save(_best_per_model_figure(report), out_dir, "best_per_model",
+                                              formats)
         if any(layer.curve for layer in report.layers):
-            written["learning_curve"] = _save(_curve_figure(report), out_dir, "learning_curve")
+            written["learning_curve"] = _save(_curve_figure(report), out_dir, "learning_curve", formats)
         for layer in report.layers:
             for kind, draw in (("confusion", _confusion_figure), ("per_class", _per_class_figure)):
                 stem = plot_stem(kind, layer)
-                written[stem] = _save(draw(report, layer), out_dir, stem)
+                written[stem] = _save(draw(report, layer), out_dir, stem, formats)
     return written
 
 
@@ -144,8 +147,8 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
-    paths = [out_dir / f"{stem}.{ext}" for ext in FORMATS]
+def _save(fig: Figure, out_dir: Path, stem: str, formats: tuple[str, ...]) -> list[Path]:
+    paths = [out_dir / f"{stem}.{ext}" for ext in formats]
     for path in paths:
         fig.savefig(path, dpi=DPI, metadata={"Date": None} if path.suffix == ".svg" else None)
     return paths
