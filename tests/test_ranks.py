@@ -182,9 +182,9 @@ def wide_cache(tmp_path_factory) -> Path:
     from conftest import array_store
 
     rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 750)
-    centres = rng.normal(size=(4, 4000)).astype(np.float32)
-    wide = centres[labels] * 0.05 + rng.normal(size=(len(labels), 4000)).astype(np.float32)
+    labels = np.repeat(np.arange(4), 500)
+    centres = rng.normal(size=(4, 6000)).astype(np.float32)
+    wide = centres[labels] * 0.05 + rng.normal(size=(len(labels), 6000)).astype(np.float32)
     narrow = wide[:, :64].copy()
     root = tmp_path_factory.mktemp("wide")
     array_store(root / "c", {"wide": wide, "narrow": narrow}, labels, shard_size=256)
@@ -205,7 +205,7 @@ def _probe_results(folder: Path) -> dict:
 
 def test_two_ranks_probe_as_one_process_does(tmp_path, wide_cache) -> None:
     args = ["svm", "--cache", str(wide_cache), "--probe", "svm,logreg,knn", "--memory", "64M",
-            "--train-per-class", "400", "--device", "cpu"]
+            "--train-per-class", "250", "--device", "cpu"]
     single = one_process(*args, "--out", "one", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
     run = torchrun(2, *args, "--out", "two", cwd=tmp_path)
@@ -216,9 +216,9 @@ def test_two_ranks_probe_as_one_process_does(tmp_path, wide_cache) -> None:
     assert one.keys() == two.keys() and len(one) == 6
     for key, (accuracy, C, predicted) in one.items():
         assert two[key][1] == C, key
-        assert abs(two[key][0] - accuracy) <= 1 / 1400, key  # at most one of 1400 test images
+        assert abs(two[key][0] - accuracy) <= 1 / 1000, key  # at most one of 1000 test images
         if predicted is not None:
-            assert np.mean(np.array(predicted) != np.array(two[key][2])) <= 1 / 1400, key
+            assert np.mean(np.array(predicted) != np.array(two[key][2])) <= 1 / 1000, key
 
 
 SPLIT_BUDGET = 6_500_000  # bytes: 1500 training rows of 600 values (3.6 MB) do not fit half; 750 do

@@ -195,10 +195,11 @@ def test_a_broken_manifest_is_passed_over_and_the_others_still_work(cached, tmp_
         assert info.returncode == 0 and "other/" in info.stdout and "passed over" in info.stdout
 
 
-def test_concurrent_extracts_of_the_same_layer_do_the_work_once(tmp_path, demo_dir) -> None:
+def test_concurrent_extracts_of_the_same_layer_do_the_work_once(tmp_path) -> None:
+    data = write_images(tmp_path / "data", {"a": 24, "b": 24}, size=32)
     cache = tmp_path / "cache"
-    lite = ["--model", "efficientnet_lite0", "--weights", "random"]  # seconds of work: the second run waits
-    args = [sys.executable, "-m", "featx", "extract", str(demo_dir), *lite, "--layer", "pool",
+    lite = ["--model", "efficientnet_lite0", "--weights", "random"]  # a second of work: the second run waits
+    args = [sys.executable, "-m", "featx", "extract", str(data), *lite, "--layer", "pool",
             "--cache", str(cache), "--workers", "0"]
     runs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
@@ -206,7 +207,7 @@ def test_concurrent_extracts_of_the_same_layer_do_the_work_once(tmp_path, demo_d
     assert all(run.returncode == 0 for run in runs), outputs
     joined = "\n".join(outputs)
     assert "waiting for it to finish" in joined and "already cached" in joined
-    store = FeatureStore(cache / "demo" / "efficientnet_lite0-random-seed0")
+    store = FeatureStore(cache / "data" / "efficientnet_lite0-random-seed0")
     assert [run.status for run in store.manifest.runs] == ["done"]
 
 

@@ -150,12 +150,12 @@ def test_feature_extractor_works_in_a_pipeline_with_grid_search(demo_dir) -> Non
     assert features.shape == (len(paths), 192) and features.dtype == np.float32
 
 
-def test_readme_api_examples_run(tmp_path, monkeypatch) -> None:
+def test_readme_api_examples_run(tmp_path, monkeypatch, demo_caches) -> None:
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks, "the README's Python API section has no example"
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(demo_caches.copy_to(tmp_path))
     (tmp_path / "data").symlink_to(REPO / "data")
     namespace: dict = {}
     for block in blocks:
