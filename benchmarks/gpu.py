@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from extract import run_baseline, subset
+from extract import subset
+from table_run import usual_features
 
 from featx.cache.key import CacheKey
 from featx.cache.store import FeatureStore
@@ -246,7 +247,7 @@ def reference_and_command(record: dict, images: ImageSet, found: ImageSet, devic
     """The reference way over `count` of the images and its ratio to featx's VGG16 e2e (float16);
     the `featx extract` command's time outside extraction."""
     reference = subset(images, count)
-    _, reference_s = run_baseline(reference, "vgg16", "random", CASES[0][2], device)
+    _, _, reference_s = usual_features(reference, "vgg16", "random", CASES[0][2], device)
     record["reference"] = {"images": len(reference), "seconds": reference_s,
                            "images_per_s": len(reference) / reference_s}
     print(f"reference way, vgg16 4 layers: {len(reference) / reference_s:.1f} images/s")

@@ -39,7 +39,8 @@ PROBE_BUDGET = 4 << 20  # smaller than the probed layer from 100k rows on (15 Mi
 
 
 def images_of(folder: Path, rows: int):
-    """The synthetic image list of `rows` images (the same in every process)."""
+    """The synthetic image list of `rows` images (the same in every process), a dataset of its own
+    per size (one cache folder each)."""
     from featx.data.images import STATS, ImageSet
 
     labels = np.arange(rows) * CLASSES // rows
@@ -47,7 +48,7 @@ def images_of(folder: Path, rows: int):
     stats = np.zeros(rows, dtype=STATS)
     stats["size"] = 20_000 + np.arange(rows) % 5000
     stats["mtime_ns"] = stats["ctime_ns"] = 1_700_000_000_000_000_000 + np.arange(rows)
-    return ImageSet(folder / "images", paths, labels, tuple(f"class{c:03d}" for c in range(CLASSES)),
+    return ImageSet(folder / f"images-{rows}", paths, labels, tuple(f"class{c:03d}" for c in range(CLASSES)),
                     stats=stats)
 
 
@@ -102,9 +103,10 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(step: str, folder: Path, rows: int) -> dict:
+def child(step: str, folder: Path, rows: int, cache: Path) -> dict:
     """One measurement, in this process: its time, and its peak RSS above the RSS the process had
-    with every library imported (`above_mib`)."""
+    with every library imported (`above_mib`). `cache` is the cache's folder: opening it needs no
+    image list (only the no-op extract builds one, as its dataset scan would)."""
     import sklearn.svm  # noqa: F401 - every library the steps use, imported before measuring
     import torch
     import torchvision  # noqa: F401 - the report names its version
@@ -118,19 +120,19 @@ def child(step: str, folder: Path, rows: int) -> dict:
     base, read, started = rss_mib(), rchar(), time.perf_counter()
     record: dict = {}
     if step == "open":
-        store = FeatureStore(cache_folder(folder, rows))
+        store = FeatureStore(cache)
         int(store.labels.sum())
     elif step == "noop-extract":
         extract_images(images_of(folder, rows), MODEL, list(LAYERS), weights="random", cache=folder / "cache",
                        options=ExtractOptions(device="cpu", dtype="float16", precision="fp32"), progress=None)
-        store = FeatureStore(cache_folder(folder, rows))
+        store = FeatureStore(cache)
         columns = ("size", "mtime", "key", "flags")
         record = {"read_bytes": rchar() - read,
                   "mapped_bytes": sum(store.rows._file(name).stat().st_size for name in columns),
                   "feature_bytes": sum(p.stat().st_size for p in store.folder.rglob("shard-*.h5")),
                   "network_built": "featx.extract.forward" in sys.modules}
     else:
-        store = FeatureStore(cache_folder(folder, rows))
+        store = FeatureStore(cache)
         probing = ProbingOptions(train_per_class=100, C=1.0, memory=PROBE_BUDGET, device="cpu")
         if step == "plan":
             stream = LayerStream(store, "stage3_pool", device="cpu")
@@ -164,10 +166,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 400_000, 1_000_000])
     parser.add_argument("--scan", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument("--folder", type=Path, default=Path("/tmp/featx-scale"))
-    parser.add_argument("--child", nargs=2, metavar=("STEP", "ROWS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("STEP", "ROWS", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.folder, int(args.child[1]))))
+        print(json.dumps(child(args.child[0], args.folder, int(args.child[1]), Path(args.child[2]))))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from featx import __version__
@@ -179,9 +181,10 @@ def main() -> None:
         started = time.perf_counter()
         build(args.folder, rows)
         record = {"rows": rows, "built_s": time.perf_counter() - started}
+        cache = cache_folder(args.folder, rows)
         for step in ("open", "noop-extract", "plan", "probe"):
             out = subprocess.run([sys.executable, __file__, "--folder", str(args.folder), "--child", step,
-                                  str(rows)], check=True, capture_output=True, text=True).stdout
+                                  str(rows), str(cache)], check=True, capture_output=True, text=True).stdout
             record[step] = json.loads(out.strip().splitlines()[-1])
         record.update(cpu=cpu_name(), featx=__version__, command=" ".join(sys.argv),
                       when=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -189,7 +192,12 @@ def main() -> None:
         with open(RESULTS / "scale.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
     for files in args.scan:
-        print(json.dumps({"scan": scan(args.folder, files)}))
+        record = {"scan": scan(args.folder, files), "cpu": cpu_name(), "featx": __version__,
+                  "command": " ".join(sys.argv),
+                  "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        print(json.dumps(record))
+        with open(RESULTS / "scale.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

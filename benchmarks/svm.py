@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from sklearn.svm import LinearSVC
 
+from featx.options import parse_memory
 from featx.probes import ProbeOptions, get_probe
 from featx.probes.linear import liblinear_solver, training_rows
 from featx.probes.solvers import fit_squared_hinge, primal_objective_svm
-from featx.probes.stream import LayerStream, parse_memory
+from featx.probes.stream import LayerStream
 from featx.study import ProbingOptions, check_dataset, find_store, split_rows
 
 from machine import cpu_name

@@ -46,7 +46,15 @@ from featx.probes.linear import train_gram
 from featx.probes.stream import LayerStream
 from featx.probes.threads import check_threads
 from featx.report.similarity import Similarity, similarity
-from featx.report.tables import CurvePoint, LayerReport, ModelIdentity, ProbeScore, Report, write_table
+from featx.report.tables import (
+    CurvePoint,
+    LayerReport,
+    ModelIdentity,
+    ProbeScore,
+    Report,
+    write_predictions,
+    write_table,
+)
 
 __all__ = ["ExtractOptions", "ProbingOptions", "evaluate", "extract", "find_store", "run_table"]
 
@@ -278,7 +286,8 @@ def split_rows(store: FeatureStore, index: np.ndarray, probing: ProbingOptions) 
         split = fixed_split(codes, f"the dataset's own train/ and test/ folders{once}")
         return [split.check(labels, store.classes)]
     seeds = range(probing.seed, probing.seed + probing.splits)
-    parts = [seeded_split(labels, store.classes, probing.train_per_class, seed=s) for s in seeds]
+    parts = [seeded_split(labels, store.classes, probing.train_per_class, seed=s).check(labels, store.classes)
+             for s in seeds]
     if probing.splits == 1:
         return parts
     per_class = parts[0].description.split(", seed ")[0]
@@ -334,9 +343,7 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, probing: Prob
         seconds, shared = combined_feature_time(store, name)
         first, *others = probing.probe
         entry = LayerReport.from_results(results[first], store.model, store.key.weights,
-                                         feature_seconds=seconds, shared=shared,
-                                         test_paths=store.rows.paths(
-                                             np.concatenate([r.test_rows for r in results[first]])))
+                                         feature_seconds=seconds, shared=shared, n_classes=len(store.classes))
         entry.other_probes = [ProbeScore.from_results(results[probe]) for probe in others]
         entry.curve = {probe: [CurvePoint.from_results(size, points) for size,
                                points in sorted(by_size.items())]
@@ -344,6 +351,7 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, probing: Prob
         entries.append(entry)
         if lead:
             (out / f"{name}.json").write_text(json.dumps(entry.to_dict(), indent=1))
+            write_predictions(out / f"{name}.predictions.csv", results, store.classes, store.rows.paths)
     return build_report(store, entries, probing, split=description)
 
 

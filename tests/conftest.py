@@ -138,3 +138,12 @@ def array_store(root: Path, layers: dict[str, np.ndarray], labels: np.ndarray, s
             rows = np.array([i for i in range(start, stop) if i not in missing], dtype=np.int64)
             store.write_shard(name, k, rows, features=x[rows], skipped={})
     return FeatureStore(store.folder)
+
+
+def read_predictions(out: Path, layer: str) -> list[dict[str, str]]:
+    """The rows of `<layer>.predictions.csv` in a results folder: split, path, true and one column
+    per probe."""
+    import csv
+
+    with open(Path(out) / f"{layer}.predictions.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

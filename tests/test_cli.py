@@ -13,7 +13,7 @@ import torch
 
 from featx.cache.store import FeatureStore
 
-from conftest import assert_clean_error, run_cli, run_installed, write_images
+from conftest import assert_clean_error, read_predictions, run_cli, run_installed, write_images
 
 LITE = ["--model", "efficientnet_lite0"]
 REPO = Path(__file__).parents[1]
@@ -65,9 +65,16 @@ def test_svm_after_extract_finds_the_cache_with_no_other_argument(demo_workdir) 
     store = FeatureStore(demo_workdir / "featx-cache" / "demo" / "efficientnet_lite0-imagenet")
     data = store.read_layer("pool")
     row = {path: k for k, path in enumerate(store.rows.paths(data.index))}
-    test_rows = [row[path] for path in report["test_paths"]]
-    # the saved model applies to raw features and predicts what the report says it predicted
-    assert model.predict(data.features[test_rows]).tolist() == report["y_pred"]
+    predictions = read_predictions(out, "pool")
+    assert len(predictions) == report["n_test"] and set(predictions[0]) == {"split", "path", "true", "svm"}
+    test_rows = [row[p["path"]] for p in predictions]
+    assert [p["true"] for p in predictions] == [store.classes[y] for y in store.labels[data.index[test_rows]]]
+    # the saved model applies to raw features and predicts what the predictions file says it predicted
+    predicted = model.predict(data.features[test_rows])
+    assert [store.classes[y] for y in predicted] == [p["svm"] for p in predictions]
+    confusion = np.array(report["confusion"])  # and the report's matrix counts those predictions
+    assert confusion.sum() == report["n_test"]
+    assert np.trace(confusion) == sum(p["true"] == p["svm"] for p in predictions)
 
 
 def test_several_probes_give_a_column_each_and_a_model_each(demo_workdir) -> None:
@@ -109,7 +116,8 @@ def test_table_on_the_demo_data_writes_md_csv_json(demo_workdir, demo_dir) -> No
     assert (out / "accuracy.png").is_file() and not list(out.glob("*.svg"))  # SVG only with --svg
     report = json.loads((out / "table.json").read_text())
     for layer in report["layers"]:  # the JSON recomputes the table
-        assert np.mean(np.equal(layer["y_true"], layer["y_pred"])) == pytest.approx(layer["accuracy"])
+        confusion = np.array(layer["confusion"])
+        assert np.trace(confusion) / confusion.sum() == pytest.approx(layer["accuracy"])
         assert 0.6 <= layer["accuracy"] < 1.0  # the demo is hard enough that layers differ
     assert report["weights_random"] is False and report["split"].startswith("12 training images")
     quoted = (REPO / "data" / "README.md").read_text()  # the docs quote what this command prints

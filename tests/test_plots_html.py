@@ -31,7 +31,6 @@ def make_layer(model: str, name: str, dim: int, hit_rate: float, rng: np.random.
         layer=name, model=model, dim=dim, accuracy=float(np.mean(y_true == y_pred)), C=0.1,
         scaling="l2", train_seconds=float(rng.uniform(0.2, 4)), kernel_form=False, n_train=1500,
         n_test=int(y_true.size), converged=True, cv_scores={"0.01": 0.71, "0.1": 0.8},
-        test_paths=[f"{CLASSES[y]}/img_{i:03d}.jpg" for i, y in enumerate(y_true)],
         y_true=y_true.tolist(), y_pred=y_pred.tolist(), feature_seconds=93.25,
         feature_shared_with=shared)
 

@@ -331,3 +331,16 @@ def test_a_C_at_the_end_of_its_grid_widens_the_search_and_is_flagged_where_it_st
     flat_x, flat_y, flat_split = problem(n_per_class=40, dim=60, classes=4, separation=0.8)
     flat, _ = train(array_store(tmp_path / "flat", {"layer": flat_x}, flat_y), "layer", flat_split)
     assert set(flat.cv_scores.values()) == {1.0} and flat.C == 0.001 and flat.C_edge == ""
+
+
+@pytest.mark.parametrize("solver", ["liblinear", "torch"])
+def test_a_layer_whose_readable_rows_are_of_one_class_is_refused_in_one_line(tmp_path, solver) -> None:
+    """Every image of the other class unreadable: the seeded split would train on one class."""
+    from featx.study import evaluate
+
+    labels = np.repeat([0, 1], 8)
+    x = np.random.default_rng(0).standard_normal((16, 6)).astype(np.float32)
+    store = array_store(tmp_path, {"x": x}, labels, shard_size=4, missing=tuple(range(8, 16)))
+    with pytest.raises(FeatxError, match=r"trains on 1 class; a probe needs at least two"):
+        evaluate(store, ["x"], ProbingOptions(train_per_class=2, solver=solver), out_dir=tmp_path / "out",
+                 checked=True)

@@ -15,7 +15,7 @@ import pytest
 
 from featx.cache.store import FeatureStore
 
-from conftest import run_cli, write_images
+from conftest import read_predictions, run_cli, write_images
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same arithmetic in every process, so bytes can match
 EXTRACT = ["extract", "--weights", "random", "--device", "cpu", "--workers", "0", "--precision", "fp32"]
@@ -197,9 +197,10 @@ def _probe_results(folder: Path) -> dict:
     table = json.loads((folder / "svm.json").read_text())
     scores = {}
     for row in table["layers"]:
-        scores[(row["layer"], row["probe"])] = (row["accuracy"], row["C"], row["y_pred"])
-        for other in row["other_probes"]:
-            scores[(row["layer"], other["probe"])] = (other["accuracy"], other["C"], None)
+        predictions = read_predictions(folder, row["layer"])
+        for score in (row, *row["other_probes"]):
+            scores[(row["layer"], score["probe"])] = (score["accuracy"], score["C"],
+                                                      [p[score["probe"]] for p in predictions])
     return scores
 
 

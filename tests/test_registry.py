@@ -91,17 +91,16 @@ def test_layer_reductions_match_the_network_itself() -> None:
     assert not torch.allclose(out["ln_cls"], out["ln_mean"])
 
 
-def test_architecture_arguments_build_what_torchvision_builds_for_every_weight_set(monkeypatch) -> None:
-    """torchvision's own builder, given each weight set, loads (strictly) the state dict of the
-    architecture featx builds for it: same keys, same shapes (all on the meta device)."""
+def _check_architectures(monkeypatch, names: list[str]) -> int:
+    """torchvision's own builder, given each weight set of each model, loads (strictly) the state
+    dict of the architecture featx builds for it: same keys, same shapes (all on the meta device).
+    Returns how many weight sets were checked."""
     import torchvision.models._api as api
 
     handed = {}
     monkeypatch.setattr(api, "load_state_dict_from_url", lambda *a, **k: handed["state"])
     checked = 0
-    for name in torchvision.models.list_models(module=torchvision.models):
-        if name.startswith("regnet"):  # its builder computes widths with tensors: not on meta
-            continue
+    for name in names:
         for weights in torchvision.models.get_model_weights(name):
             ours = torchvision_zoo.build(name, weights.name)
             source = ours.state_dict()
@@ -116,7 +115,21 @@ def test_architecture_arguments_build_what_torchvision_builds_for_every_weight_s
             with torch.device("meta"):
                 torchvision.models.get_model(name, weights=weights)
             checked += 1
-    assert checked >= 80
+    return checked
+
+
+def test_architecture_arguments_build_what_torchvision_builds_for_each_kind(monkeypatch) -> None:
+    """A model of each kind of builder argument: two ImageNet sets (resnet50), SWAG's larger images
+    (vit_b_16), auxiliary heads (googlenet), and three more families; every model: the slow test."""
+    names = ["resnet50", "vit_b_16", "googlenet", "efficientnet_v2_s", "swin_t", "convnext_tiny"]
+    assert _check_architectures(monkeypatch, names) == 9
+
+
+@pytest.mark.slow
+def test_architecture_arguments_build_what_torchvision_builds_for_every_weight_set(monkeypatch) -> None:
+    names = [name for name in torchvision.models.list_models(module=torchvision.models)
+             if not name.startswith("regnet")]  # regnet's builder computes widths with tensors: not on meta
+    assert _check_architectures(monkeypatch, names) >= 80
 
 
 @pytest.mark.parametrize("model, weights", [("timm:resnet18", "random"),

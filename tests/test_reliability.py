@@ -233,7 +233,7 @@ extract_images(find_images(sys.argv[1]), "mobilenet_v3_small", ["pool"], weights
 """
 
 
-def test_a_killed_run_is_recorded_with_its_time(tmp_path) -> None:
+def test_a_killed_run_is_recorded_with_its_time_and_resumes_bit_for_bit(tmp_path) -> None:
     data = write_images(tmp_path / "data", {"a": 12, "b": 12}, size=32)
     cache = tmp_path / "cache"
     child = subprocess.run([sys.executable, "-c", KILLED_RUN, str(data), str(cache)], capture_output=True,
@@ -249,6 +249,12 @@ def test_a_killed_run_is_recorded_with_its_time(tmp_path) -> None:
     seconds, _ = store.feature_time("pool")
     assert seconds == pytest.approx(sum(run.seconds for run in store.manifest.runs))
     assert [run.status for run in store.manifest.runs] == ["running", "done"]
+    assert not list(folder.rglob("*.tmp"))
+    whole = run_cli("extract", str(data), *LITE_RANDOM, "--layer", "pool", "--cache", str(tmp_path / "whole"),
+                    cwd=tmp_path)  # the resumed cache holds what one whole run writes, bit for bit
+    assert whole.returncode == 0, whole.stderr
+    assert np.array_equal(store.read_layer("pool").features,
+                          FeatureStore(tmp_path / "whole" / "data" / FOLDER).read_layer("pool").features)
 
 
 def test_awkward_images_are_decoded_within_bounds_or_named(tmp_path) -> None:

@@ -16,7 +16,7 @@ from sklearn.svm import LinearSVC
 
 from featx.extract.transformer import FeatureExtractor
 
-from conftest import REPO, assert_clean_error, run_cli
+from conftest import REPO, assert_clean_error, read_predictions, run_cli
 
 LITE = ["--model", "efficientnet_lite0"]
 
@@ -39,7 +39,9 @@ def test_repeated_splits_report_mean_and_std_in_every_format(splits_run) -> None
         assert len(accuracies) == 3
         assert layer["accuracy"] == pytest.approx(np.mean(accuracies))
         assert layer["accuracy_std"] == pytest.approx(np.std(accuracies))
-        assert len(layer["y_true"]) == 3 * layer["n_test"]
+        assert np.sum(layer["confusion"]) == 3 * layer["n_test"]
+        splits = [row["split"] for row in read_predictions(out, layer["layer"])]
+        assert splits == ["0"] * layer["n_test"] + ["1"] * layer["n_test"] + ["2"] * layer["n_test"]
     assert report["split"].startswith("3 random splits")
     row = re.search(r"\| pool \| (\S+ \+/- \S+) \|", (out / "table.md").read_text())
     assert row, (out / "table.md").read_text()

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -26,7 +21,7 @@ from featx.extract.forward import HostFeatures, LayerExtractor, batch_that_fits,
 from featx.extract.run import extract_to_cache, logged_progress
 from featx.models import load_model
 
-from conftest import CHEAP, run_cli, write_images
+from conftest import CHEAP, write_images
 
 LAYERS = ["features.8_pool", "pool", "logits"]
 POOL = 576  # the pool layer's width
@@ -134,32 +129,6 @@ def test_resume_after_an_exception_mid_shard_gives_identical_features(tmp_path, 
     assert summary["images"] == len(images) - 16  # resumed from the first missing shard
     for name in LAYERS:
         assert np.array_equal(store.read_layer(name).features, reference.read_layer(name).features)
-
-
-def test_resume_after_the_process_is_killed(tmp_path, images40) -> None:
-    cache = tmp_path / "cache"
-    args = ["extract", str(images40), "--model", "efficientnet_lite0", "--weights", "random",
-            "--layer", "pool", "--cache", str(cache), "--batch-size", "4", "--shard-size", "4",
-            "--workers", "0", "--precision", "fp32"]  # a second of work after shard 3
-    process = subprocess.Popen([sys.executable, "-m", "featx", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    layer_dir = cache / "data" / "efficientnet_lite0-random-seed0" / "pool"
-    deadline = time.time() + 300
-    while not (layer_dir / "shard-00002.h5").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    done = sorted(layer_dir.glob("shard-*.h5"))
-    assert 3 <= len(done) < 10, "the kill should land mid-run"
-
-    again = run_cli(*args, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert not list(layer_dir.glob("*.tmp"))
-    store = FeatureStore(layer_dir.parent)
-    model = load_model("efficientnet_lite0", "random")
-    extractor = LayerExtractor(model, model.spec.resolve_layers(["pool"]), "cpu", precision="fp32")
-    whole = _cache(tmp_path / "whole", find_images(images40), extractor, batch_size=4, shard_size=4)
-    assert np.array_equal(store.read_layer("pool").features, whole.read_layer("pool").features)
 
 
 @pytest.mark.parametrize("scale, message", [(1e5, "beyond the float16 range"),

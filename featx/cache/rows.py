@@ -93,8 +93,10 @@ class RowTable:
             return []
         ends = self.column("path.end")
         blob = np.memmap(self._file("path.bytes"), dtype=np.uint8, mode="r", shape=(int(ends[-1]),))
-        starts = np.concatenate([[0], ends[:-1]])
-        return [os.fsdecode(blob[starts[r]:ends[r]].tobytes()) for r in rows]
+        stops = ends[rows]
+        starts = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
+        return [os.fsdecode(blob[start:stop].tobytes())
+                for start, stop in zip(starts.tolist(), stops.tolist(), strict=True)]
 
     def path(self, row: int) -> str:
         return self.paths([row])[0]

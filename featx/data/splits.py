@@ -32,8 +32,7 @@ class Split:
         """The split itself, if a probe can learn from its training part and be scored on its test
         part; else a FeatxError saying what is missing (no test image, a class that is tested but
         never trained on, fewer than two classes to train on)."""
-        trained = set(np.unique(labels[self.train]).tolist())
-        tested = set(np.unique(labels[self.test]).tolist())
+        trained, tested = _classes_of(labels, self.train, classes), _classes_of(labels, self.test, classes)
         if not len(self.test):
             raise FeatxError(f"the split ({self.description}) leaves no test image")
         untrained = sorted(tested - trained)
@@ -46,6 +45,14 @@ class Split:
             raise FeatxError(f"the split ({self.description}) trains on {len(trained)} class"
                              f"{'' if len(trained) == 1 else 'es'}; a probe needs at least two")
         return self
+
+
+def _classes_of(labels: np.ndarray, rows: np.ndarray, classes: Sequence[str]) -> set[int]:
+    """The classes among `labels[rows]`, counted a block of rows at a time (no copy of them all)."""
+    counts = np.zeros(len(classes), dtype=np.int64)
+    for start in range(0, len(rows), 1 << 16):
+        counts += np.bincount(labels[rows[start:start + (1 << 16)]], minlength=len(classes))
+    return set(np.flatnonzero(counts).tolist())
 
 
 def seeded_split(labels: np.ndarray, classes: Sequence[str], train_per_class: int | None,
@@ -76,7 +83,9 @@ def seeded_split(labels: np.ndarray, classes: Sequence[str], train_per_class: in
                               f"{classes[label]} ({len(rows)} images)")
         train.append(rng.choice(rows, train_per_class, replace=False))
     train_rows = np.sort(np.concatenate(train))
-    test_rows = np.setdiff1d(np.arange(len(labels)), train_rows)
+    in_train = np.zeros(len(labels), dtype=bool)
+    in_train[train_rows] = True
+    test_rows = np.flatnonzero(~in_train)
     return Split(train_rows, test_rows,
                  f"{train_per_class} training images per class{how}, seed {seed}, the rest for test")
 

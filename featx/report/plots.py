@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import FeatxError
-from featx.report.tables import LayerReport, Report
+from featx.report.tables import LayerReport, Report, confusion_counts
 
 try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -30,19 +30,16 @@ ANNOTATE_MAX_CLASSES = 20
 
 def confusion_matrix(layer: LayerReport, n_classes: int) -> np.ndarray:
     """Counts (n_classes, n_classes) of one layer's test predictions: rows true, columns
-    predicted."""
-    y_true = np.asarray(layer.y_true, dtype=np.int64)
-    y_pred = np.asarray(layer.y_pred, dtype=np.int64)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"layer {layer.layer}: {y_true.size} true labels but "
-                         f"{y_pred.size} predictions")
-    for name, labels in (("y_true", y_true), ("y_pred", y_pred)):
-        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-            raise ValueError(f"layer {layer.layer}: {name} has labels outside "
-                             f"0..{n_classes - 1}")
-    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(counts, (y_true, y_pred), 1)
-    return counts
+    predicted (the report's matrix; from the predictions where a report has none)."""
+    if layer.confusion:
+        counts = np.asarray(layer.confusion, dtype=np.int64)
+        if counts.shape != (n_classes, n_classes):
+            raise ValueError(f"layer {layer.layer}: a {counts.shape} confusion matrix, {n_classes} classes")
+        return counts
+    try:
+        return confusion_counts(layer.y_true, layer.y_pred, n_classes)
+    except ValueError as error:
+        raise ValueError(f"layer {layer.layer}: {error}") from None
 
 
 def per_class_accuracy(layer: LayerReport, n_classes: int) -> np.ndarray:

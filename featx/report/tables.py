@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -83,20 +84,20 @@ class LayerReport(ProbeResult):
     C_per_split: list[float] = field(default_factory=list)
     other_probes: list[ProbeScore] = field(default_factory=list)
 
-    test_paths: list[str] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)  # counts: rows true, columns predicted
     curve: dict[str, list[CurvePoint]] = field(default_factory=dict)  # probe -> learning curve points
 
     @classmethod
     def from_results(cls, results: list[ProbeResult], model: str, weights: str,
-                     *, feature_seconds: float, shared: list[str], test_paths: list[str]) -> LayerReport:
+                     *, feature_seconds: float, shared: list[str], n_classes: int) -> LayerReport:
         """One entry for a layer: the mean (and spread) over splits, the predictions of all splits
-        (`test_paths`: the test images of every split in turn)."""
+        in memory and their confusion matrix (which the JSON keeps: its size is the classes', not
+        the test images')."""
         first = {f.name: getattr(results[0], f.name) for f in fields(ProbeResult)}
         entry = cls(model=model, weights=weights, feature_seconds=feature_seconds,
-                    feature_shared_with=shared, test_paths=test_paths,
-                    **{**first, "y_true": np.concatenate([r.y_true for r in results]),
-                       "y_pred": np.concatenate([r.y_pred for r in results]),
-                       "test_rows": np.concatenate([r.test_rows for r in results])})
+                    feature_shared_with=shared,
+                    **{**first, **{name: _joined([getattr(r, name) for r in results]) for name in PER_IMAGE}})
+        entry.confusion = confusion_counts(entry.y_true, entry.y_pred, n_classes).tolist()
         if len(results) > 1:
             accuracies = [r.accuracy for r in results]
             entry.accuracy = float(np.mean(accuracies))
@@ -110,22 +111,58 @@ class LayerReport(ProbeResult):
         return entry
 
     def to_dict(self) -> dict:
-        """As the JSON holds it: every test image's path, true and predicted class."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "test_rows"}
-        return {**data, "y_true": np.asarray(self.y_true).tolist(),
-                "y_pred": np.asarray(self.y_pred).tolist(),
-                "other_probes": [asdict(score) for score in self.other_probes],
+        """As the JSON holds it: the scores, settings and confusion matrix; not the per-image
+        predictions (those are in <layer>.predictions.csv, written as they stream)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PER_IMAGE}
+        return {**data, "other_probes": [asdict(score) for score in self.other_probes],
                 "curve": {probe: [asdict(p) for p in points] for probe, points in self.curve.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerReport:
         data = {("train_seconds" if k == "svm_seconds" else k): v for k, v in data.items()}
         names = {f.name for f in fields(cls)} - {"test_rows"}
-        entry = cls(**{k: v for k, v in data.items() if k in names})
+        entry = cls(**{k: v for k, v in data.items() if k in names})  # featx 0.1: y_true and y_pred too
         entry.other_probes = [ProbeScore(**p) for p in data.get("other_probes", [])]
         entry.curve = {probe: [CurvePoint(**p) for p in points] for probe, points in data.get("curve",
                                                                                               {}).items()}
         return entry
+
+
+PER_IMAGE = ("y_true", "y_pred", "test_rows")  # in memory only: they grow with the test images
+PREDICTION_ROWS = 65536  # test images per block of <layer>.predictions.csv
+
+
+def write_predictions(path: Path, results: dict[str, list[ProbeResult]], classes: Sequence[str],
+                      paths_of: Callable[[np.ndarray], list[str]]) -> None:
+    """<layer>.predictions.csv: per split and test image, its path (as reports show it), true class
+    and each probe's prediction; written a block of images at a time, whatever the test set's size."""
+    probes = list(results)
+    names = np.asarray(classes, dtype=object)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "path", "true", *probes])
+        for k, first in enumerate(results[probes[0]]):
+            for start in range(0, len(first.test_rows), PREDICTION_ROWS):
+                part = slice(start, start + PREDICTION_ROWS)
+                columns = [names[first.y_true[part]], *(names[results[p][k].y_pred[part]] for p in probes)]
+                paths = [shown(name) for name in paths_of(first.test_rows[part])]
+                writer.writerows(zip([k] * len(paths), paths, *columns))
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The splits' arrays end to end (one split: the array itself, not a copy)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts (n_classes, n_classes) of test predictions: rows true, columns predicted."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{y_true.size} true labels but {y_pred.size} predictions")
+    if y_true.size and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= n_classes):
+        raise ValueError(f"labels outside 0..{n_classes - 1}")
+    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes,
+                                                                                            n_classes)
 
 
 @dataclass
