@@ -242,3 +242,28 @@ def test_the_curve_s_training_parts_nest_and_share_one_test_part() -> None:
     assert np.bincount(labels[subsets[5].train]).tolist() == [5, 5, 5]
     again = nested_subsets(split, labels, [2, 5], seed=4)
     assert np.array_equal(again[5].train, subsets[5].train)
+
+
+def test_predictions_are_written_a_block_at_a_time_and_equal_the_probes_own(tmp_path, monkeypatch) -> None:
+    import featx.report.tables as tables
+    from featx.study import ProbingOptions, evaluate
+
+    from conftest import array_store
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 20)
+    x = (rng.standard_normal((60, 8)) + 2 * np.eye(3, 8)[labels]).astype(np.float32)
+    store = array_store(tmp_path / "c", {"x": x}, labels, missing=(5,))
+    monkeypatch.setattr(tables, "PREDICTION_ROWS", 7)  # several blocks per split
+    report = evaluate(store, ["x"], ProbingOptions(train_per_class=10, splits=2, probe=("svm", "knn")),
+                      out_dir=tmp_path / "out", checked=True)
+    layer, rows = report.layers[0], read_predictions(tmp_path / "out", "x")
+    n_test = layer.n_test
+    assert [row["split"] for row in rows] == ["0"] * n_test + ["1"] * n_test
+    assert [row["path"] for row in rows] == store.rows.paths(layer.test_rows)
+    assert [row["true"] for row in rows] == [f"c{y}" for y in layer.y_true]
+    assert [row["svm"] for row in rows] == [f"c{y}" for y in layer.y_pred]
+    knn_hits = sum(row["knn"] == row["true"] for row in rows)
+    assert knn_hits == pytest.approx(2 * n_test * report.layers[0].other_probes[0].accuracy)
+    assert np.sum(layer.confusion) == 2 * n_test and np.trace(layer.confusion) == sum(
+        row["svm"] == row["true"] for row in rows)
