@@ -56,12 +56,13 @@ def run_featx(argv: list[str]) -> dict:
     import featx.study  # what the table command imports (torch, torchvision, scikit-learn, h5py)
 
     clock.seconds["imports"] = time.perf_counter() - began
+    import featx.extract.forward as forward
     import featx.extract.run as run
     from featx.cli.main import main as featx_main
 
     clock.wrap(featx.study, "find_images", "dataset scan")
     clock.wrap(run, "load_model", "network built")
-    clock.wrap(run, "LayerExtractor", "graph traced")
+    clock.wrap(forward, "LayerExtractor", "graph traced")  # run.py imports it when it builds one
     clock.wrap(run, "extract_to_cache", "extraction")
     clock.wrap(featx.study, "evaluate", "probes")
     clock.wrap(featx.study, "write_table", "tables")
@@ -114,7 +115,7 @@ def usual_features(images, model_name: str, weights: str, layers: list[str] | No
         try:
             for start in range(0, len(images), 32):
                 paths = images.paths[start:start + 32]
-                batch = torch.stack([prepare(preprocess, load_image(images.root / p)) for p in paths])
+                batch = torch.stack([prepare(preprocess, load_image(images.root / p)[0]) for p in paths])
                 with torch.no_grad():
                     forward(normalize(preprocess, batch.to(target)))
         finally:
