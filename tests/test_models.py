@@ -331,7 +331,8 @@ def _official_file(torch_home: Path, weights, seed: int) -> dict:
 @pytest.mark.parametrize("model, tag, nodes", [
     ("resnet50", "IMAGENET1K_V1", {"layer3": "layer3", "flatten": "pool", "fc": "logits"}),
     ("resnet50", "IMAGENET1K_V2", {"layer4": "layer4", "flatten": "pool"}),
-    ("vgg16", "IMAGENET1K_FEATURES", {"features.23": "pool4", "features.30": "pool5"}),
+    pytest.param("vgg16", "IMAGENET1K_FEATURES", {"features.23": "pool4", "features.30": "pool5"},
+                 marks=pytest.mark.slow),  # a 528 MB file written, hashed and read twice
 ])
 def test_features_equal_torchvision_with_the_weights_own_transforms(tmp_path, monkeypatch, model, tag,
                                                                    nodes) -> None:

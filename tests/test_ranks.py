@@ -66,20 +66,6 @@ def single(data) -> Path:
     return root / "c"
 
 
-def test_two_ranks_write_what_one_process_writes_bit_for_bit(tmp_path, data, single) -> None:
-    run = torchrun(2, *EXTRACT, str(data), "--model", "resnet18", "--layer", "pool,logits",
-                   "--batch-size", "2", "--shard-size", "4", "--cache", "c", cwd=tmp_path)
-    _, err = run.communicate(timeout=600)
-    assert run.returncode == 0, err
-    ours, theirs = features(tmp_path / "c", ["pool", "logits"]), features(single, ["pool", "logits"])
-    for name in ours:
-        assert ours[name].tobytes() == theirs[name].tobytes(), name
-    runs = [run.to_dict() for run in store_in(tmp_path / "c").manifest.runs]
-    assert sorted((r["rank"], r["ranks"], r["status"]) for r in runs) == [(0, 2, "done"), (1, 2, "done")]
-    assert sum(r["images"] for r in runs) == store_in(single).n_images  # no image twice
-    assert err.count("images, pool, logits in") == 1  # one summary line, from rank 0
-
-
 def test_a_killed_rank_leaves_whole_shards_and_a_rerun_with_other_ranks_finishes(tmp_path, data,
                                                                                  single) -> None:
     args = [*EXTRACT, str(data), "--model", "resnet18", "--layer", "pool,logits",
@@ -107,19 +93,23 @@ def test_a_killed_rank_leaves_whole_shards_and_a_rerun_with_other_ranks_finishes
         assert ours[name].tobytes() == theirs[name].tobytes(), name
 
 
-def test_featx_starts_the_ranks_itself(tmp_path, data, single) -> None:
-    """The launcher behind `--gpus`, with two CPU ranks."""
+def test_two_ranks_started_by_featx_write_what_one_process_writes_bit_for_bit(tmp_path, data, single) -> None:
+    """The launcher behind `--gpus` (torch's elastic launch), with two CPU ranks."""
     code = ("import sys; from featx.extract.ranks import launch_local; "
             "sys.exit(launch_local(sys.argv[1:], 2))")
     result = subprocess.run(
-        [sys.executable, "-c", code, *EXTRACT, str(data), "--model", "resnet18", "--layer", "pool",
+        [sys.executable, "-c", code, *EXTRACT, str(data), "--model", "resnet18", "--layer", "pool,logits",
          "--batch-size", "2", "--shard-size", "4", "--cache", "c"],
         cwd=tmp_path, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=600,
         check=False)
     assert result.returncode == 0, result.stderr
-    assert {r.settings["rank"] for r in store_in(tmp_path / "c").manifest.runs} == {0, 1}
-    ours, theirs = features(tmp_path / "c", ["pool"]), features(single, ["pool"])
-    assert ours["pool"].tobytes() == theirs["pool"].tobytes()
+    ours, theirs = features(tmp_path / "c", ["pool", "logits"]), features(single, ["pool", "logits"])
+    for name in ours:
+        assert ours[name].tobytes() == theirs[name].tobytes(), name
+    runs = [run.to_dict() for run in store_in(tmp_path / "c").manifest.runs]
+    assert sorted((r["rank"], r["ranks"], r["status"]) for r in runs) == [(0, 2, "done"), (1, 2, "done")]
+    assert sum(r["images"] for r in runs) == store_in(single).n_images  # no image twice
+    assert result.stderr.count("images, pool, logits in") == 1  # one summary line, from rank 0
 
 
 def test_gpus_asks_for_gpus_this_machine_has(tmp_path, tiny_dataset) -> None:

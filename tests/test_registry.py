@@ -216,7 +216,7 @@ def test_models_lists_weight_sets(tmp_path) -> None:
     assert "IMAGENET1K_V1 (224px)" in line and "IMAGENET1K_V2 (224px)" in line
 
 
-@pytest.mark.parametrize("model", ["vit_b_16", "mobilenet_v3_small"])
+@pytest.mark.parametrize("model", [pytest.param("vit_b_16", marks=pytest.mark.slow), "mobilenet_v3_small"])
 def test_table_runs_end_to_end_for_other_torchvision_models(tmp_path, model) -> None:
     write_images(tmp_path / "tiny", {"a": 4, "b": 4})
     result = run_cli("table", str(tmp_path / "tiny"), "--model", model, "--weights", "random",
