@@ -23,6 +23,12 @@ CHEAP = "mobilenet_v3_small"
 CHEAP_RANDOM = ["--model", CHEAP, "--weights", "random"]
 CHEAP_FOLDER = f"{CHEAP}-random-seed0"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # test processes share the cores: one thread each, as do
+    os.environ["OMP_NUM_THREADS"] = "1"     # the featx processes they start
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def user_catalog(tmp_path_factory) -> Path:
