@@ -323,9 +323,10 @@ def evaluate(store: FeatureStore, layers: list[str] | None = None, probing: Prob
         curve: dict[str, dict[int, list[ProbeResult]]] = {probe: {} for probe in probing.probe}
         for k, split in enumerate(splits):
             points = nested_subsets(split, stream.labels, probing.curve, seed=probing.seed + k)
+            test_rows = stream.index[split.test]  # one array for every probe of this split
             for probe in probing.probe:
                 result, model = run_probe(probe, stream, split, options=probing.probe_options(probe))
-                result.test_rows = stream.index[split.test]
+                result.test_rows = test_rows
                 results[probe].append(result)
                 if k == 0 and model is not None and lead:
                     joblib.dump(model, out / (f"{name}.joblib" if probe == probing.probe[0]

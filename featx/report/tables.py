@@ -155,14 +155,19 @@ def _joined(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Counts (n_classes, n_classes) of test predictions: rows true, columns predicted."""
-    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    """Counts (n_classes, n_classes) of test predictions: rows true, columns predicted (counted
+    a block of PREDICTION_ROWS at a time)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"{y_true.size} true labels but {y_pred.size} predictions")
     if y_true.size and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= n_classes):
         raise ValueError(f"labels outside 0..{n_classes - 1}")
-    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes,
-                                                                                            n_classes)
+    counts = np.zeros(n_classes * n_classes, dtype=np.int64)
+    for start in range(0, y_true.size, PREDICTION_ROWS):
+        part = slice(start, start + PREDICTION_ROWS)
+        counts += np.bincount(y_true[part].astype(np.int64) * n_classes + y_pred[part],
+                              minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes)
 
 
 @dataclass
