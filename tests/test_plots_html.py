@@ -115,6 +115,22 @@ def test_confusion_matrix_counts_by_hand() -> None:
         confusion_matrix(labelled([0, 1], [0]), 3)
 
 
+def test_the_json_keeps_the_confusion_matrix_and_older_reports_still_draw(tmp_path) -> None:
+    from featx.report.tables import confusion_counts
+
+    y_true, y_pred = np.array([0, 0, 1, 2, 2, 2] * 20000), np.array([0, 1, 1, 2, 0, 2] * 20000)
+    expected = np.bincount(3 * y_true + y_pred, minlength=9).reshape(3, 3)
+    np.testing.assert_array_equal(confusion_counts(y_true, y_pred, 3), expected)  # counted in blocks
+    layer = labelled(y_true.tolist(), y_pred.tolist())
+    layer.confusion = expected.tolist()
+    saved = layer.to_dict()
+    assert saved["confusion"] == expected.tolist() and not {"y_true", "y_pred", "test_rows"} & set(saved)
+    np.testing.assert_array_equal(confusion_matrix(LayerReport.from_dict(saved), 3), expected)
+    older = {**saved, "y_true": y_true.tolist(), "y_pred": y_pred.tolist()}  # featx 0.1's layout
+    del older["confusion"]
+    np.testing.assert_array_equal(confusion_matrix(LayerReport.from_dict(older), 3), expected)
+
+
 def test_plot_files(report: Report, plots: dict[str, list[Path]]) -> None:
     stems = {"accuracy"} | {plot_stem(kind, layer) for layer in report.layers
                             for kind in ("confusion", "per_class")}
