@@ -144,6 +144,19 @@ def test_knn_with_training_rows_in_several_chunks_equals_one_chunk(tmp_path) -> 
     assert np.array_equal(chunked.y_pred, whole.y_pred)
 
 
+@pytest.mark.parametrize("k", [20, 3])
+def test_knn_scores_the_test_rows_a_part_at_a_time_within_a_small_budget(tmp_path, k) -> None:
+    """The training rows in one chunk, the test rows in parts: the predictions of a large budget."""
+    x, y, split = problem(n_per_class=100, dim=8, classes=12, separation=1.0)
+    store = array_store(tmp_path, {"layer": x}, y, shard_size=64)
+    whole, _ = train(store, "layer", split, probe="knn", memory=64 << 20, params={"k": k})
+    # a 40 KB budget: the 600 training rows (19.2 KB) are one chunk; k 20: parts of 20 test rows;
+    # k 3: parts of 138, their votes (12 classes) in slices of 52 rows
+    parted, _ = train(store, "layer", split, probe="knn", memory=40_000, params={"k": k})
+    assert np.array_equal(parted.y_pred, whole.y_pred) and len(whole.y_pred) == 600
+    assert whole.accuracy > 0.5
+
+
 def test_combinations_stream_like_the_layers_read_whole(tmp_path) -> None:
     rng = np.random.default_rng(4)
     y = np.repeat(np.arange(3), 20)
