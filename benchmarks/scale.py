@@ -11,10 +11,11 @@ Each measurement then runs in a process of its own, so that its peak RSS is its 
   its time, peak RSS, the bytes it read through read() (rchar: shard files and the manifest; the
   row table's columns are memory-mapped and counted apart), and whether the network was built;
 - plan: what `featx table` does before its first probe (the layer's rows, the split);
-- probe: the svm probe on stage3_pool with a budget smaller than the layer (--memory 16 MiB),
-  its peak RSS above the process's RSS before probing.
+- probe, probe-knn: the svm probe (C 1) and the k-NN probe on stage3_pool with a budget smaller
+  than the layer (--memory 4 MiB), each with its predictions file; peak RSS above the process's
+  RSS before probing.
 
-    python benchmarks/scale.py --rows 10000 100000 1000000 --folder /tmp/featx-scale
+    python benchmarks/scale.py --rows 10000 100000 400000 1000000 --scan 100000 1000000
 
 Results go to benchmarks/results/scale.jsonl (one record per size, with the CPU and command).
 """
@@ -133,12 +134,14 @@ def child(step: str, folder: Path, rows: int, cache: Path) -> dict:
                   "network_built": "featx.extract.forward" in sys.modules}
     else:
         store = FeatureStore(cache)
-        probing = ProbingOptions(train_per_class=100, C=1.0, memory=PROBE_BUDGET, device="cpu")
+        probe = "knn" if step == "probe-knn" else "svm"
+        probing = ProbingOptions(train_per_class=100, C=1.0, memory=PROBE_BUDGET, device="cpu",
+                                 probe=(probe,))
         if step == "plan":
             stream = LayerStream(store, "stage3_pool", device="cpu")
             split_rows(store, stream.index, probing)
         else:
-            out = folder / "out" / str(rows)
+            out = folder / "out" / f"{rows}-{probe}"
             report = evaluate(store, ["stage3_pool"], probing, out_dir=out, checked=True)
             record = {"accuracy": report.layers[0].accuracy, "budget_mib": PROBE_BUDGET / 2**20,
                       "layer_mib": rows * 40 * 4 / 2**20}
@@ -182,7 +185,7 @@ def main() -> None:
         build(args.folder, rows)
         record = {"rows": rows, "built_s": time.perf_counter() - started}
         cache = cache_folder(args.folder, rows)
-        for step in ("open", "noop-extract", "plan", "probe"):
+        for step in ("open", "noop-extract", "plan", "probe", "probe-knn"):
             out = subprocess.run([sys.executable, __file__, "--folder", str(args.folder), "--child", step,
                                   str(rows), str(cache)], check=True, capture_output=True, text=True).stdout
             record[step] = json.loads(out.strip().splitlines()[-1])
