@@ -6,7 +6,7 @@ kept out. The test images of the split are never read. One line per setting: the
 accuracy over the tuning splits, each split's, the time and the mlp's best and last epochs.
 
     python benchmarks/mlp_defaults.py --cache /tmp/mlpcache --layer pool \\
-        --split /work/shared/data/15scene-split.csv --tuning-splits 5 \\
+        --split 15scene-split.csv --tuning-splits 5 \\
         --setting svm '{}' --setting mlp '{"lr": 0.001}' --setting mlp '{"lr": 0.003}'
 
 Appends a JSON record per setting to benchmarks/results/mlp_defaults.jsonl.
