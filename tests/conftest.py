@@ -153,3 +153,17 @@ def read_predictions(out: Path, layer: str) -> list[dict[str, str]]:
 
     with open(Path(out) / f"{layer}.predictions.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def problem(n_per_class: int = 30, dim: int = 400, classes: int = 3, *, seed: int = 0,
+            separation: float = 0.4):
+    """Gaussian classes around random centres (float32 rows, labels) and a seeded split with half of
+    each class for training: a probe's test problem."""
+    from featx.data.splits import seeded_split
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (classes, dim))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    features = (centres[labels] * separation + rng.normal(0, 1, (len(labels), dim))).astype(np.float32)
+    split = seeded_split(labels, tuple(f"c{i}" for i in range(classes)), n_per_class // 2, seed=seed)
+    return features, labels, split

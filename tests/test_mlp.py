@@ -16,24 +16,13 @@ import torch
 from sklearn.base import clone
 
 from featx.cache.store import FeatureStore
-from featx.data.splits import Split, seeded_split
+from featx.data.splits import Split
 from featx.errors import FeatxError
 from featx.probes import ProbeOptions, get_probe
 from featx.probes.mlp import HeadSettings, MLPHead, _validation_score, fit_head, held_out_rows, train_head
 from featx.probes.stream import LayerStream
 
-from conftest import array_store, assert_clean_error, read_predictions, run_cli
-
-
-def problem(n_per_class: int, dim: int, classes: int = 3, *, separation: float = 0.4, seed: int = 0,
-            ) -> tuple[np.ndarray, np.ndarray, Split]:
-    """Gaussian classes around random centres, half of each class for training."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 1, (classes, dim))
-    labels = np.repeat(np.arange(classes), n_per_class)
-    features = (centres[labels] * separation + rng.normal(0, 1, (len(labels), dim))).astype(np.float32)
-    split = seeded_split(labels, tuple(f"c{i}" for i in range(classes)), n_per_class // 2, seed=seed)
-    return features, labels, split
+from conftest import array_store, assert_clean_error, problem, read_predictions, run_cli
 
 
 def train(store: FeatureStore, split: Split, probe: str = "mlp", *, memory: int = 1 << 30, **options):

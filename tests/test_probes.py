@@ -22,17 +22,7 @@ from featx.probes import ProbeOptions, balanced_accuracy, get_probe
 from featx.probes.stream import LayerStream
 from featx.study import ProbingOptions
 
-from conftest import array_store
-
-
-def problem(n_per_class: int = 30, dim: int = 400, classes: int = 3, seed: int = 0,
-            separation: float = 0.4) -> tuple[np.ndarray, np.ndarray, Split]:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 1, (classes, dim))
-    labels = np.repeat(np.arange(classes), n_per_class)
-    features = (centres[labels] * separation + rng.normal(0, 1, (len(labels), dim))).astype(np.float32)
-    split = seeded_split(labels, tuple(f"c{i}" for i in range(classes)), n_per_class // 2, seed=seed)
-    return features, labels, split
+from conftest import array_store, problem
 
 
 def train(store: FeatureStore, name: str, split: Split, probe: str = "svm", scaling: str = "l2",

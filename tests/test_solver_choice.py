@@ -5,29 +5,18 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from featx.data.splits import Split, seeded_split
 from featx.errors import OptionError
 from featx.probes import ProbeOptions, costs, get_probe, linear, solvers, threads
 from featx.probes.costs import SolveShape, faster_solver
 from featx.probes.stream import LayerStream
 from featx.study import ProbingOptions
 
-from conftest import array_store, run_cli
+from conftest import array_store, problem, run_cli
 
 CV_AND_FINAL = 16  # 5 values of C x 3 folds, and the final fit
-
-
-def problem(n_per_class: int, dim: int, classes: int) -> tuple[np.ndarray, np.ndarray, Split]:
-    """Classes around random centres, half of each class to train on."""
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(classes), n_per_class)
-    features = (rng.normal(0, 1, (classes, dim))[labels] * 0.4 + rng.normal(0, 1, (len(labels), dim)))
-    split = seeded_split(labels, tuple(f"c{i}" for i in range(classes)), n_per_class // 2, seed=0)
-    return features.astype(np.float32), labels, split
 
 
 # --- the cost model -------------------------------------------------------------------------------
