@@ -286,8 +286,7 @@ def split_rows(store: FeatureStore, index: np.ndarray, probing: ProbingOptions) 
         split = fixed_split(codes, f"the dataset's own train/ and test/ folders{once}")
         return [split.check(labels, store.classes)]
     seeds = range(probing.seed, probing.seed + probing.splits)
-    parts = [seeded_split(labels, store.classes, probing.train_per_class, seed=s).check(labels, store.classes)
-             for s in seeds]
+    parts = [seeded_split(labels, store.classes, probing.train_per_class, seed=s) for s in seeds]
     if probing.splits == 1:
         return parts
     per_class = parts[0].description.split(", seed ")[0]

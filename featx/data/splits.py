@@ -57,7 +57,8 @@ def _classes_of(labels: np.ndarray, rows: np.ndarray, classes: Sequence[str]) ->
 
 def seeded_split(labels: np.ndarray, classes: Sequence[str], train_per_class: int | None,
                  *, seed: int) -> Split:
-    """The usual protocol: `train_per_class` random images of each class train, the rest test.
+    """The usual protocol: `train_per_class` random images of each class train, the rest test
+    (checked like any split: fewer than two classes is an error).
     None means the 15-Scene protocol's 100 where every class has more images, else half of the
     smallest class (the description says so)."""
     counts = np.bincount(labels, minlength=len(classes))
@@ -87,7 +88,8 @@ def seeded_split(labels: np.ndarray, classes: Sequence[str], train_per_class: in
     in_train[train_rows] = True
     test_rows = np.flatnonzero(~in_train)
     return Split(train_rows, test_rows,
-                 f"{train_per_class} training images per class{how}, seed {seed}, the rest for test")
+                 f"{train_per_class} training images per class{how}, seed {seed}, the rest for test",
+                 ).check(labels, classes)
 
 
 MAX_SIZES = 20  # training sizes of one learning curve
